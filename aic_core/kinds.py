@@ -1,0 +1,184 @@
+"""The five plugin kinds: the base classes a plugin subclasses and the interfaces the core calls.
+
+A plugin is a class with a `name`, an `Options` Pydantic model (extra="forbid") and the factory
+methods of its kind. Plugins are registered through the hooks in `hookspecs.py`; the core creates
+one instance of each class and calls its methods with validated options.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from aic_core.errors import PluginError
+
+if TYPE_CHECKING:
+    from aic_core.nn.transformer import Transformer, TransformerConfig
+    from aic_core.spec import RunSpec
+
+KINDS = ("model", "positional", "adapter", "tokenizer", "trainer")
+
+
+class PluginOptions(BaseModel):
+    """Base for every plugin's options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Plugin:
+    kind: ClassVar[str]
+    name: ClassVar[str]
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+
+    def check(self, options: PluginOptions, spec: RunSpec) -> None:
+        """Refuse, with a SpecError or PluginError, a spec this plugin cannot serve. Called before any work."""
+
+
+# --- positional encodings ---------------------------------------------------------------------
+
+
+class Positional(nn.Module):
+    """What attention calls. All three hooks take absolute positions (B, T), so they work with the
+    KV cache and with left-padded batches. The defaults do nothing; a plugin overrides the ones it needs.
+    """
+
+    # The largest position this encoding can represent, or None if it extrapolates without limit.
+    max_positions: int | None = None
+
+    def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, C) -> embeddings with positions added (learned, sinusoidal)."""
+        return x
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, H, T, D), k (B, Hkv, T, D) -> rotated q, k (RoPE)."""
+        return q, k
+
+    def attn_bias(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor | None:
+        """Additive attention-score bias (B, H, Tq, Tk) for query/key positions (B, Tq), (B, Tk) (ALiBi)."""
+        return None
+
+
+class PositionalPlugin(Plugin):
+    kind = "positional"
+    # Capabilities the core checks before any work starts.
+    extrapolates: ClassVar[bool] = False  # works past the trained context length
+    supports_kv_cache: ClassVar[bool] = True
+
+    @abstractmethod
+    def build(self, options: PluginOptions, config: TransformerConfig) -> Positional: ...
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+class ModelPlugin(Plugin):
+    kind = "model"
+    default_positional: ClassVar[str] = "learned"
+
+    @abstractmethod
+    def config(self, options: PluginOptions, vocab_size: int) -> TransformerConfig:
+        """The transformer's shape for these options. `vocab_size` is the tokenizer's, used when the
+        options leave it unset."""
+
+    def build(self, options: PluginOptions, config: TransformerConfig, positional: Positional) -> Transformer:
+        from aic_core.nn.transformer import Transformer
+
+        return Transformer(config, positional)
+
+    # Hugging Face interop. A family that has an HF counterpart overrides these.
+    hf_architectures: ClassVar[tuple[str, ...]] = ()
+
+    def options_from_hf_config(self, hf_config: dict[str, Any]) -> dict[str, Any]:
+        raise PluginError(f"model '{self.name}' has no Hugging Face counterpart; use a model whose plugin lists hf_architectures")
+
+    def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
+        raise PluginError(f"model '{self.name}' has no Hugging Face counterpart; use a model whose plugin lists hf_architectures")
+
+
+# --- tokenizers -----------------------------------------------------------------------------------
+
+
+class Tokenizer(ABC):
+    vocab_size: int
+    bos_id: int | None = None
+    eos_id: int | None = None
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class TokenizerPlugin(Plugin):
+    kind = "tokenizer"
+    trains: ClassVar[bool] = True  # False for tokenizers that need no training (byte-level)
+
+    @abstractmethod
+    def train(self, options: PluginOptions, files: list[Path], path: Path) -> Tokenizer:
+        """Train on the corpus files and write the tokenizer to the single file `path`."""
+
+    @abstractmethod
+    def load(self, options: PluginOptions, path: Path) -> Tokenizer:
+        """Load the tokenizer file `path` written by `train`."""
+
+
+# --- adapters -------------------------------------------------------------------------------------
+
+
+class AdapterPlugin(Plugin):
+    kind = "adapter"
+
+    @abstractmethod
+    def apply(self, model: nn.Module, options: PluginOptions) -> list[str]:
+        """Wrap the targeted modules in place, freeze the base; return the names of the wrapped modules."""
+
+    @abstractmethod
+    def merge(self, model: nn.Module) -> None: ...
+
+    @abstractmethod
+    def unmerge(self, model: nn.Module) -> None: ...
+
+
+# --- trainers -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainJob:
+    """Everything a trainer needs; built by the core's run pipeline."""
+
+    spec: RunSpec
+    resolved_spec: dict[str, Any]
+    model: Transformer
+    train_data: Any  # aic_core.data.TokenData
+    val_data: Any  # aic_core.data.TokenData
+    run_dir: Path
+    tokenizer_path: Path
+    tokenizer_hash: str
+    resume: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainerPlugin(Plugin):
+    kind = "trainer"
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16")
+
+    @abstractmethod
+    def train(self, options: PluginOptions, job: TrainJob) -> None:
+        """Train, evaluating and checkpointing into `job.run_dir` as the spec says."""
+
+
+BASES: dict[str, type[Plugin]] = {
+    "model": ModelPlugin,
+    "positional": PositionalPlugin,
+    "adapter": AdapterPlugin,
+    "tokenizer": TokenizerPlugin,
+    "trainer": TrainerPlugin,
+}

@@ -1,0 +1,157 @@
+"""The decoder-only Transformer: token embedding, positional plugin, blocks, final norm, LM head."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aic_core.kinds import Positional
+from aic_core.nn.block import Block
+from aic_core.nn.kv_cache import KVCache
+from aic_core.nn.norm import make_norm
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_kv_head: int | None = None  # None: as many as n_head (multi-head attention)
+    mlp_hidden: int | None = None  # None: 4 * n_embd
+    mlp: str = "gelu"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    bias: bool = True
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    pad_vocab_multiple: int = 64  # the embedding and LM head are padded for faster matmuls
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_hidden or 4 * self.n_embd
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig, positional: Positional) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.positional = positional
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = make_norm(config.norm, config.n_embd, config.bias, config.norm_eps)
+        # Tied embeddings use wte.weight directly, so the state dict holds no shared tensors.
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        c = self.config
+        weight = self.wte.weight
+        return KVCache(c.n_layer, batch_size, c.kv_heads, max_len, c.head_dim, dtype or weight.dtype, weight.device)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """idx (B, T) token ids. Returns the mean cross-entropy if `targets` (B, T) is given (-1 is
+        ignored), else logits (B, T, vocab_size) (B, 1, vocab_size with `last_only`).
+
+        positions (B, T): absolute positions (default: consecutive, after what the cache holds).
+        attention_mask (B, T): 1 for real tokens, 0 for left padding.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        valid = attention_mask.bool() if attention_mask is not None else None
+        if cache is not None:
+            cache.has_padding = cache.has_padding or valid is not None
+            if valid is None:
+                valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+            start = cache.append(positions, valid)
+            k_positions, k_valid = cache.positions[:, : start + T], cache.valid[:, : start + T]
+            padded = cache.has_padding
+        else:
+            k_positions, k_valid, padded = positions, valid, valid is not None
+        mask, causal = self._mask(positions, k_positions, k_valid, padded, start)
+
+        x = self.drop(self.positional.embed(self.wte(idx), positions))
+        for i, block in enumerate(self.blocks):
+            x = block(x, positions, self.positional, mask, causal, cache, i, start)
+        if last_only:
+            x = x[:, -1:, :]
+        x = self.norm_f(x)
+        weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, weight)[..., : self.config.vocab_size]
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    def _mask(
+        self,
+        q_positions: torch.Tensor,
+        k_positions: torch.Tensor,
+        k_valid: torch.Tensor | None,
+        padded: bool,
+        start: int,
+    ) -> tuple[torch.Tensor | None, bool]:
+        """The attention mask shared by all layers: (B, 1|H, Tq, Tk) bool or additive float, or None
+        with `causal` telling SDPA to apply the causal mask itself (the fast path)."""
+        bias = self.positional.attn_bias(q_positions, k_positions)  # (B, H, Tq, Tk) or None
+        T, Tk = q_positions.shape[1], k_positions.shape[1]
+        if bias is None and not padded and (start == 0 or T == 1):
+            return None, start == 0 and T > 1
+        device = q_positions.device
+        q_slot = torch.arange(start, start + T, device=device)[:, None]  # (Tq, 1)
+        k_slot = torch.arange(Tk, device=device)[None, :]  # (1, Tk)
+        allowed = (k_slot <= q_slot)[None]  # (1, Tq, Tk)
+        if k_valid is not None:
+            # A padding query still sees itself, so no row is all -inf (which would give NaN).
+            allowed = (allowed & k_valid[:, None, :]) | (k_slot == q_slot)[None]
+        allowed = allowed[:, None]  # (B, 1, Tq, Tk)
+        if bias is None:
+            return allowed, False
+        return bias.masked_fill(~allowed, float("-inf")), False

@@ -1,0 +1,358 @@
+"""The run spec: one JSON file validated into `RunSpec`.
+
+Sections that name a `type` (tokenizer, model, model.positional, adapter, train.trainer) pick a plugin;
+the plugin's own `Options` model validates the rest of that section. `spec_model(registry)` builds a
+subclass of `RunSpec` in which each such section is the union of the installed plugins' options, so one
+Pydantic validation checks everything, gives JSON paths for errors, and yields `aic schema`.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from aic_core.errors import SpecError, did_you_mean
+from aic_core.registry import Registry
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=False)
+
+
+class PluginSection(Section):
+    """A section whose `type` names a plugin; the plugin's options are the other keys."""
+
+    type: str
+
+
+class TokenizerSection(PluginSection):
+    pass
+
+
+class PositionalSection(PluginSection):
+    pass
+
+
+class ModelSection(PluginSection):
+    positional: PositionalSection
+
+
+class AdapterSection(PluginSection):
+    pass
+
+
+class TrainerSection(PluginSection):
+    pass
+
+
+class DataSpec(Section):
+    train: list[str] = Field(min_length=1, description="Text files to train on (paths relative to the spec file).")
+    val: list[str] = Field(default_factory=list, description="Validation text files; if empty, the tail of the training data.")
+    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="Fraction of the training tokens held out when `val` is empty.")
+    cache_dir: str | None = Field(None, description="Where encoded token arrays are cached (default: $AIC_CACHE_DIR or ~/.cache/aic).")
+
+
+class TrainSpec(Section):
+    trainer: TrainerSection
+    steps: int = Field(gt=0, description="Optimizer steps.")
+    batch_size: int = Field(8, gt=0, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    seq_len: int | None = Field(None, gt=1, description="Training context length (default: the model's block_size).")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    min_lr: float | None = Field(None, ge=0, description="Final learning rate of the cosine decay (default lr/10).")
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay, applied to matrices and embeddings only.")
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.95, gt=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this value; 0 turns clipping off.")
+    checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: only at the end).")
+    log_every: int = Field(10, gt=0, description="Write training loss to metrics.jsonl every N steps.")
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainSpec:
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) is larger than lr ({self.lr}); set min_lr <= lr")
+        return self
+
+
+class EvalSpec(Section):
+    every: int = Field(0, ge=0, description="Evaluate on the validation data every N steps (0: only at the end).")
+    batches: int = Field(20, gt=0, description="Validation batches per evaluation.")
+    batch_size: int | None = Field(None, gt=0, description="Default: train.batch_size.")
+
+
+class SamplerSpec(Section):
+    temperature: float = Field(0.8, ge=0, description="0 means greedy decoding.")
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    min_p: float | None = Field(None, ge=0, lt=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+
+
+class GenerateSpec(Section):
+    prompts: list[str] = Field(default_factory=list)
+    max_new_tokens: int = Field(200, gt=0)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    stop: list[str] = Field(default_factory=list, description="Stop a sequence when its new text contains one of these.")
+    seed: int | None = Field(None, description="Sampling seed (default: the run's seed).")
+    use_cache: bool = True
+
+
+class RunSpec(Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 1337
+    output_dir: str | None = Field(None, description="Run directory (default: runs/<name>, relative to the working directory).")
+    data: DataSpec
+    tokenizer: TokenizerSection
+    model: ModelSection
+    adapter: AdapterSection | None = None
+    train: TrainSpec
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    generate: GenerateSpec = Field(default_factory=GenerateSpec)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+
+# --- building the spec model from the installed plugins ---------------------------------------------
+
+# Where plugin sections live: (path in the spec, plugin kind).
+PLUGIN_SECTIONS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("tokenizer",), "tokenizer"),
+    (("model",), "model"),
+    (("model", "positional"), "positional"),
+    (("adapter",), "adapter"),
+    (("train", "trainer"), "trainer"),
+)
+DEFAULT_TRAINER = "torch"
+
+
+def _variant(base: type[PluginSection], plugin: Any, **fields: Any) -> type[BaseModel]:
+    return create_model(
+        f"{base.__name__}_{plugin.name}",
+        __base__=(base, plugin.Options),
+        __doc__=(plugin.Options.__doc__ or f"{plugin.kind} plugin '{plugin.name}'"),
+        type=(Literal[plugin.name], Field(description=f"{plugin.kind} plugin")),
+        **fields,
+    )
+
+
+def _union(variants: list[type[BaseModel]], fallback: type[BaseModel]) -> Any:
+    if not variants:
+        return fallback
+    if len(variants) == 1:
+        return variants[0]
+    return Annotated[Union[tuple(variants)], Field(discriminator="type")]  # noqa: UP007
+
+
+def _cache_key(registry: Registry) -> tuple:
+    return tuple((kind, tuple(registry.names(kind))) for kind in ("model", "positional", "adapter", "tokenizer", "trainer"))
+
+
+_models: dict[int, tuple[tuple, type[RunSpec]]] = {}
+
+
+def spec_model(registry: Registry) -> type[RunSpec]:
+    """RunSpec specialised to the installed plugins."""
+    key = _cache_key(registry)
+    cached = _models.get(id(registry))
+    if cached and cached[0] == key:
+        return cached[1]
+    kinds = {kind: list(registry.plugins(kind).values()) for kind in ("model", "positional", "adapter", "tokenizer", "trainer")}
+    positional = _union([_variant(PositionalSection, p) for p in kinds["positional"]], PositionalSection)
+    model = _union([_variant(ModelSection, p, positional=(positional, ...)) for p in kinds["model"]], ModelSection)
+    tokenizer = _union([_variant(TokenizerSection, p) for p in kinds["tokenizer"]], TokenizerSection)
+    adapter = _union([_variant(AdapterSection, p) for p in kinds["adapter"]], AdapterSection)
+    trainer = _union([_variant(TrainerSection, p) for p in kinds["trainer"]], TrainerSection)
+    train = create_model("TrainSpec_", __base__=TrainSpec, trainer=(trainer, ...))
+    cls = create_model(
+        "RunSpec_",
+        __base__=RunSpec,
+        __doc__="An aic run: data, tokenizer, model, training, evaluation and generation.",
+        tokenizer=(tokenizer, ...),
+        model=(model, ...),
+        adapter=(Union[adapter, None], None),  # noqa: UP007
+        train=(train, ...),
+    )
+    _models[id(registry)] = (key, cls)
+    return cls
+
+
+def json_schema(registry: Registry) -> dict[str, Any]:
+    return spec_model(registry).model_json_schema()
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+
+def _section(raw: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = raw
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _check_plugin_types(raw: dict[str, Any], registry: Registry, source: str) -> None:
+    """Name unknown or missing plugin types before Pydantic does, listing what is installed; fill defaults."""
+    model = raw.get("model")
+    if isinstance(model, dict) and "positional" not in model and isinstance(model.get("type"), str):
+        plugin = registry.plugins("model").get(model["type"])
+        if plugin is not None:
+            model["positional"] = {"type": plugin.default_positional}
+    train = raw.get("train")
+    if isinstance(train, dict) and "trainer" not in train:
+        train["trainer"] = {"type": DEFAULT_TRAINER}
+    for path, kind in PLUGIN_SECTIONS:
+        node = _section(raw, path)
+        if node is None or not isinstance(node, dict):
+            continue  # Pydantic reports a missing section or a wrong type
+        where = ".".join(path) + ".type"
+        installed = ", ".join(f"'{n}'" for n in registry.names(kind)) or "none"
+        name = node.get("type")
+        if name is None:
+            raise SpecError(f"{source}: {where} is missing: say which {kind} plugin to use. Installed {kind} plugins: {installed}.")
+        if not isinstance(name, str) or name not in registry.names(kind):
+            raise SpecError(
+                f"{source}: {where}: unknown {kind} plugin {name!r}{did_you_mean(name, registry.names(kind))}. "
+                f"Installed {kind} plugins: {installed}. Run `aic plugins` to see all plugins and any that failed to load."
+            )
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _models_in(typing.get_args(annotation)[0])
+    if origin in (Union, getattr(__import__("types"), "UnionType", Union), list, tuple):
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return []
+
+
+def _pick(models: list[type[BaseModel]], data: Any) -> type[BaseModel] | None:
+    if len(models) == 1:
+        return models[0]
+    tag = data.get("type") if isinstance(data, dict) else None
+    for m in models:
+        field = m.model_fields.get("type")
+        if field is not None and typing.get_args(field.annotation) == (tag,):
+            return m
+    return None
+
+
+def _walk(cls: type[BaseModel], raw: Any, loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
+    """Turn a Pydantic error location into a JSON path (dropping union tags); return the model at its parent."""
+    path: list[str] = []
+    model: type[BaseModel] | None = cls
+    data = raw
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            path[-1:] = [f"{path[-1]}[{part}]"] if path else [f"[{part}]"]
+            data = data[part] if isinstance(data, list) and part < len(data) else None
+            continue
+        if isinstance(data, dict) and part not in data and data.get("type") == part:
+            continue  # a discriminated-union tag, not a key
+        path.append(str(part))
+        if i == len(loc) - 1:
+            break
+        field = model.model_fields.get(part) if model else None
+        data = data.get(part) if isinstance(data, dict) else None
+        model = _pick(_models_in(field.annotation), data) if field else None
+    return path, model
+
+
+def format_validation_error(exc: ValidationError, cls: type[BaseModel], raw: Any, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path, parent = _walk(cls, raw, loc)
+        where = ".".join(path) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            key = str(loc[-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            hint = did_you_mean(key, allowed)
+            lines.append(f"{where}: unknown key '{key}'{hint}. Allowed keys here: {', '.join(allowed)}.")
+        elif kind == "missing":
+            lines.append(f"{where}: required key is missing.")
+        else:
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            lines.append(f"{where}: {msg} (got {err.get('input')!r}).")
+    return (
+        f"{source}: the spec is invalid:\n  - " + "\n  - ".join(lines)
+        + "\nFix the spec and run `aic validate` again; `aic schema` lists every allowed key."
+    )
+
+
+def parse_spec(raw: Any, registry: Registry, source: str = "spec", base_dir: Path | None = None) -> RunSpec:
+    """Validate a spec dictionary; relative data paths are taken from `base_dir` (the spec file's folder)."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a spec must be a JSON object, got {type(raw).__name__}.")
+    raw = json.loads(json.dumps(raw))  # a private copy: defaults are filled in
+    _check_plugin_types(raw, registry, source)
+    cls = spec_model(registry)
+    try:
+        spec = cls.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, cls, raw, source)) from None
+    if base_dir is not None:
+        spec.data.train = [str((base_dir / p).resolve()) for p in spec.data.train]
+        spec.data.val = [str((base_dir / p).resolve()) for p in spec.data.val]
+    for path, kind in PLUGIN_SECTIONS:
+        section = _section_of(spec, path)
+        if section is not None:
+            registry.get(kind, section.type).check(section, spec)
+    return spec
+
+
+def _section_of(spec: RunSpec, path: tuple[str, ...]) -> Any:
+    node: Any = spec
+    for key in path:
+        node = getattr(node, key, None)
+        if node is None:
+            return None
+    return node
+
+
+def load_spec(path: str | Path, registry: Registry) -> RunSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found. Pass the path of a JSON run spec, e.g. examples/austen-tiny.json.")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. Fix the JSON syntax.") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a UTF-8 text file; a spec is a JSON file.") from None
+    return parse_spec(raw, registry, source=str(path), base_dir=path.resolve().parent)
+
+
+def resolved_dict(spec: RunSpec, registry: Registry) -> dict[str, Any]:
+    """The spec with defaults filled in, plus the versions of aic, torch and each plugin used."""
+    import torch
+
+    import aic_core
+
+    data = spec.model_dump(mode="json")
+    plugins = {}
+    for path, kind in PLUGIN_SECTIONS:
+        section = _section_of(spec, path)
+        if section is not None:
+            plugins[".".join(path)] = f"{section.type} ({registry.version_of(registry.get(kind, section.type))})"
+    data["versions"] = {"aic": aic_core.__version__, "torch": torch.__version__, "plugins": plugins}
+    return data
+
+
+def spec_from_resolved(data: dict[str, Any], registry: Registry, source: str) -> RunSpec:
+    """Rebuild a RunSpec from a `spec.resolved.json` (versions dropped; paths already absolute)."""
+    data = {k: v for k, v in data.items() if k != "versions"}
+    return parse_spec(data, registry, source=source)
