@@ -8,7 +8,7 @@ one instance of each class and calls its methods with validated options.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -161,8 +161,20 @@ class TrainJob:
     run_dir: Path
     tokenizer_path: Path
     tokenizer_hash: str
-    resume: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    resume_from: Path | None = None  # a checkpoint folder to continue from exactly
+    stop_at: int | None = None  # stop (with a checkpoint) after this step, before train.steps
+
+    def save_checkpoint(self, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any] | None, metrics: dict[str, float] | None = None) -> Path:
+        """Write checkpoints/step-N atomically, with the spec, tokenizer and its hash (the one layout every trainer uses)."""
+        from aic_core.checkpoint import save_checkpoint
+
+        state = {
+            "spec": self.resolved_spec,
+            "tokenizer_hash": self.tokenizer_hash,
+            "model_config": self.model.config.to_dict(),
+            "metrics": metrics or {},
+        }
+        return save_checkpoint(self.run_dir, step, weights, trainer_state, state, self.tokenizer_path)
 
 
 class TrainerPlugin(Plugin):

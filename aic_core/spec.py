@@ -293,8 +293,9 @@ def format_validation_error(exc: ValidationError, cls: type[BaseModel], raw: Any
     )
 
 
-def parse_spec(raw: Any, registry: Registry, source: str = "spec", base_dir: Path | None = None) -> RunSpec:
-    """Validate a spec dictionary; relative data paths are taken from `base_dir` (the spec file's folder)."""
+def parse_spec(raw: Any, registry: Registry, source: str = "spec", base_dir: Path | None = None, check: bool = True) -> RunSpec:
+    """Validate a spec dictionary; relative data paths are taken from `base_dir` (the spec file's folder).
+    With `check`, each plugin also refuses what it cannot do here (e.g. a CUDA device on a CPU machine)."""
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a spec must be a JSON object, got {type(raw).__name__}.")
     raw = json.loads(json.dumps(raw))  # a private copy: defaults are filled in
@@ -307,7 +308,7 @@ def parse_spec(raw: Any, registry: Registry, source: str = "spec", base_dir: Pat
     if base_dir is not None:
         spec.data.train = [str((base_dir / p).resolve()) for p in spec.data.train]
         spec.data.val = [str((base_dir / p).resolve()) for p in spec.data.val]
-    for path, kind in PLUGIN_SECTIONS:
+    for path, kind in PLUGIN_SECTIONS if check else ():
         section = _section_of(spec, path)
         if section is not None:
             registry.get(kind, section.type).check(section, spec)
@@ -353,6 +354,7 @@ def resolved_dict(spec: RunSpec, registry: Registry) -> dict[str, Any]:
 
 
 def spec_from_resolved(data: dict[str, Any], registry: Registry, source: str) -> RunSpec:
-    """Rebuild a RunSpec from a `spec.resolved.json` (versions dropped; paths already absolute)."""
+    """Rebuild a RunSpec from a resolved spec (versions dropped; paths already absolute). Plugins'
+    run-time checks are skipped: a GPU-trained checkpoint still loads on a CPU for generation."""
     data = {k: v for k, v in data.items() if k != "versions"}
-    return parse_spec(data, registry, source=source)
+    return parse_spec(data, registry, source=source, check=False)

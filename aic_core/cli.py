@@ -1,0 +1,164 @@
+"""The `aic` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from aic_core.errors import AicError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from aic_core.run import run
+
+    stages = [s for group in args.stage or [] for s in group.split(",") if s]
+    run(args.spec, stages=stages or None, resume=args.resume, stop_at=args.stop_at)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from aic_core.registry import get_registry
+    from aic_core.spec import load_spec, resolved_dict
+
+    registry = get_registry()
+    spec = load_spec(args.spec, registry)
+    if args.resolved:
+        print(json.dumps(resolved_dict(spec, registry), indent=2))
+    else:
+        print(f"{args.spec}: valid ({spec.model.type} + {spec.model.positional.type}, tokenizer {spec.tokenizer.type}, trainer {spec.train.trainer.type})")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from aic_core.registry import get_registry
+    from aic_core.spec import json_schema
+
+    print(json.dumps(json_schema(get_registry()), indent=2))
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from aic_core.registry import get_registry
+
+    records = get_registry().records
+    if args.json:
+        print(json.dumps([r.to_dict() for r in records], indent=2))
+        return 0
+    header = ("NAME", "KIND", "DISTRIBUTION", "VERSION", "STATUS")
+    rows = [(r.name, r.kind, r.distribution, r.version, r.status) for r in records]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in (header, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+    for r in records:
+        if r.error:
+            print(f"\n{r.name} ({r.source}): {r.status}: {r.error}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from aic_core.generation import stream
+    from aic_core.run import load_checkpoint_model
+    from aic_core.spec import SamplerSpec
+    from aic_core.training import resolve_device
+
+    loaded = load_checkpoint_model(Path(args.run), device=resolve_device(args.device))
+    g = loaded.spec.generate
+    overrides = {
+        k: v
+        for k, v in {
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
+            "min_p": args.min_p,
+            "repetition_penalty": args.repetition_penalty,
+        }.items()
+        if v is not None
+    }
+    try:
+        sampler = SamplerSpec(**{**g.sampler.model_dump(), **overrides})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise AicError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} (got {err.get('input')!r}).") from None
+    prompts = args.prompt or g.prompts or [""]
+    seed = args.seed if args.seed is not None else (loaded.spec.seed if g.seed is None else g.seed)
+    max_new = args.max_new_tokens or g.max_new_tokens
+    stop = args.stop if args.stop is not None else g.stop
+    for i, prompt in enumerate(prompts):
+        if len(prompts) > 1:
+            print(f"=== sample {i + 1} ===")
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        for deltas in stream(loaded.model, loaded.tokenizer, [prompt], max_new, sampler, stop=stop, seed=seed, use_cache=not args.no_cache):
+            if deltas[0]:
+                sys.stdout.write(deltas[0])
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aic", description="Build, train and run GPT-style models from a JSON spec.")
+    parser.add_argument("--strict", action="store_true", help="fail if any plugin fails to load (also AIC_STRICT_PLUGINS=1)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    # --strict is accepted before or after the command.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--strict", action="store_true", default=argparse.SUPPRESS, help="fail if any plugin fails to load")
+
+    p = sub.add_parser("run", parents=[common], help="run a spec: tokenizer, train, eval, generate")
+    p.add_argument("spec", help="the JSON run spec")
+    p.add_argument("--stage", action="append", metavar="STAGE", help="run only these stages (tokenizer, train, eval, generate); repeat or comma-separate")
+    p.add_argument("--resume", action="store_true", help="continue training from the run's latest checkpoint")
+    p.add_argument("--stop-at", type=int, metavar="STEP", help="stop training after this step (with a checkpoint); continue later with --resume")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("validate", parents=[common], help="check a spec without running it")
+    p.add_argument("spec")
+    p.add_argument("--resolved", action="store_true", help="print the spec with every default filled in")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("schema", parents=[common], help="print the JSON Schema of a spec, with the installed plugins' options")
+    p.set_defaults(func=_cmd_schema)
+
+    p = sub.add_parser("plugins", parents=[common], help="list plugins: name, kind, distribution, version, status")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("generate", parents=[common], help="generate text from a run directory or checkpoint, streaming")
+    p.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoints/step-N folder")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for several; default: the spec's prompts)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--stop", action="append", help="a stop string (repeat for several)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (no KV cache)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.strict:
+            from aic_core.registry import get_registry
+
+            get_registry(strict=True)
+        return args.func(args)
+    except AicError as exc:
+        print(f"aic: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("aic: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

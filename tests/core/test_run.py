@@ -1,0 +1,79 @@
+"""`aic run` end to end on a tiny spec: the run directory, exact resume, and refusals that lose nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from aic_core.checkpoint import list_checkpoints
+from aic_core.cli import main
+from tests.conftest import tiny_spec, write_spec
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus) -> tuple[Path, Path]:
+    """One finished tiny run, shared by the tests that only read it."""
+    tmp = tmp_path_factory.mktemp("trained")
+    spec = write_spec(tmp / "spec.json", tiny_spec(corpus, tmp / "run", train={"checkpoint_every": 4}))
+    assert main(["run", str(spec)]) == 0
+    return spec, tmp / "run"
+
+
+def test_run_writes_the_run_directory(trained):
+    _, run_dir = trained
+    for name in ("spec.resolved.json", "tokenizer.model", "metrics.jsonl", "samples.txt", "eval.json"):
+        assert (run_dir / name).is_file(), name
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-4", "step-8"]
+    for ckpt in list_checkpoints(run_dir):
+        assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.pt", "state.json", "tokenizer.model"}
+    resolved = json.loads((run_dir / "spec.resolved.json").read_text())
+    assert resolved["model"]["positional"] == {"type": "learned"}
+    assert resolved["train"]["trainer"]["type"] == "torch"
+    assert set(resolved["versions"]) == {"aic", "torch", "plugins"}
+    assert (run_dir / "samples.txt").read_text().count("=== sample") == 2
+
+
+def test_eval_reports_loss_perplexity_and_bits_per_byte(trained):
+    _, run_dir = trained
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["step"] == 8
+    assert result["val_ppl"] == pytest.approx(math.exp(result["val_loss"]))
+    # bits per byte = nats per token * tokens per byte / ln 2; a BPE token covers more than one byte.
+    assert 0 < result["val_bpb"] < result["val_loss"] / math.log(2)
+
+
+def test_resume_continues_exactly(tmp_path, corpus):
+    spec = tiny_spec(corpus, tmp_path / "straight")
+    write_spec(tmp_path / "a.json", spec)
+    assert main(["run", str(tmp_path / "a.json"), "--stage", "tokenizer,train"]) == 0
+    spec["output_dir"] = str(tmp_path / "resumed")
+    write_spec(tmp_path / "b.json", spec)
+    assert main(["run", str(tmp_path / "b.json"), "--stage", "tokenizer,train", "--stop-at", "4"]) == 0
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-4"]
+    assert main(["run", str(tmp_path / "b.json"), "--stage", "tokenizer,train", "--resume"]) == 0
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(straight) == sorted(resumed) == list(range(1, 9))
+    for step in range(1, 9):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+
+
+def test_stages_run_separately(tmp_path, corpus):
+    spec = write_spec(tmp_path / "s.json", tiny_spec(corpus, tmp_path / "run", train={"steps": 2}))
+    assert main(["run", str(spec), "--stage", "tokenizer"]) == 0
+    assert (tmp_path / "run" / "tokenizer.model").is_file()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert main(["run", str(spec), "--stage", "train"]) == 0
+    assert main(["run", str(spec), "--stage", "eval", "--stage", "generate"]) == 0
+    assert (tmp_path / "run" / "samples.txt").is_file()
