@@ -31,7 +31,7 @@ class PluginOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class Plugin:
+class Plugin(ABC):
     kind: ClassVar[str]
     name: ClassVar[str]
     Options: ClassVar[type[PluginOptions]] = PluginOptions

@@ -80,7 +80,14 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        """Parameters, not counting the rows that pad the vocabulary (they never receive a gradient)."""
+        total = sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        c = self.config
+        padding = (c.padded_vocab_size - c.vocab_size) * c.n_embd
+        for weight in (self.wte.weight, None if self.lm_head is None else self.lm_head.weight):
+            if weight is not None and (weight.requires_grad or not trainable_only):
+                total -= padding
+        return total
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         c = self.config
@@ -128,7 +135,8 @@ class Transformer(nn.Module):
         logits = F.linear(x, weight)[..., : self.config.vocab_size]
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: loss in fp32
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def _mask(
         self,

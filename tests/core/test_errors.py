@@ -16,7 +16,7 @@ def fails(capsys, argv: list[str], *expected: str) -> str:
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err
-    assert err.startswith("aic: error: ")
+    assert "aic: error: " in err
     for text in expected:
         assert text in err, f"{text!r} not in {err!r}"
     return err

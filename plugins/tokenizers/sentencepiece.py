@@ -1,0 +1,320 @@
+"""SentencePiece tokenizer (BPE or unigram), configured so that text survives exactly.
+
+decode(encode(text)) == text for any text the vocabulary covers (with byte fallback: any text): no
+Unicode normalisation, no whitespace clean-up, no dummy prefix, and the trainer sees whole
+paragraphs, so newlines, blank lines, runs of spaces and tabs are learned like any other character.
+The tokenizer is one file, the SentencePiece `.model`, loadable by `sentencepiece` alone.
+
+Ids: unk=0, bos=1, eos=2 (SentencePiece's defaults), then the special tokens, then the 256 byte
+pieces (with byte_fallback), then the learned pieces. `encode` adds no bos/eos.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import sentencepiece as spm
+from pydantic import Field, field_validator
+
+from aic_core.errors import DataError, SpecError
+from aic_core.hookspecs import hookimpl
+from aic_core.kinds import PluginOptions, Tokenizer, TokenizerPlugin
+
+RESERVED = ("<unk>", "<s>", "</s>", "<pad>")  # SentencePiece's own meta pieces
+META_PIECES = 3  # unk, bos, eos
+BYTE_PIECES = 256
+SPACE = "\u2581"  # "▁": SentencePiece's stand-in for a space
+MAX_SENTENCE_CHARS = 4096  # training "sentences" are paragraphs cut to at most this many characters
+SEED = 1234  # SentencePiece samples and shuffles sentences; fixed, so one corpus gives one tokenizer
+
+# The trainer settings that make decode(encode(text)) == text; see the module docstring.
+EXACT_TEXT = {
+    "normalization_rule_name": "identity",  # no NFKC: "é", "—", "…", full-width forms stay as they are
+    "remove_extra_whitespaces": False,  # keep leading, trailing and repeated spaces
+    "add_dummy_prefix": False,  # no invented leading space: encode(a) + encode(b) == encode-able a + b
+    "allow_whitespace_only_pieces": True,  # runs of spaces (indentation) can become one piece
+    "split_digits": False,
+    "required_chars": "\n",  # newline is always in the alphabet, even at character_coverage < 1
+    "max_sentence_length": 4 * MAX_SENTENCE_CHARS,  # bytes; a paragraph chunk never exceeds it
+    "unk_id": 0,
+    "bos_id": 1,
+    "eos_id": 2,
+    "pad_id": -1,
+    "minloglevel": 2,  # errors only: SentencePiece logs every training step otherwise
+}
+
+_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+_TOO_FEW = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+_LOCATION = re.compile(r"^[A-Z_]+: \S+\(\d+\) \[[^\]]*\]\s*")  # "INTERNAL: src/x.cc(744) [check] "
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A loaded SentencePiece model: `encode` gives ids without bos/eos, `decode` inverts it exactly."""
+
+    def __init__(self, processor: spm.SentencePieceProcessor, path: Path | None = None) -> None:
+        self.processor = processor
+        self.path = path
+        self.vocab_size = processor.get_piece_size()
+        self.bos_id = processor.bos_id() if processor.bos_id() >= 0 else None
+        self.eos_id = processor.eos_id() if processor.eos_id() >= 0 else None
+        self.unk_id = processor.unk_id()
+        # A literal "▁" in the text would decode as a space; with byte pieces it is encoded as its
+        # three UTF-8 bytes instead, which decode back to "▁".
+        byte_ids = [processor.piece_to_id(f"<0x{b:02X}>") for b in SPACE.encode("utf-8")]
+        self._space_bytes = byte_ids if all(processor.is_byte(i) for i in byte_ids) else None
+
+    def encode(self, text: str) -> list[int]:
+        if self._space_bytes is None or SPACE not in text:
+            return self.processor.encode(text)
+        ids: list[int] = []
+        for i, part in enumerate(text.split(SPACE)):
+            if i:
+                ids.extend(self._space_bytes)
+            if part:
+                ids.extend(self.processor.encode(part))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        ids = [int(i) for i in ids]
+        n = self.vocab_size
+        for pos, i in enumerate(ids):
+            if not 0 <= i < n:
+                where = f" ({self.path})" if self.path else ""
+                raise DataError(
+                    f"token id {i} at position {pos} is out of range for this tokenizer{where}, whose ids are 0..{n - 1}. "
+                    "The ids come from a model or tokenizer other than this one; decode them with the tokenizer they were made with."
+                )
+        return self.processor.decode(ids)
+
+    def piece(self, token_id: int) -> str:
+        return self.processor.id_to_piece(token_id)
+
+
+class SentencePiece(TokenizerPlugin):
+    """SentencePiece BPE or unigram, trained on the run's corpus; exact round trip of whitespace and Unicode."""
+
+    name = "sentencepiece"
+    trains = True
+
+    class Options(PluginOptions):
+        """SentencePiece training options. Text is never normalised; newlines and spaces are kept."""
+
+        vocab_size: int = Field(4096, gt=0, description="Number of pieces, including unk/bos/eos, the special tokens and (with byte_fallback) the 256 byte pieces.")
+        model_type: Literal["bpe", "unigram"] = Field("bpe", description="The segmentation algorithm.")
+        character_coverage: float = Field(1.0, gt=0, le=1, description="Share of the corpus's characters that get their own piece; the rarest others go to byte pieces (or unk).")
+        byte_fallback: bool = Field(True, description="Spell characters outside the vocabulary as UTF-8 byte pieces, so every text round-trips; costs 256 ids.")
+        special_tokens: list[str] = Field(default_factory=list, description="Strings that always encode as one piece of their own (user-defined symbols), e.g. '<|sep|>'.")
+        input_sentence_size: int = Field(2_000_000, ge=0, description="Paragraphs sampled from the corpus for training (0: all).")
+        num_threads: int | None = Field(None, gt=0, description="Training threads (default: the CPUs this process may use, at most 16).")
+
+        @field_validator("special_tokens")
+        @classmethod
+        def _special_tokens(cls, tokens: list[str]) -> list[str]:
+            seen: set[str] = set()
+            for token in tokens:
+                if not token:
+                    raise ValueError("a special token cannot be the empty string")
+                if any(ch.isspace() for ch in token) or SPACE in token:
+                    raise ValueError(f"special token {token!r} contains whitespace; SentencePiece cannot keep it as one piece. Use a token without spaces or newlines")
+                if token in RESERVED or re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+                    raise ValueError(f"special token {token!r} is one of SentencePiece's own pieces ({', '.join(RESERVED)}, <0x00>..<0xFF>); choose another name")
+                if token in seen:
+                    raise ValueError(f"special token {token!r} is listed twice")
+                seen.add(token)
+            return tokens
+
+    # --- checks -------------------------------------------------------------------------------
+
+    @staticmethod
+    def minimum_vocab_size(options: PluginOptions) -> int:
+        """unk/bos/eos + special tokens + byte pieces + newline: what any corpus needs at least."""
+        return META_PIECES + len(options.special_tokens) + (BYTE_PIECES if options.byte_fallback else 0) + 1
+
+    def check(self, options: PluginOptions, spec: Any) -> None:
+        self._check_vocab_size(options)
+
+    def _check_vocab_size(self, options: PluginOptions) -> None:
+        minimum = self.minimum_vocab_size(options)
+        if options.vocab_size < minimum:
+            parts = [f"{META_PIECES} for unk/bos/eos"]
+            if options.special_tokens:
+                parts.append(f"{len(options.special_tokens)} for special_tokens")
+            if options.byte_fallback:
+                parts.append(f"{BYTE_PIECES} for byte_fallback")
+            parts.append("1 for newline, plus the corpus's characters")
+            hint = " or set tokenizer.byte_fallback to false" if options.byte_fallback else ""
+            raise SpecError(
+                f"tokenizer.vocab_size: {options.vocab_size} is too small; it needs at least {minimum} ({', '.join(parts)}). "
+                f"Raise tokenizer.vocab_size well above {minimum}{hint}."
+            )
+
+    # --- train / load -------------------------------------------------------------------------
+
+    def train(self, options: PluginOptions, files: list[Path], path: Path) -> Tokenizer:
+        self._check_vocab_size(options)
+        files = [Path(f) for f in files]
+        if not files:
+            raise DataError("tokenizer: no training files given. List at least one text file under data.train.")
+        for f in files:
+            if not f.exists():
+                raise DataError(f"{f}: training file not found. Check the path under data.train (relative paths are taken from the spec file's folder).")
+            if not f.is_file():
+                raise DataError(f"{f}: not a file. List text files under data.train, not folders.")
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        reader = _CorpusReader(files)
+        num_threads = options.num_threads or min(16, _cpu_count())
+        trainer_options = dict(
+            EXACT_TEXT,
+            model_type=options.model_type,
+            vocab_size=options.vocab_size,
+            character_coverage=options.character_coverage,
+            byte_fallback=options.byte_fallback,
+            input_sentence_size=options.input_sentence_size,
+            shuffle_input_sentence=True,
+            num_threads=num_threads,
+        )
+        if options.special_tokens:
+            trainer_options["user_defined_symbols"] = list(options.special_tokens)
+
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            tmp = tmp_dir / path.name
+            spm.set_random_generator_seed(SEED)
+            failure: RuntimeError | None = None
+            with open(tmp, "wb") as out:
+                try:
+                    spm.SentencePieceTrainer.train(sentence_iterator=iter(reader), model_writer=out, **trainer_options)
+                except RuntimeError as exc:
+                    failure = exc
+                out.flush()
+                os.fsync(out.fileno())
+            if reader.error is not None:
+                raise reader.error
+            if not reader.has_text:
+                names = ", ".join(str(f) for f in files)
+                raise DataError(f"{names}: the training corpus is empty (only whitespace). Give the tokenizer some text to train on.")
+            if failure is not None:
+                raise _translate(failure, options, files) from None
+            tokenizer = _load(tmp)  # refuse to install a model that does not load
+            os.replace(tmp, path)
+            tokenizer.path = path
+            return tokenizer
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    def load(self, options: PluginOptions, path: Path) -> Tokenizer:
+        return _load(Path(path))
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _load(path: Path) -> SentencePieceTokenizer:
+    if not path.is_file():
+        raise DataError(f"{path}: tokenizer file not found. Train it with the run's tokenizer stage (`aic run SPEC --stage tokenizer`) or restore the file.")
+    data = path.read_bytes()
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(data)
+    except (RuntimeError, OSError) as exc:
+        raise DataError(
+            f"{path}: not a valid SentencePiece model ({_clean(exc) or 'it does not parse'}). "
+            "The file is corrupt or not a tokenizer; retrain it with the tokenizer stage or restore it from a checkpoint."
+        ) from None
+    if processor.get_piece_size() == 0:
+        raise DataError(f"{path}: not a valid SentencePiece model (it holds no pieces). Retrain it with the tokenizer stage or restore it from a checkpoint.")
+    return SentencePieceTokenizer(processor, path)
+
+
+def _clean(exc: BaseException) -> str:
+    """SentencePiece's message without its 'INTERNAL: src/file.cc(123) [check]' prefix."""
+    return _LOCATION.sub("", str(exc)).strip()
+
+
+def _translate(exc: RuntimeError, options: PluginOptions, files: list[Path]) -> Exception:
+    msg = str(exc)
+    if m := _TOO_HIGH.search(msg):
+        largest = int(m.group(2))
+        return SpecError(
+            f"tokenizer.vocab_size: {options.vocab_size} is more than this corpus can support; SentencePiece can make at most "
+            f"{largest} pieces from it. Lower tokenizer.vocab_size to {largest} or less (well below is better), or train on more text."
+        )
+    if m := _TOO_FEW.search(msg):
+        needed = int(m.group(2))
+        return SpecError(
+            f"tokenizer.vocab_size: {options.vocab_size} is too small for this corpus: its characters plus the reserved pieces "
+            f"need at least {needed}. Raise tokenizer.vocab_size to at least {needed} (well above leaves room for learned pieces), or lower tokenizer.character_coverage."
+        )
+    if "sentences_.empty()" in msg:
+        names = ", ".join(str(f) for f in files)
+        return DataError(f"{names}: SentencePiece found no usable text to train on. Check that the files hold plain text.")
+    return DataError(f"tokenizer: SentencePiece could not train on {', '.join(str(f) for f in files)}: {_clean(exc) or msg}. Check the files and tokenizer options.")
+
+
+class _CorpusReader:
+    """Yields the corpus as paragraphs (lines up to and including a blank line), newlines kept,
+    each at most MAX_SENTENCE_CHARS long. Read errors are kept in `error` (SentencePiece would
+    turn them into an opaque RuntimeError) and end the iteration."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+        self.error: DataError | None = None
+        self.has_text = False
+
+    def __iter__(self) -> Iterator[str]:
+        for f in self.files:
+            try:
+                yield from self._paragraphs(f)
+            except UnicodeDecodeError as exc:
+                self.error = DataError(f"{f}: not UTF-8 text (byte {exc.start} of a block it could not decode). Convert it to UTF-8.")
+                return
+            except OSError as exc:
+                self.error = DataError(f"{f}: cannot be read ({exc.strerror or exc}). Check the file and its permissions.")
+                return
+
+    def _paragraphs(self, f: Path) -> Iterator[str]:
+        buf: list[str] = []
+        size = 0
+        with open(f, encoding="utf-8") as fh:  # universal newlines, as the data pipeline reads it
+            for line in fh:
+                if size + len(line) > MAX_SENTENCE_CHARS and buf:
+                    yield self._emit(buf)
+                    buf, size = [], 0
+                while len(line) > MAX_SENTENCE_CHARS:  # a very long line: cut it, before a space where possible
+                    cut = line.rfind(" ", MAX_SENTENCE_CHARS // 2, MAX_SENTENCE_CHARS)
+                    cut = cut if cut > 0 else MAX_SENTENCE_CHARS
+                    yield self._emit([line[:cut]])
+                    line = line[cut:]
+                buf.append(line)
+                size += len(line)
+                if not line.strip():
+                    yield self._emit(buf)
+                    buf, size = [], 0
+        if buf:
+            yield self._emit(buf)
+
+    def _emit(self, lines: list[str]) -> str:
+        text = "".join(lines)
+        if not self.has_text and text.strip():
+            self.has_text = True
+        return text
+
+
+@hookimpl
+def aic_register_tokenizers(register):
+    register(SentencePiece)
