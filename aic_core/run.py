@@ -141,6 +141,10 @@ def run(
         if resume:
             ckpt = open_checkpoint(ckpt_dir)
             _check_resume(resolved, ckpt)
+    for field, files in (("data.train", spec.data.train), ("data.val", spec.data.val)):
+        for name in files:
+            if not Path(name).is_file():
+                raise DataError(f"{field}: file not found: {name}. Check the path (relative paths are taken from the spec file's folder).")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "spec.resolved.json", resolved)
     echo(f"run {spec.name}: {run_dir} (stages: {', '.join(stages)})")

@@ -167,6 +167,7 @@ class SentencePiece(TokenizerPlugin):
             if not f.is_file():
                 raise DataError(f"{f}: not a file. List text files under data.train, not folders.")
 
+        _check_text(files)  # before SentencePiece: some versions abort the process on an empty corpus
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         reader = _CorpusReader(files)
@@ -264,6 +265,23 @@ def _translate(exc: RuntimeError, options: PluginOptions, files: list[Path]) -> 
         names = ", ".join(str(f) for f in files)
         return DataError(f"{names}: SentencePiece found no usable text to train on. Check that the files hold plain text.")
     return DataError(f"tokenizer: SentencePiece could not train on {', '.join(str(f) for f in files)}: {_clean(exc) or msg}. Check the files and tokenizer options.")
+
+
+def _check_text(files: list[Path]) -> None:
+    """Every file is UTF-8, and together they hold some non-whitespace text (one streaming pass)."""
+    has_text = False
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as fh:
+                for block in iter(lambda: fh.read(1 << 20), ""):
+                    has_text = has_text or not block.isspace()
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{f}: not UTF-8 text (byte {exc.start} of a block it could not decode). Convert it to UTF-8.") from None
+        except OSError as exc:
+            raise DataError(f"{f}: cannot be read ({exc.strerror or exc}). Check the file and its permissions.") from None
+    if not has_text:
+        names = ", ".join(str(f) for f in files)
+        raise DataError(f"{names}: the training corpus is empty (only whitespace). Give data.train some text.")
 
 
 class _CorpusReader:

@@ -57,10 +57,10 @@ class TorchTrainer(TrainerPlugin):
         if job.resume_from is not None:
             ckpt = open_checkpoint(job.resume_from)
             model.load_state_dict(ckpt.weights())
-            state = ckpt.trainer_state(map_location=device)
+            state = ckpt.trainer_state()  # on the CPU: RNG states must be CPU tensors; the optimizer moves its own
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state["rng"].items()})
+            set_rng_state(state["rng"])
             start = ckpt.step
         forward = torch.compile(model) if options.compile else model
         end = min(t.steps, job.stop_at or t.steps)

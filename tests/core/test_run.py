@@ -54,8 +54,9 @@ def test_eval_reports_loss_perplexity_and_bits_per_byte(trained):
     assert 0 < result["val_bpb"] < result["val_loss"] / math.log(2)
 
 
-def test_resume_continues_exactly(tmp_path, corpus):
-    spec = tiny_spec(corpus, tmp_path / "straight")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_resume_continues_exactly(tmp_path, corpus, device):
+    spec = tiny_spec(corpus, tmp_path / "straight", train={"trainer": {"type": "torch", "device": device, "precision": "fp32"}})
     write_spec(tmp_path / "a.json", spec)
     assert main(["run", str(tmp_path / "a.json"), "--stage", "tokenizer,train"]) == 0
     spec["output_dir"] = str(tmp_path / "resumed")

@@ -1,0 +1,76 @@
+"""The torch trainer: schedule, decay groups, device and precision choices; CUDA runs marked gpu."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from aic_core.cli import main
+from aic_core.errors import SpecError
+from aic_core.registry import get_registry
+from aic_core.run import load_checkpoint_model
+from aic_core.spec import TrainSpec, parse_spec
+from aic_core.training import lr_at, param_groups
+from tests.conftest import tiny_spec, write_spec
+
+
+def test_lr_warms_up_linearly_then_follows_the_cosine_to_min_lr():
+    t = TrainSpec(trainer={"type": "torch"}, steps=110, lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert [lr_at(s, t) for s in range(3)] == pytest.approx([1e-4, 2e-4, 3e-4])
+    for s in (10, 35, 60, 85, 110):
+        progress = (s - 10) / 100
+        assert lr_at(s, t) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * progress)) * 9e-4)
+
+
+def test_weight_decay_applies_to_matrices_and_embeddings_only(corpus, tmp_path):
+    spec = parse_spec(tiny_spec(corpus, tmp_path), get_registry())
+    from aic_core.run import build_model
+
+    model = build_model(spec, get_registry(), 400)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} >= {"wte.weight", "positional.wpe.weight", "blocks.0.attn.qkv.weight"}
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("trainer, field", [({"type": "torch", "device": "cuda"}, "device"), ({"type": "torch", "precision": "bf16"}, "precision")])
+def test_cuda_only_settings_are_refused_on_a_cpu_machine(corpus, tmp_path, trainer, field):
+    with pytest.raises(SpecError, match=f"train.trainer.{field}"):
+        parse_spec(tiny_spec(corpus, tmp_path, train={"trainer": trainer}), get_registry())
+
+
+def _val_losses(run_dir):
+    return [r["val_loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_trains_on_cuda_in_bf16_and_the_checkpoint_loads_on_cpu(corpus, tmp_path, compile_model):
+    trainer = {"type": "torch", "device": "cuda", "precision": "bf16", "compile": compile_model}
+    spec = tiny_spec(corpus, tmp_path / "run", train={"trainer": trainer, "steps": 60, "log_every": 10}, eval={"every": 20, "batches": 4})
+    assert main(["run", str(write_spec(tmp_path / "s.json", spec))]) == 0
+    val = _val_losses(tmp_path / "run")
+    assert len(val) == 3 and val[-1] < val[0] < math.log(400) + 0.5
+    loaded = load_checkpoint_model(tmp_path / "run", device="cpu")
+    assert next(loaded.model.parameters()).device.type == "cpu"
+    assert (tmp_path / "run" / "samples.txt").read_text().count("=== sample") == 2
+
+
+@pytest.mark.gpu
+def test_cuda_and_cpu_give_the_same_greedy_text(corpus, tmp_path):
+    from aic_core.generation import generate
+    from aic_core.spec import SamplerSpec
+
+    spec = tiny_spec(corpus, tmp_path / "run", train={"steps": 20}, model={"dropout": 0.0})
+    assert main(["run", str(write_spec(tmp_path / "s.json", spec)), "--stage", "tokenizer,train"]) == 0
+    greedy = SamplerSpec(temperature=0)
+    texts = {}
+    for device in ("cpu", "cuda"):
+        loaded = load_checkpoint_model(tmp_path / "run", device=device)
+        texts[device] = generate(loaded.model, loaded.tokenizer, ["Anne", "It was"], 16, greedy)
+    assert texts["cpu"] == texts["cuda"]
