@@ -59,6 +59,21 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str, what: str) -> None:
+    """Load a full state dict, naming missing, unexpected or misshapen tensors in one clear error."""
+    expected = set(model.state_dict())
+    missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or extra:
+        raise CheckpointError(
+            f"{source}: the tensors do not match {what} (missing: {', '.join(missing[:8]) or 'none'}; "
+            f"unexpected: {', '.join(extra[:8]) or 'none'}). It is damaged or was written for another model."
+        )
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: tensors have the wrong shapes for {what}: {exc}") from None
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from aic_core.checkpoint import load_weights
 from aic_core.errors import CheckpointError, PluginError
 from aic_core.kinds import ModelPlugin
 from aic_core.nn.transformer import Transformer
@@ -74,13 +75,6 @@ def import_hf(folder: Path, registry: Registry | None = None) -> Imported:
     positional_options = positional_plugin.Options()
     model = plugin.build(options, model_config, positional_plugin.build(positional_options, model_config))
     state = plugin.state_dict_from_hf(hf_state, model_config)
-    expected = set(model.state_dict())
-    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or extra:
-        raise CheckpointError(
-            f"{folder}: tensors do not match a {plugin.name} model of this config "
-            f"(missing: {', '.join(missing[:8]) or 'none'}; unexpected: {', '.join(extra[:8]) or 'none'})."
-        )
-    model.load_state_dict(state)
+    load_weights(model, state, str(folder), f"a {plugin.name} model of this config.json")
     section = {"type": plugin.name, **options.model_dump(), "positional": {"type": positional_plugin.name, **positional_options.model_dump()}}
     return Imported(model.eval(), plugin, section)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from aic_core.checkpoint import Checkpoint, latest_checkpoint, open_checkpoint, write_atomic, write_json
+from aic_core.checkpoint import Checkpoint, latest_checkpoint, load_weights, open_checkpoint, write_atomic, write_json
 from aic_core.data import default_cache_dir, file_sha256, load_splits
 from aic_core.errors import CheckpointError, DataError, SpecError, did_you_mean
 from aic_core.kinds import Tokenizer, TrainJob
@@ -70,18 +70,7 @@ def load_checkpoint_model(path: Path, registry: Registry | None = None, device: 
         )
     tokenizer = load_tokenizer(spec, registry, ckpt.tokenizer_path)
     model = build_model(spec, registry, tokenizer.vocab_size)
-    weights = ckpt.weights()
-    expected = set(model.state_dict())
-    missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or extra:
-        raise CheckpointError(
-            f"{ckpt.path}: the weights do not match the model in its spec (missing: {', '.join(missing[:8]) or 'none'}; "
-            f"unexpected: {', '.join(extra[:8]) or 'none'}). The checkpoint is damaged or was written by another model."
-        )
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt.path}: weights have the wrong shapes for the model in its spec: {exc}") from None
+    load_weights(model, ckpt.weights(), str(ckpt.path), "the model in its spec")
     return Loaded(model.to(device).eval(), tokenizer, spec, ckpt)
 
 
