@@ -71,8 +71,12 @@ def import_hf(folder: Path, registry: Registry | None = None) -> Imported:
     except ValidationError as exc:
         raise CheckpointError(f"{folder}/config.json: cannot be represented by aic's '{plugin.name}': {exc.errors()[0]['msg']}") from None
     model_config = plugin.config(options, fields.get("vocab_size", 0))
-    positional_plugin = registry.get("positional", plugin.default_positional)
-    positional_options = positional_plugin.Options()
+    positional_section = dict(plugin.positional_from_hf_config(config))
+    positional_plugin = registry.get("positional", positional_section.pop("type"))
+    try:
+        positional_options = positional_plugin.Options(**positional_section)
+    except ValidationError as exc:
+        raise CheckpointError(f"{folder}/config.json: positional settings cannot be represented by aic's '{positional_plugin.name}': {exc.errors()[0]['msg']}") from None
     model = plugin.build(options, model_config, positional_plugin.build(positional_options, model_config))
     state = plugin.state_dict_from_hf(hf_state, model_config)
     load_weights(model, state, str(folder), f"a {plugin.name} model of this config.json")

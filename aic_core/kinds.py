@@ -97,6 +97,10 @@ class ModelPlugin(Plugin):
     def options_from_hf_config(self, hf_config: dict[str, Any]) -> dict[str, Any]:
         raise PluginError(f"model '{self.name}' has no Hugging Face counterpart; use a model whose plugin lists hf_architectures")
 
+    def positional_from_hf_config(self, hf_config: dict[str, Any]) -> dict[str, Any]:
+        """The model.positional section for an HF config (default: this family's positional, default options)."""
+        return {"type": self.default_positional}
+
     def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
         raise PluginError(f"model '{self.name}' has no Hugging Face counterpart; use a model whose plugin lists hf_architectures")
 

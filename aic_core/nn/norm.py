@@ -20,7 +20,23 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama): x / rms(x) * weight, computed in float32 as Llama does."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
 def make_norm(kind: str, dim: int, bias: bool, eps: float) -> nn.Module:
     if kind == "layernorm":
         return LayerNorm(dim, bias=bias, eps=eps)
-    raise ValueError(f"unknown norm '{kind}'; expected 'layernorm'")
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm '{kind}'; expected 'layernorm' or 'rmsnorm'")

@@ -11,6 +11,7 @@ from aic_core.errors import PluginError, SpecError
 from aic_core.hookspecs import hookimpl
 from aic_core.kinds import ModelPlugin, PluginOptions
 from aic_core.nn.transformer import TransformerConfig
+from aic_plugins.models.presets import fill_from_preset, pad_vocab
 
 PRESETS: dict[str, dict[str, int]] = {
     "gpt2-small": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},  # 124M with vocab 50257
@@ -37,22 +38,8 @@ class GPT2Options(PluginOptions):
 
     @model_validator(mode="after")
     def _fill_from_preset(self) -> GPT2Options:
-        preset = PRESETS.get(self.preset or "", {})
-        for key in SHAPE_FIELDS:
-            if getattr(self, key) is None:
-                if key not in preset:
-                    raise ValueError(f"'{key}' is not set: set it, or choose a preset ({', '.join(PRESETS)})")
-                setattr(self, key, preset[key])
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                f"for example n_head={_divisor_near(self.n_embd, self.n_head)}"
-            )
+        fill_from_preset(self, PRESETS, SHAPE_FIELDS)
         return self
-
-
-def _divisor_near(n: int, d: int) -> int:
-    return min((k for k in range(1, n + 1) if n % k == 0), key=lambda k: abs(k - d))
 
 
 class GPT2(ModelPlugin):
@@ -126,17 +113,7 @@ class GPT2(ModelPlugin):
         extra = sorted(set(src) - used)
         if extra:
             raise PluginError(f"unexpected tensors in the GPT-2 checkpoint (not part of a {config.n_layer}-layer GPT-2): {', '.join(extra[:10])}")
-        return _pad_vocab(out, config)
-
-
-def _pad_vocab(state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
-    """Pad the embedding (and an untied head) from vocab_size to padded_vocab_size rows with zeros."""
-    for key in ("wte.weight", "lm_head.weight"):
-        t = state.get(key)
-        if t is not None and t.shape[0] < config.padded_vocab_size:
-            pad = t.new_zeros(config.padded_vocab_size - t.shape[0], t.shape[1])
-            state[key] = torch.cat([t, pad])
-    return state
+        return pad_vocab(out, config.padded_vocab_size)
 
 
 @hookimpl

@@ -1,0 +1,142 @@
+"""The Llama family (TinyLlama): RMSNorm, SwiGLU MLP, grouped-query attention, no biases, RoPE."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from aic_core.errors import PluginError, SpecError
+from aic_core.hookspecs import hookimpl
+from aic_core.kinds import ModelPlugin, PluginOptions
+from aic_core.nn.transformer import TransformerConfig
+from aic_plugins.models.presets import fill_from_preset, pad_vocab
+
+PRESETS: dict[str, dict[str, int]] = {
+    # TinyLlama 1.1B; its published vocabulary is 32000 (aic takes the vocabulary from the tokenizer
+    # unless vocab_size is set).
+    "tinyllama-1.1b": {"n_layer": 22, "n_head": 32, "n_kv_head": 4, "n_embd": 2048, "mlp_hidden": 5632, "block_size": 2048},
+    # A small shape of the same family that trains on a CPU.
+    "llama-mini": {"n_layer": 4, "n_head": 8, "n_kv_head": 2, "n_embd": 256, "mlp_hidden": 704, "block_size": 256},
+}
+SHAPE_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "block_size")
+
+
+class LlamaOptions(PluginOptions):
+    """A Llama shape: pick a preset, set the fields, or both (fields override the preset)."""
+
+    preset: Literal["tinyllama-1.1b", "llama-mini"] | None = None
+    n_layer: int | None = Field(None, gt=0)
+    n_head: int | None = Field(None, gt=0)
+    n_kv_head: int | None = Field(None, gt=0, description="Key/value heads (grouped-query attention); must divide n_head.")
+    n_embd: int | None = Field(None, gt=0)
+    mlp_hidden: int | None = Field(None, gt=0, description="Width of the SwiGLU MLP.")
+    block_size: int | None = Field(None, gt=1, description="Context length.")
+    vocab_size: int | None = Field(None, gt=0, description="Default: the tokenizer's vocabulary size.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    tie_embeddings: bool = False
+    norm_eps: float = Field(1e-5, gt=0)
+
+    @model_validator(mode="after")
+    def _fill_from_preset(self) -> LlamaOptions:
+        fill_from_preset(self, PRESETS, SHAPE_FIELDS)
+        if self.n_head % self.n_kv_head:
+            ok = [k for k in range(1, self.n_head + 1) if self.n_head % k == 0]
+            raise ValueError(
+                f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}): each KV head serves "
+                f"a whole group of query heads. n_kv_head can be one of {ok}"
+            )
+        return self
+
+
+class Llama(ModelPlugin):
+    name = "llama"
+    Options = LlamaOptions
+    default_positional = "rope"
+    hf_architectures = ("LlamaForCausalLM",)
+
+    def config(self, options: LlamaOptions, vocab_size: int) -> TransformerConfig:
+        return TransformerConfig(
+            vocab_size=options.vocab_size or vocab_size,
+            block_size=options.block_size,
+            n_layer=options.n_layer,
+            n_head=options.n_head,
+            n_kv_head=options.n_kv_head,
+            n_embd=options.n_embd,
+            mlp_hidden=options.mlp_hidden,
+            mlp="swiglu",
+            norm="rmsnorm",
+            norm_eps=options.norm_eps,
+            bias=False,
+            dropout=options.dropout,
+            tie_embeddings=options.tie_embeddings,
+        )
+
+    # --- Hugging Face LlamaForCausalLM ---------------------------------------------------------
+
+    def options_from_hf_config(self, hf: dict[str, Any]) -> dict[str, Any]:
+        for key, allowed in (("hidden_act", ("silu",)), ("attention_bias", (False, None)), ("mlp_bias", (False, None))):
+            if hf.get(key) not in allowed:
+                raise SpecError(f"config.json: {key}={hf.get(key)!r} is not supported by aic's llama (it needs {allowed[0]!r}).")
+        n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or n_embd // n_head
+        if head_dim * n_head != n_embd:
+            raise SpecError(f"config.json: head_dim {head_dim} x {n_head} heads != hidden_size {n_embd}; aic's llama needs head_dim = hidden_size / num_attention_heads.")
+        return {
+            "n_layer": hf["num_hidden_layers"],
+            "n_head": n_head,
+            "n_kv_head": hf.get("num_key_value_heads") or n_head,
+            "n_embd": n_embd,
+            "mlp_hidden": hf["intermediate_size"],
+            "block_size": hf["max_position_embeddings"],
+            "vocab_size": hf["vocab_size"],
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "norm_eps": hf.get("rms_norm_eps", 1e-6),
+        }
+
+    def positional_from_hf_config(self, hf: dict[str, Any]) -> dict[str, Any]:
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "linear"):
+            raise SpecError(f"config.json: rope type {kind!r} is not supported; aic's rope does plain and linear-scaled rotary embeddings.")
+        section: dict[str, Any] = {"type": "rope", "theta": float(theta)}
+        if kind == "linear":
+            section["scaling_factor"] = float(rope["factor"])
+        return section
+
+    def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
+        """Map LlamaForCausalLM tensors to aic names: q, k, v concatenate into qkv; gate and up into fc."""
+        src = {k.removeprefix("model."): v for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}
+        out: dict[str, torch.Tensor] = {}
+        used: set[str] = set()
+
+        def cat(names: list[str], ours: str) -> None:
+            if all(n in src for n in names):
+                out[ours] = torch.cat([src[n] for n in names])
+                used.update(names)
+
+        cat(["embed_tokens.weight"], "wte.weight")
+        for i in range(config.n_layer):
+            h, b = f"layers.{i}.", f"blocks.{i}."
+            cat([h + "input_layernorm.weight"], b + "norm1.weight")
+            cat([h + f"self_attn.{p}_proj.weight" for p in "qkv"], b + "attn.qkv.weight")
+            cat([h + "self_attn.o_proj.weight"], b + "attn.proj.weight")
+            cat([h + "post_attention_layernorm.weight"], b + "norm2.weight")
+            cat([h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], b + "mlp.fc.weight")
+            cat([h + "mlp.down_proj.weight"], b + "mlp.proj.weight")
+        cat(["norm.weight"], "norm_f.weight")
+        if config.tie_embeddings:
+            used.add("lm_head.weight")
+        else:
+            cat(["lm_head.weight"], "lm_head.weight")
+        extra = sorted(set(src) - used)
+        if extra:
+            raise PluginError(f"unexpected tensors in the Llama checkpoint (not part of a {config.n_layer}-layer Llama): {', '.join(extra[:10])}")
+        return pad_vocab(out, config.padded_vocab_size)
+
+
+@hookimpl
+def aic_register_models(register):
+    register(Llama)
