@@ -39,35 +39,31 @@ class RopeOptions(PluginOptions):
 
 
 class RotaryPositions(Positional):
-    max_positions = None  # any position: the table of angles grows on demand
+    max_positions = None  # any position: angles are computed from the positions
 
-    def __init__(self, head_dim: int, rotary_dim: int, theta: float, scaling_factor: float, length: int) -> None:
+    def __init__(self, head_dim: int, rotary_dim: int, theta: float, scaling_factor: float) -> None:
         super().__init__()
         self.head_dim, self.rotary_dim = head_dim, rotary_dim
         self.theta, self.scaling_factor = theta, scaling_factor
         # inv_freq exactly as transformers computes it (float32 pow, then / factor for "linear"), so the angles match bit for bit.
         exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
         self.inv_freq = 1.0 / (theta ** exponents) / scaling_factor  # (rotary_dim/2,)
-        # cos/sin tables (length, rotary_dim/2) in float32. Plain attributes, not buffers: they stay out of the
-        # state dict (checkpoints hold no RoPE tensors) and model.to(bfloat16) cannot round them; they follow
-        # the positions' device on use instead.
-        self._build(length, torch.device("cpu"))
-
-    def _build(self, length: int, device: torch.device) -> None:
-        t = torch.arange(length, dtype=torch.int64, device=device).float()  # (length,)
-        angles = torch.outer(t, self.inv_freq.to(device))  # (length, rotary_dim/2)
-        self.cos, self.sin = angles.cos(), angles.sin()
+        self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
 
     def _angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) -> cos, sin (B, 1, T, rotary_dim/2), broadcasting over heads."""
-        # One host sync to see the largest position; past the table (extrapolation, a long KV cache) it doubles.
-        length = self.cos.shape[0]
-        needed = int(positions.max()) + 1 if positions.numel() else 0
-        if needed > length:
-            self._build(max(needed, 2 * length), positions.device)
-        elif self.cos.device != positions.device:
-            self._build(length, positions.device)
-        return self.cos[positions][:, None], self.sin[positions][:, None]
+        """positions (B, T) -> cos, sin (B, 1, T, rotary_dim/2) in float32, broadcasting over heads.
+
+        Computed from the positions themselves (no table to outgrow, no host sync), and cached for the
+        positions tensor at hand: every layer of one forward receives the same one."""
+        cached = self._cached
+        if cached is not None and cached[0] is positions and not torch.compiler.is_compiling():
+            return cached[1], cached[2]
+        inv_freq = self.inv_freq.to(positions.device)
+        angles = positions[..., None].float() * inv_freq  # (B, T, rotary_dim/2)
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+        if not torch.compiler.is_compiling():
+            self._cached = (positions, cos, sin)
+        return cos, sin
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self._angles(positions)
@@ -136,7 +132,7 @@ class Rope(PositionalPlugin):
 
     def build(self, options: RopeOptions, config: TransformerConfig) -> Positional:
         r = rotary_dim(config.n_embd, config.n_head, options.rotary_fraction)
-        return RotaryPositions(config.head_dim, r, options.theta, options.scaling_factor, config.block_size)
+        return RotaryPositions(config.head_dim, r, options.theta, options.scaling_factor)
 
 
 @hookimpl
