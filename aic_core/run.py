@@ -32,7 +32,7 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 def build_model(spec: RunSpec, registry: Registry, vocab_size: int) -> Transformer:
-    """Model plugin + positional plugin -> Transformer (weights freshly initialised)."""
+    """Model plugin + positional plugin (+ adapter) -> Transformer (weights freshly initialised)."""
     model_plugin = registry.get("model", spec.model.type)
     positional_plugin = registry.get("positional", spec.model.positional.type)
     config = model_plugin.config(spec.model, vocab_size)
@@ -42,7 +42,10 @@ def build_model(spec: RunSpec, registry: Registry, vocab_size: int) -> Transform
             f"Remove model.vocab_size to use the tokenizer's, or set it to at least {vocab_size}."
         )
     positional = positional_plugin.build(spec.model.positional, config)
-    return model_plugin.build(spec.model, config, positional)
+    model = model_plugin.build(spec.model, config, positional)
+    if spec.adapter is not None:  # wraps target modules in place and freezes the base
+        registry.get("adapter", spec.adapter.type).apply(model, spec.adapter)
+    return model
 
 
 def load_tokenizer(spec: RunSpec, registry: Registry, path: Path) -> Tokenizer:

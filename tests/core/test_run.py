@@ -78,3 +78,42 @@ def test_stages_run_separately(tmp_path, corpus):
     assert main(["run", str(spec), "--stage", "train"]) == 0
     assert main(["run", str(spec), "--stage", "eval", "--stage", "generate"]) == 0
     assert (tmp_path / "run" / "samples.txt").is_file()
+
+
+def test_an_adapter_section_is_applied_to_the_model(tmp_path, corpus):
+    """The adapter plugin named in the spec wraps the model before training (here a stand-in that freezes the MLPs)."""
+    import types
+
+    from aic_core.hookspecs import hookimpl
+    from aic_core.kinds import AdapterPlugin, PluginOptions
+    from aic_core.registry import Registry
+    from aic_core.run import build_model
+    from aic_core.spec import parse_spec
+
+    class FreezeMLP(AdapterPlugin):
+        name = "freeze-mlp"
+
+        class Options(PluginOptions):
+            pass
+
+        def apply(self, model, options):
+            names = [n for n, m in model.named_modules() if n.endswith(".mlp")]
+            for n in names:
+                model.get_submodule(n).requires_grad_(False)
+            return names
+
+        def merge(self, model):
+            pass
+
+        def unmerge(self, model):
+            pass
+
+    module = types.ModuleType("fake_adapter")
+    module.aic_register_adapters = hookimpl(lambda register: register(FreezeMLP))
+    real = list(__import__("importlib.metadata").metadata.entry_points(group="aic"))
+    fake = types.SimpleNamespace(name="freeze-mlp", value="fake_adapter", group="aic", dist=None, load=lambda: module)
+    registry = Registry([*real, fake], strict=True)
+    spec = parse_spec(tiny_spec(corpus, tmp_path, adapter={"type": "freeze-mlp"}), registry)
+    model = build_model(spec, registry, 400)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(".mlp." in n for n in frozen)
