@@ -52,8 +52,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("AIC_CACHE_DIR") or Path.home() / ".cache" / "aic")
+def token_cache_dir(configured: str | None) -> Path:
+    """Where encoded corpora are cached: data.cache_dir, else $AIC_CACHE_DIR/tokens or ~/.cache/aic/tokens."""
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("AIC_CACHE_DIR") or Path.home() / ".cache" / "aic") / "tokens"
 
 
 def read_corpus(files: list[str], field: str) -> list[tuple[Path, str]]:

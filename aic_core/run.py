@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from aic_core.checkpoint import Checkpoint, latest_checkpoint, load_weights, open_checkpoint, write_atomic, write_json
-from aic_core.data import default_cache_dir, file_sha256, load_splits
+from aic_core.data import file_sha256, load_splits, token_cache_dir
 from aic_core.errors import CheckpointError, DataError, SpecError, did_you_mean
 from aic_core.kinds import Tokenizer, TrainJob
 from aic_core.nn.transformer import Transformer
@@ -166,9 +166,10 @@ def run(
         seq_len = spec.train.seq_len or model.config.block_size
         if seq_len > model.config.block_size:
             raise SpecError(f"train.seq_len: {seq_len} is longer than the model's context (block_size {model.config.block_size}). Lower train.seq_len or raise model.block_size.")
-        cache = Path(spec.data.cache_dir) if spec.data.cache_dir else default_cache_dir() / "tokens"
         t0 = time.perf_counter()
-        train_data, val_data = load_splits(spec.data.train, spec.data.val, spec.data.val_fraction, tokenizer, tokenizer_hash, cache, seq_len)
+        train_data, val_data = load_splits(
+            spec.data.train, spec.data.val, spec.data.val_fraction, tokenizer, tokenizer_hash, token_cache_dir(spec.data.cache_dir), seq_len
+        )
         echo(f"data: {len(train_data):,} training and {len(val_data):,} validation tokens ({time.perf_counter() - t0:.1f}s)")
         echo(f"model: {spec.model.type} + {spec.model.positional.type}, {model.num_params():,} parameters")
         trainer = registry.get("trainer", spec.train.trainer.type)
@@ -181,21 +182,22 @@ def run(
             return run_dir
 
     if "eval" in stages:
-        _eval_stage(spec_path, run_dir, registry, echo)
+        _eval_stage(run_dir, registry, echo)
     if "generate" in stages:
         _generate_stage(run_dir, registry, echo)
     return run_dir
 
 
-def _eval_stage(spec_path: str | Path, run_dir: Path, registry: Registry, echo: Callable[[str], None]) -> None:
+def _eval_stage(run_dir: Path, registry: Registry, echo: Callable[[str], None]) -> None:
     device = resolve_device("auto")
     loaded = load_checkpoint_model(run_dir, registry, device)
     spec, metrics = loaded.spec, loaded.checkpoint.state.get("metrics") or {}
     if "val_loss" not in metrics:  # the trainer evaluates its last step; anything else is evaluated here
         seq_len = spec.train.seq_len or loaded.model.config.block_size
         tok_hash = loaded.checkpoint.state["tokenizer_hash"]
-        cache = Path(spec.data.cache_dir) if spec.data.cache_dir else default_cache_dir() / "tokens"
-        _, val = load_splits(spec.data.train, spec.data.val, spec.data.val_fraction, loaded.tokenizer, tok_hash, cache, seq_len)
+        _, val = load_splits(
+            spec.data.train, spec.data.val, spec.data.val_fraction, loaded.tokenizer, tok_hash, token_cache_dir(spec.data.cache_dir), seq_len
+        )
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
         metrics = evaluate(loaded.model, val, spec, seq_len, device, autocast)
         log = MetricsLog(run_dir / "metrics.jsonl")
