@@ -74,6 +74,25 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
         raise CheckpointError(f"{source}: tensors have the wrong shapes for {what}: {exc}") from None
 
 
+def write_checkpoint_dir(
+    folder: Path,
+    weights: dict[str, torch.Tensor],
+    trainer_state: dict[str, Any] | None,
+    state: dict[str, Any],
+    tokenizer_path: Path | None,
+) -> None:
+    """Write a checkpoint's files into the new folder `folder`, each fsynced. The caller renames it into place."""
+    folder.mkdir(parents=True)
+    save_file(weights, str(folder / WEIGHTS), metadata={"format": "pt"})
+    if trainer_state is not None:
+        torch.save(trainer_state, folder / TRAINER_STATE)
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, folder / TOKENIZER)
+    (folder / STATE).write_text(json.dumps(state, indent=2) + "\n")
+    for f in folder.iterdir():
+        _fsync(f)
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -88,14 +107,7 @@ def save_checkpoint(
     tmp = root / f".step-{step}.{os.getpid()}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-    shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
-    (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
-    for f in tmp.iterdir():
-        _fsync(f)
+    write_checkpoint_dir(tmp, weights, trainer_state, {**state, "step": step}, tokenizer_path)
     if final.exists():  # the same step saved again (e.g. the last step is also a checkpoint_every step)
         old = root / f".step-{step}.{os.getpid()}.old"
         os.replace(final, old)
@@ -157,6 +169,10 @@ class Checkpoint:
     def tokenizer_path(self) -> Path:
         return self.path / TOKENIZER
 
+    @property
+    def has_tokenizer(self) -> bool:
+        return self.state["tokenizer_hash"] is not None
+
     def weights(self) -> dict[str, torch.Tensor]:
         path = self.path / WEIGHTS
         if not path.is_file():
@@ -182,9 +198,10 @@ def open_checkpoint(path: Path) -> Checkpoint:
         state = json.loads((path / STATE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path / STATE}: corrupt ({exc}). Use an earlier checkpoint of this run.") from None
-    for key in ("step", "spec", "tokenizer_hash"):
+    for key in ("step", "spec", "tokenizer_hash", "model_config"):
         if key not in state:
             raise CheckpointError(f"{path / STATE}: has no '{key}'; this is not an aic checkpoint or it is damaged.")
-    if not (path / TOKENIZER).is_file():
+    # A checkpoint imported from a folder without a tokenizer has tokenizer_hash null and no tokenizer file.
+    if state["tokenizer_hash"] is not None and not (path / TOKENIZER).is_file():
         raise CheckpointError(f"{path / TOKENIZER}: missing; every aic checkpoint carries its tokenizer. Use an earlier checkpoint.")
     return Checkpoint(path, state)

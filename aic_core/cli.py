@@ -100,6 +100,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(verb: str, source: str, report) -> None:
+    hf = "transformers is not installed, not compared" if report.vs_transformers is None else f"{report.vs_transformers:.2e}"
+    print(f"{verb} {source} -> {report.out}: {report.parameters:,} parameters; tokenizer: {report.tokenizer or 'none in the source'}")
+    print(f"  max abs logit difference on fixed inputs: against transformers {hf}; after reading back {report.vs_reload:.2e}")
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from aic_core.convert import import_hf_folder
+
+    report = import_hf_folder(Path(args.source), Path(args.out))
+    _report("imported", args.source, report)
+    print(f"  use it: `aic generate {args.out}`, or \"model\": {{\"init_from\": \"{args.out}\"}} in a spec")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from aic_core.convert import export_hf
+
+    report = export_hf(Path(args.run), Path(args.out))
+    _report("exported", args.run, report)
+    print(f"  load it: transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aic", description="Build, train and run GPT-style models from a JSON spec.")
     parser.add_argument("--strict", action="store_true", help="fail if any plugin fails to load (also AIC_STRICT_PLUGINS=1)")
@@ -141,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (no KV cache)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("import", parents=[common], help="convert a model from another format into an aic checkpoint folder")
+    p.add_argument("format", choices=["hf"], help="hf: a Hugging Face transformers folder (config.json + model.safetensors)")
+    p.add_argument("source", help="the folder to import")
+    p.add_argument("out", help="the aic checkpoint folder to write (must not exist yet)")
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("export", parents=[common], help="convert an aic run or checkpoint into another format")
+    p.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoints/step-N folder")
+    p.add_argument("--format", choices=["hf"], default="hf", help="hf: config.json + model.safetensors that transformers loads (default)")
+    p.add_argument("out", help="the folder to write (must not exist yet)")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -1,12 +1,21 @@
-"""Hugging Face interop: read a transformers model folder (config.json + safetensors) into an aic model.
+"""Where a model's weights come from, and Hugging Face interop.
 
-The model plugin whose `hf_architectures` lists the folder's architecture maps the config to its options
-and the tensors to aic names; the core reads the files, builds the model and checks every tensor is used.
+A *model source* is anything `model.init_from`, `aic generate` and `aic export` can start from: an aic run
+directory, one of its checkpoints, a folder written by `aic import hf`, or a Hugging Face model folder
+(config.json + model.safetensors). `open_source` reads its model section, tokenizer section and tokenizer
+file without building anything; `source.weights(config)` gives the tensors under aic's names.
+
+For HF folders, the model plugin whose `hf_architectures` lists the folder's architecture maps the config
+to its options and the tensors to aic names (and back, for export); the core reads and writes the files,
+checks that every tensor is used, and compares logits before it reports success.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,13 +23,200 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from aic_core.checkpoint import load_weights
+from aic_core.checkpoint import STATE, load_weights, model_state, open_checkpoint, write_checkpoint_dir
 from aic_core.errors import CheckpointError, PluginError
-from aic_core.kinds import ModelPlugin
-from aic_core.nn.transformer import Transformer
+from aic_core.kinds import ModelPlugin, TokenizerPlugin
+from aic_core.nn.transformer import Transformer, TransformerConfig
 from aic_core.registry import Registry, get_registry
+
+HF_CONFIG = "config.json"
+# Logits of a conversion must agree with the source's to this, times max(1, the largest |logit|).
+TOLERANCE = 1e-4
+
+
+# --- reading Hugging Face folders --------------------------------------------------------------------
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (Path(path) / HF_CONFIG).is_file() and not (Path(path) / STATE).is_file()
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    folder = Path(folder)
+    config_path = folder / HF_CONFIG
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: no config.json; a Hugging Face model folder holds config.json and model.safetensors.")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_path}: not valid JSON ({exc}).") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: not a Hugging Face config (a JSON object).")
+    return config
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    folder = Path(folder)
+    shards = sorted(folder.glob("model*.safetensors"))
+    if not shards:
+        raise CheckpointError(
+            f"{folder}: no model.safetensors (or model-0000N-of-0000M.safetensors shards). "
+            f"Save the model with save_pretrained(..., safe_serialization=True)."
+        )
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        try:
+            state.update(load_file(str(shard)))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{shard}: corrupt safetensors file ({exc}).") from None
+    return state
+
+
+def read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    return read_hf_config(folder), read_hf_weights(folder)
+
+
+def hf_model_plugin(config: dict[str, Any], registry: Registry, where: str) -> ModelPlugin:
+    architectures = config.get("architectures") or []
+    for plugin in registry.plugins("model").values():
+        if any(a in plugin.hf_architectures for a in architectures):
+            return plugin
+    supported = sorted(a for p in registry.plugins("model").values() for a in p.hf_architectures)
+    raise PluginError(
+        f"{where}: architecture {architectures or 'unset'} is not supported. "
+        f"Supported Hugging Face architectures: {', '.join(supported) or 'none'}."
+    )
+
+
+def hf_model_section(config: dict[str, Any], registry: Registry, where: str) -> tuple[ModelPlugin, dict[str, Any]]:
+    """The spec's model section (with positional) for an HF config.json, validated by the plugins."""
+    plugin = hf_model_plugin(config, registry, where)
+    fields = plugin.options_from_hf_config(config)
+    try:
+        options = plugin.Options(**fields)
+    except ValidationError as exc:
+        raise CheckpointError(f"{where}: cannot be represented by aic's '{plugin.name}': {exc.errors()[0]['msg']}") from None
+    positional = dict(plugin.positional_from_hf_config(config))
+    positional_plugin = registry.get("positional", positional.pop("type"))
+    try:
+        positional_options = positional_plugin.Options(**positional)
+    except ValidationError as exc:
+        raise CheckpointError(f"{where}: positional settings cannot be represented by aic's '{positional_plugin.name}': {exc.errors()[0]['msg']}") from None
+    section = {"type": plugin.name, **options.model_dump(), "positional": {"type": positional_plugin.name, **positional_options.model_dump()}}
+    return plugin, section
+
+
+def hf_tokenizer(folder: Path, registry: Registry) -> tuple[TokenizerPlugin, Path] | None:
+    """The tokenizer plugin and file an HF folder carries (by the plugins' `hf_files`), if any."""
+    for plugin in registry.plugins("tokenizer").values():
+        for name in plugin.hf_files:
+            if (Path(folder) / name).is_file():
+                return plugin, Path(folder) / name
+    return None
+
+
+def hf_state_dict(plugin: ModelPlugin, folder: Path, config: TransformerConfig) -> dict[str, torch.Tensor]:
+    """The folder's tensors under aic's names; a mismatch names the HF tensors and the folder."""
+    try:
+        return plugin.state_dict_from_hf(read_hf_weights(folder), config)
+    except PluginError as exc:
+        raise CheckpointError(f"{folder}: {exc}") from None
+
+
+# --- model sources ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSource:
+    path: Path
+    format: str  # "aic" (a run, checkpoint or imported folder) or "hf"
+    model_section: dict[str, Any]  # {"type", fields..., "positional": {...}}
+    tokenizer_section: dict[str, Any] | None
+    tokenizer_path: Path | None
+    vocab_size: int  # the model's vocabulary (not padded)
+    _load: Callable[[TransformerConfig], dict[str, torch.Tensor]]
+
+    def weights(self, config: TransformerConfig) -> dict[str, torch.Tensor]:
+        """The source's tensors under aic's names, for a model of `config`."""
+        return self._load(config)
+
+
+def open_source(path: Path, registry: Registry | None = None) -> ModelSource:
+    registry = registry or get_registry()
+    path = Path(path)
+    if is_hf_folder(path):
+        config = read_hf_config(path)
+        plugin, section = hf_model_section(config, registry, str(path / HF_CONFIG))
+        tok = hf_tokenizer(path, registry)
+
+        def load(model_config: TransformerConfig) -> dict[str, torch.Tensor]:
+            return hf_state_dict(plugin, path, model_config)
+
+        return ModelSource(path, "hf", section, {"type": tok[0].name} if tok else None, tok[1] if tok else None, section["vocab_size"], load)
+    ckpt = open_checkpoint(path)
+    spec = ckpt.state["spec"]
+    if spec.get("adapter"):
+        raise CheckpointError(
+            f"{ckpt.path}: holds a model with a '{spec['adapter']['type']}' adapter; start from a plain checkpoint "
+            f"(merge the adapter into its base first)."
+        )
+    has_tok = ckpt.tokenizer_path.is_file()
+    return ModelSource(
+        ckpt.path, "aic", spec["model"], spec.get("tokenizer") if has_tok else None, ckpt.tokenizer_path if has_tok else None,
+        int(ckpt.state["model_config"]["vocab_size"]), lambda _config: ckpt.weights(),
+    )
+
+
+# --- comparing logits ------------------------------------------------------------------------------------
+
+
+def probe_ids(vocab_size: int, block_size: int) -> torch.Tensor:
+    """The fixed inputs every conversion is checked on: 2 sequences of up to 32 tokens."""
+    return torch.randint(0, vocab_size, (2, min(32, block_size)), generator=torch.Generator().manual_seed(0))
+
+
+def max_logit_diff(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """(max abs difference, the tolerance it is held to)."""
+    diff = (reference.float() - other.float()).abs().max().item()
+    return diff, TOLERANCE * max(1.0, reference.abs().max().item())
+
+
+@torch.no_grad()
+def aic_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    return model.eval()(ids.to(model.wte.weight.device)).float().cpu()
+
+
+def transformers_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor | None:
+    """Logits of `transformers.AutoModelForCausalLM.from_pretrained(folder)` in float32; None without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
+    with torch.no_grad():
+        return model.eval()(ids).logits.float()
+
+
+def _check(what: str, reference: torch.Tensor, other: torch.Tensor | None, where: str) -> float | None:
+    if other is None:
+        return None
+    diff, tol = max_logit_diff(reference, other)
+    if not diff <= tol:  # also catches NaN
+        raise CheckpointError(
+            f"{what}: logits differ from the source by {diff:.3g} (max abs), above the tolerance {tol:.3g}; "
+            f"the conversion is wrong, so {where} was not written. Please report this with the model's config."
+        )
+    return diff
+
+
+# --- import ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -30,55 +226,144 @@ class Imported:
     options: dict[str, Any]  # the model section of a spec: {"type": ..., fields..., "positional": {...}}
 
 
-def read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{folder}: no config.json; a Hugging Face model folder holds config.json and model.safetensors.")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path}: not valid JSON ({exc.msg}).") from None
-    shards = sorted(folder.glob("model*.safetensors"))
-    if not shards:
-        raise CheckpointError(f"{folder}: no model.safetensors (or model-0000N-of-0000M.safetensors shards). Save the model with safe_serialization=True.")
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        try:
-            state.update(load_file(str(shard)))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{shard}: corrupt safetensors file ({exc}).") from None
-    return config, state
-
-
 def import_hf(folder: Path, registry: Registry | None = None) -> Imported:
     """Build an aic model from a Hugging Face folder, with every tensor accounted for."""
     registry = registry or get_registry()
-    config, hf_state = read_hf_folder(folder)
-    architectures = config.get("architectures") or []
-    for plugin in registry.plugins("model").values():
-        if any(a in plugin.hf_architectures for a in architectures):
-            break
-    else:
-        supported = sorted(a for p in registry.plugins("model").values() for a in p.hf_architectures)
-        raise PluginError(
-            f"{folder}/config.json: architecture {architectures or 'unset'} is not supported. "
-            f"Supported Hugging Face architectures: {', '.join(supported) or 'none'}."
-        )
-    fields = plugin.options_from_hf_config(config)
-    try:
-        options = plugin.Options(**fields)
-    except ValidationError as exc:
-        raise CheckpointError(f"{folder}/config.json: cannot be represented by aic's '{plugin.name}': {exc.errors()[0]['msg']}") from None
-    model_config = plugin.config(options, fields.get("vocab_size", 0))
-    positional_section = dict(plugin.positional_from_hf_config(config))
-    positional_plugin = registry.get("positional", positional_section.pop("type"))
-    try:
-        positional_options = positional_plugin.Options(**positional_section)
-    except ValidationError as exc:
-        raise CheckpointError(f"{folder}/config.json: positional settings cannot be represented by aic's '{positional_plugin.name}': {exc.errors()[0]['msg']}") from None
-    model = plugin.build(options, model_config, positional_plugin.build(positional_options, model_config))
-    state = plugin.state_dict_from_hf(hf_state, model_config)
+    folder = Path(folder)
+    config = read_hf_config(folder)
+    plugin, section = hf_model_section(config, registry, str(folder / HF_CONFIG))
+    model = build_from_section(section, registry, source=str(folder / HF_CONFIG))
+    state = hf_state_dict(plugin, folder, model.config)
     load_weights(model, state, str(folder), f"a {plugin.name} model of this config.json")
-    section = {"type": plugin.name, **options.model_dump(), "positional": {"type": positional_plugin.name, **positional_options.model_dump()}}
     return Imported(model.eval(), plugin, section)
+
+
+def model_spec(section: dict[str, Any], registry: Registry, source: str, tokenizer: dict[str, Any] | None = None) -> Any:
+    """A model section (and tokenizer section) validated into a model-only spec, as in a RunSpec."""
+    from aic_core.spec import parse_spec
+
+    raw: dict[str, Any] = {"name": "model", "model": section}
+    if tokenizer is not None:
+        raw["tokenizer"] = tokenizer
+    return parse_spec(raw, registry, source=source, model_only=True, check=False)
+
+
+def build_from_section(section: dict[str, Any], registry: Registry, vocab_size: int = 0, source: str = "model section") -> Transformer:
+    """A model with fresh weights from a model section (vocab_size: when the section leaves it unset)."""
+    from aic_core.run import build_model
+
+    return build_model(model_spec(section, registry, source), registry, section.get("vocab_size") or vocab_size)
+
+
+@dataclass
+class ConversionReport:
+    out: Path
+    parameters: int
+    vs_transformers: float | None  # max abs logit difference against transformers' own load (None: not installed)
+    vs_reload: float  # max abs logit difference after reading back what was written
+    tokenizer: str | None  # the tokenizer file carried along
+
+
+def _prepare_out(out: Path) -> Path:
+    """A temporary sibling of `out` to write into; `out` must not hold anything yet."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out}: already exists and is not empty; nothing was written. Choose a new output folder, or remove it first.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def _finish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        out.rmdir()  # empty, checked by _prepare_out
+    os.replace(tmp, out)
+
+
+def import_hf_folder(folder: Path, out: Path, registry: Registry | None = None) -> ConversionReport:
+    """`aic import hf DIR OUT`: an aic checkpoint folder from an HF folder, checked against transformers."""
+    from aic_core.spec import parse_spec, resolved_dict
+
+    registry = registry or get_registry()
+    folder, out = Path(folder), Path(out)
+    imported = import_hf(folder, registry)
+    ids = probe_ids(imported.model.config.vocab_size, imported.model.config.block_size)
+    reference = aic_logits(imported.model, ids)
+    vs_hf = _check(f"import of {folder}", reference, transformers_logits(folder, ids), str(out))
+    tok = hf_tokenizer(folder, registry)
+    raw: dict[str, Any] = {"name": _run_name(out.name), "model": imported.options}
+    if tok is not None:
+        raw["tokenizer"] = {"type": tok[0].name}
+    spec = parse_spec(raw, registry, source=str(folder / HF_CONFIG), model_only=True)
+    tmp = _prepare_out(out)
+    try:
+        from aic_core.data import file_sha256
+
+        state = {
+            "step": 0,
+            "spec": resolved_dict(spec, registry),
+            "tokenizer_hash": file_sha256(tok[1]) if tok else None,
+            "model_config": imported.model.config.to_dict(),
+            "metrics": {},
+            "imported_from": {"format": "hf", "path": str(folder.resolve()), "architectures": read_hf_config(folder).get("architectures")},
+        }
+        write_checkpoint_dir(tmp, model_state(imported.model), None, state, tok[1] if tok else None)
+        reloaded = open_source(tmp, registry)
+        model = build_from_section(reloaded.model_section, registry, reloaded.vocab_size, str(tmp))
+        load_weights(model, reloaded.weights(model.config), str(tmp), "the imported model")
+        vs_reload = _check(f"import of {folder}", reference, aic_logits(model, ids), str(out))
+        _finish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ConversionReport(out, imported.model.num_params(), vs_hf, vs_reload, tok[1].name if tok else None)
+
+
+def _run_name(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", name).strip("-.") or "imported"
+
+
+# --- export ---------------------------------------------------------------------------------------------
+
+
+def export_hf(source: Path, out: Path, registry: Registry | None = None) -> ConversionReport:
+    """`aic export RUN_OR_CKPT --format hf OUT`: config.json + model.safetensors (+ tokenizer file) that
+    `transformers.AutoModelForCausalLM.from_pretrained(OUT)` loads with no aic code, checked by logits."""
+    registry = registry or get_registry()
+    src = open_source(source, registry)
+    if src.format == "hf":
+        raise CheckpointError(f"{source}: is already a Hugging Face model folder; export takes an aic run directory or checkpoint.")
+    out = Path(out)
+    spec = model_spec(src.model_section, registry, str(src.path / STATE), src.tokenizer_section)
+    plugin = registry.get("model", spec.model.type)
+    model = build_from_section(src.model_section, registry, src.vocab_size, str(src.path / STATE))
+    load_weights(model, src.weights(model.config), str(src.path), "the model in its spec")
+    model.eval()
+    hf_config = plugin.hf_config(spec.model, model.config)
+    tokenizer = None
+    if src.tokenizer_path is not None and spec.tokenizer is not None:
+        tok_plugin = registry.get("tokenizer", spec.tokenizer.type)
+        tokenizer = (tok_plugin, tok_plugin.load(spec.tokenizer, src.tokenizer_path))
+        hf_config.setdefault("bos_token_id", tokenizer[1].bos_id)
+        hf_config.setdefault("eos_token_id", tokenizer[1].eos_id)
+    hf_state = plugin.state_dict_to_hf(model_state(model), model.config)
+    ids = probe_ids(model.config.vocab_size, model.config.block_size)
+    reference = aic_logits(model, ids)
+    tmp = _prepare_out(out)
+    tok_name = None
+    try:
+        tmp.mkdir()
+        (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
+        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None and tokenizer[0].hf_files:
+            tok_name = tokenizer[0].hf_files[0]
+            shutil.copyfile(src.tokenizer_path, tmp / tok_name)
+        vs_hf = _check(f"export of {src.path}", reference, transformers_logits(tmp, ids), str(out))
+        vs_reload = _check(f"export of {src.path}", reference, aic_logits(import_hf(tmp, registry).model, ids), str(out))
+        _finish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ConversionReport(out, model.num_params(), vs_hf, vs_reload, tok_name)

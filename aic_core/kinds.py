@@ -104,6 +104,18 @@ class ModelPlugin(Plugin):
     def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
         raise PluginError(f"model '{self.name}' has no Hugging Face counterpart; use a model whose plugin lists hf_architectures")
 
+    def hf_config(self, options: PluginOptions, config: TransformerConfig) -> dict[str, Any]:
+        """The config.json of the HF counterpart for these options (`options.positional` included).
+        Raise PluginError naming what would be lost when HF cannot represent the model."""
+        raise PluginError(
+            f"model '{self.name}' has no Hugging Face counterpart, so it cannot be exported to the HF format; "
+            f"keep it in aic's format (its checkpoints load with `aic generate`)"
+        )
+
+    def state_dict_to_hf(self, state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
+        """aic tensors (vocabulary padded) -> the HF counterpart's tensors (vocabulary cut to vocab_size)."""
+        raise PluginError(f"model '{self.name}' has no Hugging Face counterpart, so it cannot be exported to the HF format")
+
 
 # --- tokenizers -----------------------------------------------------------------------------------
 
@@ -123,6 +135,9 @@ class Tokenizer(ABC):
 class TokenizerPlugin(Plugin):
     kind = "tokenizer"
     trains: ClassVar[bool] = True  # False for tokenizers that need no training (byte-level)
+    # File names under which a Hugging Face model folder carries this tokenizer's file (sentencepiece:
+    # "tokenizer.model"). Import takes the tokenizer from the first one present; export writes the first.
+    hf_files: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def train(self, options: PluginOptions, files: list[Path], path: Path) -> Tokenizer:

@@ -24,15 +24,16 @@ from aic_core.errors import CheckpointError, DataError, SpecError, did_you_mean
 from aic_core.kinds import Tokenizer, TrainJob
 from aic_core.nn.transformer import Transformer
 from aic_core.registry import Registry, get_registry
-from aic_core.spec import RunSpec, load_spec, resolved_dict, spec_from_resolved
+from aic_core.spec import ModelSpec, load_spec, resolved_dict, spec_from_resolved
 from aic_core.training import MetricsLog, evaluate, resolve_device
 
 STAGES = ("tokenizer", "train", "eval", "generate")
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def build_model(spec: RunSpec, registry: Registry, vocab_size: int) -> Transformer:
-    """Model plugin + positional plugin (+ adapter) -> Transformer (weights freshly initialised)."""
+def build_model(spec: ModelSpec, registry: Registry, vocab_size: int, init_weights: bool = False) -> Transformer:
+    """Model plugin + positional plugin (+ adapter) -> Transformer, weights freshly initialised or, with
+    `init_weights` and a `model.init_from`, the source's (loaded before an adapter wraps the model)."""
     model_plugin = registry.get("model", spec.model.type)
     positional_plugin = registry.get("positional", spec.model.positional.type)
     config = model_plugin.config(spec.model, vocab_size)
@@ -43,12 +44,20 @@ def build_model(spec: RunSpec, registry: Registry, vocab_size: int) -> Transform
         )
     positional = positional_plugin.build(spec.model.positional, config)
     model = model_plugin.build(spec.model, config, positional)
+    if init_weights and spec.model.init_from:
+        from aic_core.convert import open_source
+
+        src = open_source(Path(spec.model.init_from), registry)
+        load_weights(
+            model, src.weights(config), str(src.path),
+            "the spec's model (model.init_from: keys set in the spec's model section override the source's, and shapes must match its weights)",
+        )
     if spec.adapter is not None:  # wraps target modules in place and freezes the base
         registry.get("adapter", spec.adapter.type).apply(model, spec.adapter)
     return model
 
 
-def load_tokenizer(spec: RunSpec, registry: Registry, path: Path) -> Tokenizer:
+def load_tokenizer(spec: ModelSpec, registry: Registry, path: Path) -> Tokenizer:
     return registry.get("tokenizer", spec.tokenizer.type).load(spec.tokenizer, path)
 
 
@@ -56,7 +65,7 @@ def load_tokenizer(spec: RunSpec, registry: Registry, path: Path) -> Tokenizer:
 class Loaded:
     model: Transformer
     tokenizer: Tokenizer
-    spec: RunSpec
+    spec: ModelSpec  # a RunSpec for a trained checkpoint
     checkpoint: Checkpoint
 
 
@@ -65,6 +74,11 @@ def load_checkpoint_model(path: Path, registry: Registry | None = None, device: 
     registry = registry or get_registry()
     ckpt = open_checkpoint(Path(path))
     spec = spec_from_resolved(ckpt.state["spec"], registry, source=str(ckpt.path / "state.json"))
+    if not ckpt.has_tokenizer or spec.tokenizer is None:
+        raise CheckpointError(
+            f"{ckpt.path}: holds no tokenizer (it was imported from a folder without one), so it cannot turn text into tokens. "
+            f"Put the model's tokenizer file (for sentencepiece: tokenizer.model) in the Hugging Face folder and import it again."
+        )
     actual = file_sha256(ckpt.tokenizer_path)
     if actual != ckpt.state["tokenizer_hash"]:
         raise CheckpointError(
@@ -145,6 +159,12 @@ def run(
     if "tokenizer" in stages:
         if ckpt_dir is not None and tok_path.is_file():
             echo(f"tokenizer: reusing {tok_path} (the run already has checkpoints)")
+        elif spec.model.init_from:
+            from aic_core.convert import open_source
+
+            src = open_source(Path(spec.model.init_from), registry)
+            write_atomic(tok_path, src.tokenizer_path.read_bytes())
+            echo(f"tokenizer: {spec.tokenizer.type} from model.init_from ({src.tokenizer_path})")
         else:
             t0 = time.perf_counter()
             plugin = registry.get("tokenizer", spec.tokenizer.type)
@@ -162,7 +182,9 @@ def run(
 
     if "train" in stages:
         torch.manual_seed(spec.seed)  # the same seed gives the same initial weights
-        model = build_model(spec, registry, tokenizer.vocab_size)
+        model = build_model(spec, registry, tokenizer.vocab_size, init_weights=not resume)
+        if spec.model.init_from and not resume:
+            echo(f"model: weights from {spec.model.init_from}")
         seq_len = spec.train.seq_len or model.config.block_size
         if seq_len > model.config.block_size:
             raise SpecError(f"train.seq_len: {seq_len} is longer than the model's context (block_size {model.config.block_size}). Lower train.seq_len or raise model.block_size.")

@@ -39,6 +39,12 @@ class PositionalSection(PluginSection):
 
 class ModelSection(PluginSection):
     positional: PositionalSection
+    init_from: str | None = Field(
+        None,
+        description="Start from these weights instead of a random init: an aic run directory, one of its checkpoints, "
+        "a folder from `aic import hf`, or a Hugging Face model folder. The model and tokenizer sections default to the "
+        "source's; keys set here override them (shapes must still match the weights).",
+    )
 
 
 class AdapterSection(PluginSection):
@@ -102,17 +108,23 @@ class GenerateSpec(Section):
     use_cache: bool = True
 
 
-class RunSpec(Section):
+class ModelSpec(Section):
+    """What rebuilds and runs a model: a checkpoint's spec, or a run spec without its training sections."""
+
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 1337
+    tokenizer: TokenizerSection | None = None
+    model: ModelSection
+    adapter: AdapterSection | None = None
+    generate: GenerateSpec = Field(default_factory=GenerateSpec)
+
+
+class RunSpec(ModelSpec):
     output_dir: str | None = Field(None, description="Run directory (default: runs/<name>, relative to the working directory).")
     data: DataSpec
     tokenizer: TokenizerSection
-    model: ModelSection
-    adapter: AdapterSection | None = None
     train: TrainSpec
     eval: EvalSpec = Field(default_factory=EvalSpec)
-    generate: GenerateSpec = Field(default_factory=GenerateSpec)
 
     @property
     def run_dir(self) -> Path:
@@ -154,13 +166,13 @@ def _cache_key(registry: Registry) -> tuple:
     return tuple((kind, tuple(registry.names(kind))) for kind in ("model", "positional", "adapter", "tokenizer", "trainer"))
 
 
-_models: dict[int, tuple[tuple, type[RunSpec]]] = {}
+_models: dict[tuple[int, bool], tuple[tuple, type[ModelSpec]]] = {}
 
 
-def spec_model(registry: Registry) -> type[RunSpec]:
-    """RunSpec specialised to the installed plugins."""
+def spec_model(registry: Registry, model_only: bool = False) -> type[RunSpec]:
+    """RunSpec (or, with model_only, ModelSpec) specialised to the installed plugins."""
     key = _cache_key(registry)
-    cached = _models.get(id(registry))
+    cached = _models.get((id(registry), model_only))
     if cached and cached[0] == key:
         return cached[1]
     kinds = {kind: list(registry.plugins(kind).values()) for kind in ("model", "positional", "adapter", "tokenizer", "trainer")}
@@ -168,18 +180,28 @@ def spec_model(registry: Registry) -> type[RunSpec]:
     model = _union([_variant(ModelSection, p, positional=(positional, ...)) for p in kinds["model"]], ModelSection)
     tokenizer = _union([_variant(TokenizerSection, p) for p in kinds["tokenizer"]], TokenizerSection)
     adapter = _union([_variant(AdapterSection, p) for p in kinds["adapter"]], AdapterSection)
-    trainer = _union([_variant(TrainerSection, p) for p in kinds["trainer"]], TrainerSection)
-    train = create_model("TrainSpec_", __base__=TrainSpec, trainer=(trainer, ...))
-    cls = create_model(
-        "RunSpec_",
-        __base__=RunSpec,
-        __doc__="An aic run: data, tokenizer, model, training, evaluation and generation.",
-        tokenizer=(tokenizer, ...),
-        model=(model, ...),
-        adapter=(Union[adapter, None], None),  # noqa: UP007
-        train=(train, ...),
-    )
-    _models[id(registry)] = (key, cls)
+    if model_only:
+        cls = create_model(
+            "ModelSpec_",
+            __base__=ModelSpec,
+            __doc__="A model and its tokenizer, as a checkpoint records them.",
+            tokenizer=(Union[tokenizer, None], None),  # noqa: UP007
+            model=(model, ...),
+            adapter=(Union[adapter, None], None),  # noqa: UP007
+        )
+    else:
+        trainer = _union([_variant(TrainerSection, p) for p in kinds["trainer"]], TrainerSection)
+        train = create_model("TrainSpec_", __base__=TrainSpec, trainer=(trainer, ...))
+        cls = create_model(
+            "RunSpec_",
+            __base__=RunSpec,
+            __doc__="An aic run: data, tokenizer, model, training, evaluation and generation.",
+            tokenizer=(tokenizer, ...),
+            model=(model, ...),
+            adapter=(Union[adapter, None], None),  # noqa: UP007
+            train=(train, ...),
+        )
+    _models[(id(registry), model_only)] = (key, cls)
     return cls
 
 
@@ -199,7 +221,7 @@ def _section(raw: dict[str, Any], path: tuple[str, ...]) -> Any:
     return node
 
 
-def _check_plugin_types(raw: dict[str, Any], registry: Registry, source: str) -> None:
+def _check_plugin_types(raw: dict[str, Any], registry: Registry, source: str, model_only: bool = False) -> None:
     """Name unknown or missing plugin types before Pydantic does, listing what is installed; fill defaults."""
     model = raw.get("model")
     if isinstance(model, dict) and "positional" not in model and isinstance(model.get("type"), str):
@@ -210,6 +232,8 @@ def _check_plugin_types(raw: dict[str, Any], registry: Registry, source: str) ->
     if isinstance(train, dict) and "trainer" not in train:
         train["trainer"] = {"type": DEFAULT_TRAINER}
     for path, kind in PLUGIN_SECTIONS:
+        if model_only and path[0] == "train":
+            continue
         node = _section(raw, path)
         if node is None or not isinstance(node, dict):
             continue  # Pydantic reports a missing section or a wrong type
@@ -293,26 +317,101 @@ def format_validation_error(exc: ValidationError, cls: type[BaseModel], raw: Any
     )
 
 
-def parse_spec(raw: Any, registry: Registry, source: str = "spec", base_dir: Path | None = None, check: bool = True) -> RunSpec:
-    """Validate a spec dictionary; relative data paths are taken from `base_dir` (the spec file's folder).
-    With `check`, each plugin also refuses what it cannot do here (e.g. a CUDA device on a CPU machine)."""
+def parse_spec(
+    raw: Any,
+    registry: Registry,
+    source: str = "spec",
+    base_dir: Path | None = None,
+    check: bool = True,
+    model_only: bool = False,
+    resolve_init: bool = False,
+) -> RunSpec:
+    """Validate a spec dictionary; relative paths are taken from `base_dir` (the spec file's folder).
+
+    With `check`, each plugin also refuses what it cannot do here (e.g. a CUDA device on a CPU machine),
+    and the positional encoding's capabilities are checked. With `resolve_init`, a `model.init_from`
+    source is read and fills what the model and tokenizer sections leave unset. With `model_only`, the
+    result is a ModelSpec (no data, train or eval sections)."""
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a spec must be a JSON object, got {type(raw).__name__}.")
     raw = json.loads(json.dumps(raw))  # a private copy: defaults are filled in
-    _check_plugin_types(raw, registry, source)
-    cls = spec_model(registry)
+    if resolve_init:
+        _fill_from_init(raw, registry, source, base_dir)
+    _check_plugin_types(raw, registry, source, model_only)
+    cls = spec_model(registry, model_only)
     try:
         spec = cls.model_validate(raw)
     except ValidationError as exc:
         raise SpecError(format_validation_error(exc, cls, raw, source)) from None
-    if base_dir is not None:
+    if base_dir is not None and not model_only:
         spec.data.train = [str((base_dir / p).resolve()) for p in spec.data.train]
         spec.data.val = [str((base_dir / p).resolve()) for p in spec.data.val]
     for path, kind in PLUGIN_SECTIONS if check else ():
         section = _section_of(spec, path)
         if section is not None:
             registry.get(kind, section.type).check(section, spec)
+    if check and not model_only:
+        _check_positional(spec, registry, source)
     return spec
+
+
+def _fill_from_init(raw: dict[str, Any], registry: Registry, source: str, base_dir: Path | None) -> None:
+    """model.init_from: make the path absolute; take the model and tokenizer sections' unset keys from the source."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or model.get("init_from") is None:
+        return
+    if not isinstance(model["init_from"], str) or not model["init_from"]:
+        raise SpecError(f"{source}: model.init_from: expected the path of a run, checkpoint or Hugging Face folder (got {model['init_from']!r}).")
+    from aic_core.convert import open_source
+    from aic_core.errors import AicError
+
+    path = Path(model["init_from"]).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        src = open_source(path, registry)
+    except AicError as exc:
+        raise SpecError(f"{source}: model.init_from: {exc}") from None
+    if "type" in model and model["type"] != src.model_section["type"]:
+        raise SpecError(
+            f"{source}: model.type: {model['type']!r}, but the init_from source {path} holds a {src.model_section['type']!r} model. "
+            f"Remove model.type (it comes from the source) or start from a {model['type']!r} checkpoint."
+        )
+    merged = {**src.model_section, **{k: v for k, v in model.items() if k != "positional"}, "init_from": str(path.resolve())}
+    positional = model.get("positional")
+    if isinstance(positional, dict) and positional.get("type", src.model_section["positional"]["type"]) == src.model_section["positional"]["type"]:
+        merged["positional"] = {**src.model_section["positional"], **positional}
+    elif positional is not None:
+        merged["positional"] = positional  # another encoding: the weights decide whether it loads
+    raw["model"] = merged
+    if src.tokenizer_section is None:
+        raise SpecError(
+            f"{source}: model.init_from: {path} carries no tokenizer, and a model only makes sense with the tokenizer it was trained with. "
+            f"Put the model's tokenizer file in that folder (for sentencepiece: tokenizer.model) and import it again."
+        )
+    tokenizer = raw.get("tokenizer")
+    if tokenizer is None:
+        raw["tokenizer"] = dict(src.tokenizer_section)
+    elif isinstance(tokenizer, dict) and tokenizer.get("type") != src.tokenizer_section["type"]:
+        raise SpecError(
+            f"{source}: tokenizer.type: {tokenizer.get('type')!r}, but the init_from source {path} was trained with a "
+            f"{src.tokenizer_section['type']!r} tokenizer, which the run reuses. Remove the tokenizer section."
+        )
+
+
+def _check_positional(spec: RunSpec, registry: Registry, source: str) -> None:
+    """Refuse, before any work, what the positional encoding cannot do."""
+    plugin = registry.get("positional", spec.model.positional.type)
+    block_size = getattr(spec.model, "block_size", None)
+    if plugin.extrapolates or block_size is None:
+        return
+    if spec.generate.prompts and spec.generate.max_new_tokens >= block_size:
+        raise SpecError(
+            f"{source}: generate.max_new_tokens: {spec.generate.max_new_tokens} new tokens reach past the model's "
+            f"{block_size} positions (block_size), and '{plugin.name}' positions cannot extrapolate. "
+            f"Lower generate.max_new_tokens below {block_size} (minus the prompt's length), or use an extrapolating "
+            f"positional encoding such as rope or alibi."
+        )
 
 
 def _section_of(spec: RunSpec, path: tuple[str, ...]) -> Any:
@@ -334,7 +433,7 @@ def load_spec(path: str | Path, registry: Registry) -> RunSpec:
         raise SpecError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. Fix the JSON syntax.") from None
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not a UTF-8 text file; a spec is a JSON file.") from None
-    return parse_spec(raw, registry, source=str(path), base_dir=path.resolve().parent)
+    return parse_spec(raw, registry, source=str(path), base_dir=path.resolve().parent, resolve_init=True)
 
 
 def resolved_dict(spec: RunSpec, registry: Registry) -> dict[str, Any]:
@@ -353,8 +452,9 @@ def resolved_dict(spec: RunSpec, registry: Registry) -> dict[str, Any]:
     return data
 
 
-def spec_from_resolved(data: dict[str, Any], registry: Registry, source: str) -> RunSpec:
-    """Rebuild a RunSpec from a resolved spec (versions dropped; paths already absolute). Plugins'
-    run-time checks are skipped: a GPU-trained checkpoint still loads on a CPU for generation."""
+def spec_from_resolved(data: dict[str, Any], registry: Registry, source: str) -> ModelSpec:
+    """Rebuild a spec from a resolved one (versions dropped; paths already absolute): a RunSpec for a trained
+    checkpoint, a ModelSpec for an imported one. Plugins' run-time checks are skipped: a GPU-trained
+    checkpoint still loads on a CPU for generation."""
     data = {k: v for k, v in data.items() if k != "versions"}
-    return parse_spec(data, registry, source=source, check=False)
+    return parse_spec(data, registry, source=source, check=False, model_only="train" not in data)

@@ -69,6 +69,11 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # The rows that pad the vocabulary are never used; zero, they stay zero, so converted weights round-trip exactly.
+        with torch.no_grad():
+            for weight in (self.wte.weight, None if self.lm_head is None else self.lm_head.weight):
+                if weight is not None:
+                    weight[config.vocab_size :].zero_()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

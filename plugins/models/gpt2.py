@@ -79,41 +79,84 @@ class GPT2(ModelPlugin):
 
     def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
         """Map GPT2LMHeadModel (or GPT2Model) tensors to aic names. HF's Conv1D stores (in, out): transpose."""
+        prefix = "transformer." if any(k.startswith("transformer.") for k in hf_state) else ""
         src = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
         # Buffers older transformers versions saved; they are not weights.
         src = {k: v for k, v in src.items() if not (k.endswith(".attn.bias") and v.dim() == 4) and not k.endswith(".attn.masked_bias")}
         out: dict[str, torch.Tensor] = {}
-        used: set[str] = set()
-
-        def take(hf_name: str, name: str, transpose: bool = False) -> None:
+        missing: list[str] = []
+        for hf_name, name, transpose in _hf_names(config):
             if hf_name not in src:
-                return
-            t = src[hf_name]
-            out[name] = t.t().contiguous() if transpose else t
-            used.add(hf_name)
-
-        take("wte.weight", "wte.weight")
-        take("wpe.weight", "positional.wpe.weight")
-        for i in range(config.n_layer):
-            h, b = f"h.{i}.", f"blocks.{i}."
-            for part, ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
-                take(h + part + ".weight", b + ours + ".weight")
-                take(h + part + ".bias", b + ours + ".bias")
-            for part, ours in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc"), ("mlp.c_proj", "mlp.proj")):
-                take(h + part + ".weight", b + ours + ".weight", transpose=True)
-                take(h + part + ".bias", b + ours + ".bias")
-        take("ln_f.weight", "norm_f.weight")
-        take("ln_f.bias", "norm_f.bias")
-        if config.tie_embeddings:
-            used.add("lm_head.weight")  # tied: the same tensor as wte
-        else:
+                missing.append(prefix + hf_name)
+            else:
+                out[name] = src[hf_name].t().contiguous() if transpose else src[hf_name]
+        used = {hf_name for hf_name, _, _ in _hf_names(config)}
+        if not config.tie_embeddings:
             if "lm_head.weight" in hf_state:
                 out["lm_head.weight"] = hf_state["lm_head.weight"]
-                used.add("lm_head.weight")
+            else:
+                missing.append("lm_head.weight")
+        used.add("lm_head.weight")  # tied: the same tensor as wte, when saved at all
         extra = sorted(set(src) - used)
-        if extra:
-            raise PluginError(f"unexpected tensors in the GPT-2 checkpoint (not part of a {config.n_layer}-layer GPT-2): {', '.join(extra[:10])}")
+        if missing or extra:
+            raise PluginError(
+                f"the GPT-2 checkpoint does not match its config.json ({config.n_layer} layers): "
+                f"missing tensors: {', '.join(missing[:10]) or 'none'}; unexpected tensors: {', '.join(prefix + e for e in extra[:10]) or 'none'}. "
+                f"It is damaged, or config.json belongs to another model."
+            )
         return pad_vocab(out, config.padded_vocab_size)
+
+    def hf_config(self, options: Any, config: TransformerConfig) -> dict[str, Any]:
+        if options.positional.type != "learned":
+            raise PluginError(
+                f"GPT2LMHeadModel has learned positions only; this model uses '{options.positional.type}' positions, which the "
+                f"export would lose. Export gpt2 + learned models, or keep this one in aic's format."
+            )
+        if not options.bias:
+            raise PluginError(
+                "GPT2LMHeadModel always has biases; this model has bias=false. Its export would hold zero biases that become "
+                "trainable in transformers, a different model. Keep this one in aic's format."
+            )
+        return {
+            "architectures": list(self.hf_architectures),
+            "model_type": "gpt2",
+            "vocab_size": config.vocab_size,
+            "n_positions": config.block_size,
+            "n_embd": config.n_embd,
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_inner": None,
+            "activation_function": "gelu_new",
+            "resid_pdrop": config.dropout,
+            "embd_pdrop": config.dropout,
+            "attn_pdrop": config.dropout,
+            "layer_norm_epsilon": config.norm_eps,
+            "tie_word_embeddings": config.tie_embeddings,
+            "dtype": "float32",
+        }
+
+    def state_dict_to_hf(self, state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
+        out = {}
+        for hf_name, name, transpose in _hf_names(config):
+            t = state[name]
+            if name == "wte.weight":
+                t = t[: config.vocab_size]
+            out["transformer." + hf_name] = (t.t() if transpose else t).contiguous()
+        if not config.tie_embeddings:
+            out["lm_head.weight"] = state["lm_head.weight"][: config.vocab_size].contiguous()
+        return out
+
+
+def _hf_names(config: TransformerConfig) -> list[tuple[str, str, bool]]:
+    """(HF name without 'transformer.', aic name, transposed) for every GPT-2 tensor but the untied head."""
+    names = [("wte.weight", "wte.weight", False), ("wpe.weight", "positional.wpe.weight", False)]
+    for i in range(config.n_layer):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        for part, ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            names += [(h + part + ".weight", b + ours + ".weight", False), (h + part + ".bias", b + ours + ".bias", False)]
+        for part, ours in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc"), ("mlp.c_proj", "mlp.proj")):
+            names += [(h + part + ".weight", b + ours + ".weight", True), (h + part + ".bias", b + ours + ".bias", False)]
+    return names + [("ln_f.weight", "norm_f.weight", False), ("ln_f.bias", "norm_f.bias", False)]
 
 
 @hookimpl

@@ -108,33 +108,96 @@ class Llama(ModelPlugin):
 
     def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
         """Map LlamaForCausalLM tensors to aic names: q, k, v concatenate into qkv; gate and up into fc."""
-        src = {k.removeprefix("model."): v for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}
+        src = {k: v for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}
         out: dict[str, torch.Tensor] = {}
-        used: set[str] = set()
-
-        def cat(names: list[str], ours: str) -> None:
-            if all(n in src for n in names):
-                out[ours] = torch.cat([src[n] for n in names])
-                used.update(names)
-
-        cat(["embed_tokens.weight"], "wte.weight")
-        for i in range(config.n_layer):
-            h, b = f"layers.{i}.", f"blocks.{i}."
-            cat([h + "input_layernorm.weight"], b + "norm1.weight")
-            cat([h + f"self_attn.{p}_proj.weight" for p in "qkv"], b + "attn.qkv.weight")
-            cat([h + "self_attn.o_proj.weight"], b + "attn.proj.weight")
-            cat([h + "post_attention_layernorm.weight"], b + "norm2.weight")
-            cat([h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], b + "mlp.fc.weight")
-            cat([h + "mlp.down_proj.weight"], b + "mlp.proj.weight")
-        cat(["norm.weight"], "norm_f.weight")
-        if config.tie_embeddings:
-            used.add("lm_head.weight")
-        else:
-            cat(["lm_head.weight"], "lm_head.weight")
+        missing: list[str] = []
+        for hf_names, name in _hf_names(config):
+            absent = [n for n in hf_names if n not in src]
+            if absent:
+                missing += absent
+            else:
+                out[name] = torch.cat([src[n] for n in hf_names])
+        if not config.tie_embeddings:
+            if "lm_head.weight" in src:
+                out["lm_head.weight"] = src["lm_head.weight"]
+            else:
+                missing.append("lm_head.weight")
+        used = {n for hf_names, _ in _hf_names(config) for n in hf_names} | {"lm_head.weight"}
         extra = sorted(set(src) - used)
-        if extra:
-            raise PluginError(f"unexpected tensors in the Llama checkpoint (not part of a {config.n_layer}-layer Llama): {', '.join(extra[:10])}")
+        if missing or extra:
+            raise PluginError(
+                f"the Llama checkpoint does not match its config.json ({config.n_layer} layers): "
+                f"missing tensors: {', '.join(missing[:10]) or 'none'}; unexpected tensors: {', '.join(extra[:10]) or 'none'}. "
+                f"It is damaged, or config.json belongs to another model."
+            )
         return pad_vocab(out, config.padded_vocab_size)
+
+    def hf_config(self, options: Any, config: TransformerConfig) -> dict[str, Any]:
+        positional = options.positional
+        if positional.type != "rope":
+            raise PluginError(
+                f"LlamaForCausalLM has rotary positions only; this model uses '{positional.type}' positions, which the export "
+                f"would lose. Export llama + rope models, or keep this one in aic's format."
+            )
+        if positional.rotary_fraction != 1.0:
+            raise PluginError(
+                f"LlamaForCausalLM rotates every dim of a head; this model rotates only a fraction of them "
+                f"(model.positional.rotary_fraction {positional.rotary_fraction}), which the export would lose. Keep it in aic's format."
+            )
+        hf: dict[str, Any] = {
+            "architectures": list(self.hf_architectures),
+            "model_type": "llama",
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.n_embd,
+            "intermediate_size": config.hidden,
+            "num_hidden_layers": config.n_layer,
+            "num_attention_heads": config.n_head,
+            "num_key_value_heads": config.kv_heads,
+            "head_dim": config.head_dim,
+            "max_position_embeddings": config.block_size,
+            "hidden_act": "silu",
+            "rms_norm_eps": config.norm_eps,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "attention_dropout": 0.0,
+            "tie_word_embeddings": config.tie_embeddings,
+            # The form both transformers 4.x and 5.x read (5.x turns it into rope_parameters).
+            "rope_theta": positional.theta,
+            "dtype": "float32",
+        }
+        if positional.scaling_factor != 1.0:
+            hf["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": positional.scaling_factor}
+        return hf
+
+    def state_dict_to_hf(self, state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
+        q, kv = config.n_head * config.head_dim, config.kv_heads * config.head_dim
+        out = {}
+        for hf_names, name in _hf_names(config):
+            t = state[name]
+            if name == "wte.weight":
+                t = t[: config.vocab_size]
+            sizes = {1: [t.shape[0]], 2: [t.shape[0] // 2] * 2, 3: [q, kv, kv]}[len(hf_names)]
+            for hf_name, part in zip(hf_names, torch.split(t, sizes)):
+                out[hf_name] = part.contiguous()
+        if not config.tie_embeddings:
+            out["lm_head.weight"] = state["lm_head.weight"][: config.vocab_size].contiguous()
+        return out
+
+
+def _hf_names(config: TransformerConfig) -> list[tuple[list[str], str]]:
+    """(HF names concatenated in order, aic name) for every Llama tensor but the untied head."""
+    names = [(["model.embed_tokens.weight"], "wte.weight")]
+    for i in range(config.n_layer):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        names += [
+            ([h + "input_layernorm.weight"], b + "norm1.weight"),
+            ([h + f"self_attn.{p}_proj.weight" for p in "qkv"], b + "attn.qkv.weight"),
+            ([h + "self_attn.o_proj.weight"], b + "attn.proj.weight"),
+            ([h + "post_attention_layernorm.weight"], b + "norm2.weight"),
+            ([h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], b + "mlp.fc.weight"),
+            ([h + "mlp.down_proj.weight"], b + "mlp.proj.weight"),
+        ]
+    return names + [(["model.norm.weight"], "norm_f.weight")]
 
 
 @hookimpl

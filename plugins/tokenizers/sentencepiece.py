@@ -101,6 +101,7 @@ class SentencePiece(TokenizerPlugin):
 
     name = "sentencepiece"
     trains = True
+    hf_files = ("tokenizer.model",)  # Llama-family HF folders ship their sentencepiece model under this name
 
     class Options(PluginOptions):
         """SentencePiece training options. Text is never normalised; newlines and spaces are kept."""

@@ -100,7 +100,7 @@ def test_extra_tensors_are_named(hf_tied):
         plugin.state_dict_from_hf(state, config)
     # A 3-layer checkpoint into a 2-layer config: layer 2's tensors are extra.
     _, small = build({**plugin.options_from_hf_config(hf.config.to_dict()), "n_layer": 2})
-    with pytest.raises(PluginError, match=r"2-layer GPT-2.*h\.2\.attn\.c_attn\.bias"):
+    with pytest.raises(PluginError, match=r"\(2 layers\).*unexpected tensors: transformer\.h\.2\.attn\.c_attn\.bias"):
         plugin.state_dict_from_hf(hf.state_dict(), small)
 
 
