@@ -13,7 +13,9 @@ from safetensors.torch import load_file, save_file
 from aic_core.cli import main
 from aic_core.convert import export_hf, import_hf
 from aic_core.errors import AicError
+from aic_core.generation import generate
 from aic_core.run import load_checkpoint_model
+from aic_core.spec import SamplerSpec
 from tests.conftest import tiny_spec, write_spec
 
 transformers = pytest.importorskip("transformers")
@@ -62,6 +64,12 @@ def test_export_loads_in_transformers_and_round_trip_is_exact(runs, tmp_path, fa
     original = loaded.model.state_dict()
     assert set(back) == set(original)
     assert all(torch.equal(back[k], original[k]) for k in original)
+    # Greedy decoding in transformers (its own cache) gives aic's greedy text.
+    prompt = loaded.tokenizer.encode("Anne was")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    hf_ids = hf_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
+    ours_text = generate(loaded.model, loaded.tokenizer, ["Anne was"], 10, SamplerSpec(temperature=0))[0]
+    assert loaded.tokenizer.decode(hf_ids[len(prompt):].tolist()) == ours_text
     # The tokenizer file travels unchanged.
     assert (out / "tokenizer.model").read_bytes() == loaded.checkpoint.tokenizer_path.read_bytes()
 
