@@ -29,6 +29,8 @@ WEIGHTS = "model.safetensors"
 TRAINER_STATE = "optimizer.pt"
 STATE = "state.json"
 TOKENIZER = "tokenizer.model"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_META = "adapter.json"
 
 
 def _fsync(path: Path) -> None:
@@ -80,9 +82,13 @@ def write_checkpoint_dir(
     trainer_state: dict[str, Any] | None,
     state: dict[str, Any],
     tokenizer_path: Path | None,
+    extra: dict[str, bytes] | None = None,
 ) -> None:
-    """Write a checkpoint's files into the new folder `folder`, each fsynced. The caller renames it into place."""
+    """Write a checkpoint's files (and `extra` ones) into the new folder `folder`, each fsynced. The caller
+    renames it into place."""
     folder.mkdir(parents=True)
+    for name, data in (extra or {}).items():
+        (folder / name).write_bytes(data)
     save_file(weights, str(folder / WEIGHTS), metadata={"format": "pt"})
     if trainer_state is not None:
         torch.save(trainer_state, folder / TRAINER_STATE)
@@ -100,6 +106,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None,
     state: dict[str, Any],
     tokenizer_path: Path,
+    extra: dict[str, bytes] | None = None,
 ) -> Path:
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -107,7 +114,7 @@ def save_checkpoint(
     tmp = root / f".step-{step}.{os.getpid()}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    write_checkpoint_dir(tmp, weights, trainer_state, {**state, "step": step}, tokenizer_path)
+    write_checkpoint_dir(tmp, weights, trainer_state, {**state, "step": step}, tokenizer_path, extra)
     if final.exists():  # the same step saved again (e.g. the last step is also a checkpoint_every step)
         old = root / f".step-{step}.{os.getpid()}.old"
         os.replace(final, old)
@@ -118,6 +125,27 @@ def save_checkpoint(
     _fsync(root)
     write_atomic(root / LATEST, final.name + "\n")
     return final
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """A hash of named tensors (names, dtypes, shapes and bytes, in name order): which base an adapter belongs to,
+    whatever file format the base came in."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def adapter_files(tensors: dict[str, torch.Tensor], options: dict[str, Any], base_sha256: str, base_path: str | None) -> dict[str, bytes]:
+    """adapter.safetensors (the adapter's tensors only) and adapter.json (its options and the base it was trained on)."""
+    from safetensors.torch import save
+
+    meta = {"format": "aic-adapter/1", "adapter": options, "base_sha256": base_sha256, "base": base_path, "tensors": len(tensors)}
+    return {ADAPTER_WEIGHTS: save(tensors, metadata={"format": "pt"}), ADAPTER_META: (json.dumps(meta, indent=2) + "\n").encode()}
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

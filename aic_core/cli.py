@@ -65,7 +65,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from aic_core.spec import SamplerSpec
     from aic_core.training import resolve_device
 
-    loaded = load_checkpoint_model(Path(args.run), device=resolve_device(args.device))
+    loaded = load_checkpoint_model(Path(args.run), device="cpu")
+    if args.adapter:
+        from aic_core.convert import load_adapter
+
+        if loaded.spec.adapter is not None:
+            raise AicError(f"--adapter: {args.run} already holds a '{loaded.spec.adapter.type}' adapter; pass its plain base model instead.")
+        load_adapter(loaded.model, Path(args.adapter))
+    loaded.model.to(resolve_device(args.device)).eval()
     g = loaded.spec.generate
     overrides = {
         k: v
@@ -103,7 +110,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _report(verb: str, source: str, report) -> None:
     hf = "transformers is not installed, not compared" if report.vs_transformers is None else f"{report.vs_transformers:.2e}"
     print(f"{verb} {source} -> {report.out}: {report.parameters:,} parameters; tokenizer: {report.tokenizer or 'none in the source'}")
-    print(f"  max abs logit difference on fixed inputs: against transformers {hf}; after reading back {report.vs_reload:.2e}")
+    back = "" if report.vs_reload is None else f"; after reading back {report.vs_reload:.2e}"
+    print(f"  max abs logit difference on fixed inputs: against transformers {hf}{back}")
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -116,11 +124,28 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from aic_core.convert import export_hf
+    from aic_core.convert import export_hf, export_peft
 
+    if args.format == "peft":
+        report = export_peft(Path(args.run), Path(args.out))
+        compared = "peft or transformers is not installed, not compared" if report.vs_transformers is None else f"{report.vs_transformers:.2e}"
+        print(f"exported the adapter of {args.run} -> {report.out}: {report.parameters:,} adapter parameters")
+        print(f"  max abs logit difference on fixed inputs, PEFT on the base's HF export against aic: {compared}")
+        print(f"  load it: peft.PeftModel.from_pretrained(<the base exported with `aic export BASE --format hf`>, {str(args.out)!r})")
+        return 0
     report = export_hf(Path(args.run), Path(args.out))
     _report("exported", args.run, report)
     print(f"  load it: transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from aic_core.convert import merge_run
+
+    report = merge_run(Path(args.run), Path(args.out))
+    print(f"merged the adapter of {args.run} -> {report.out} (a plain checkpoint)")
+    print(f"  max abs logit difference, merged against the adapted model: {report.vs_adapted:.2e}")
+    print(f"  Hugging Face export: {report.hf}" if report.hf else f"  no Hugging Face export: {report.hf_skipped}")
     return 0
 
 
@@ -164,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (no KV cache)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--adapter", metavar="CKPT", help="put this adapter (a checkpoint of an adapter run) onto the model first")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("import", parents=[common], help="convert a model from another format into an aic checkpoint folder")
@@ -174,9 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[common], help="convert an aic run or checkpoint into another format")
     p.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoints/step-N folder")
-    p.add_argument("--format", choices=["hf"], default="hf", help="hf: config.json + model.safetensors that transformers loads (default)")
+    p.add_argument(
+        "--format", choices=["hf", "peft"], default="hf",
+        help="hf: config.json + model.safetensors that transformers loads (default); peft: a LoRA run's adapter alone, for peft",
+    )
     p.add_argument("out", help="the folder to write (must not exist yet)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("merge", parents=[common], help="fold a run's adapter into its base: a plain checkpoint (and an HF export)")
+    p.add_argument("run", help="a run directory trained with an adapter, or one of its checkpoints")
+    p.add_argument("out", help="the folder to write (must not exist yet)")
+    p.set_defaults(func=_cmd_merge)
     return parser
 
 

@@ -159,8 +159,8 @@ def open_source(path: Path, registry: Registry | None = None) -> ModelSource:
     spec = ckpt.state["spec"]
     if spec.get("adapter"):
         raise CheckpointError(
-            f"{ckpt.path}: holds a model with a '{spec['adapter']['type']}' adapter; start from a plain checkpoint "
-            f"(merge the adapter into its base first)."
+            f"{ckpt.path}: holds a model with a '{spec['adapter']['type']}' adapter. Merge it into its base first "
+            f"(`aic merge {path} OUT`) and use OUT; or export the adapter alone with `aic export {path} --format peft OUT`."
         )
     has_tok = ckpt.tokenizer_path.is_file()
     return ModelSource(
@@ -260,7 +260,7 @@ class ConversionReport:
     out: Path
     parameters: int
     vs_transformers: float | None  # max abs logit difference against transformers' own load (None: not installed)
-    vs_reload: float  # max abs logit difference after reading back what was written
+    vs_reload: float | None  # max abs logit difference after reading back what was written
     tokenizer: str | None  # the tokenizer file carried along
 
 
@@ -367,3 +367,143 @@ def export_hf(source: Path, out: Path, registry: Registry | None = None) -> Conv
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ConversionReport(out, model.num_params(), vs_hf, vs_reload, tok_name)
+
+
+# --- adapters: merge, load onto a base, PEFT export --------------------------------------------------------
+
+
+@dataclass
+class MergeReport:
+    out: Path
+    vs_adapted: float  # max abs logit difference, merged plain model against the unmerged adapted one
+    hf: Path | None  # the HF export written beside it, if the family has one
+    hf_skipped: str | None  # why not
+
+
+def merge_run(run: Path, out: Path, registry: Registry | None = None) -> MergeReport:
+    """`aic merge RUN OUT`: fold a run's adapter into its base and write a plain checkpoint folder to OUT
+    (and OUT/hf, the HF export, where the model family has one)."""
+    from aic_core.run import load_checkpoint_model
+
+    registry = registry or get_registry()
+    loaded = load_checkpoint_model(Path(run), registry)
+    if loaded.spec.adapter is None:
+        raise CheckpointError(f"{loaded.checkpoint.path}: holds no adapter, so there is nothing to merge; it already is a plain checkpoint.")
+    plugin = registry.get("adapter", loaded.spec.adapter.type)
+    model = loaded.model
+    ids = probe_ids(model.config.vocab_size, model.config.block_size)
+    reference = aic_logits(model, ids)
+    plugin.remove(model)  # merged in place, wrappers gone
+    weights = model_state(model)
+    spec = {**loaded.checkpoint.state["spec"], "adapter": None}
+    plain = build_from_section(spec["model"], registry, model.config.vocab_size, str(loaded.checkpoint.path))
+    load_weights(plain, weights, str(loaded.checkpoint.path), "the base model without its adapter")
+    diff = _check(f"merge of {loaded.checkpoint.path}", reference, aic_logits(plain, ids), str(out))
+    tmp = _prepare_out(Path(out))
+    try:
+        state = {
+            **{k: v for k, v in loaded.checkpoint.state.items() if k not in ("spec",)},
+            "spec": spec,
+            "merged_from": {"path": str(loaded.checkpoint.path.resolve()), "adapter": loaded.checkpoint.state["spec"]["adapter"]},
+        }
+        write_checkpoint_dir(tmp, weights, None, state, loaded.checkpoint.tokenizer_path)
+        _finish(tmp, Path(out))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        export_hf(Path(out), Path(out) / "hf", registry)
+        return MergeReport(Path(out), diff, Path(out) / "hf", None)
+    except PluginError as exc:
+        return MergeReport(Path(out), diff, None, str(exc))
+
+
+def load_adapter(model: Transformer, folder: Path, registry: Registry | None = None) -> list[str]:
+    """Put an adapter saved in `folder` (adapter.json + adapter.safetensors, as every checkpoint of an adapter
+    run holds) onto `model`, a plain base; refuse it if it was trained on another base."""
+    from aic_core.checkpoint import ADAPTER_META, ADAPTER_WEIGHTS, tensors_sha256
+
+    from aic_core.checkpoint import find_checkpoint
+
+    registry = registry or get_registry()
+    folder = find_checkpoint(Path(folder)) if not (Path(folder) / ADAPTER_META).is_file() else Path(folder)
+    meta_path, weights_path = folder / ADAPTER_META, folder / ADAPTER_WEIGHTS
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise CheckpointError(f"{folder}: no {ADAPTER_META} and {ADAPTER_WEIGHTS}; pass a checkpoint of a run trained with an adapter.")
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(weights_path))
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{folder}: damaged adapter files ({exc}).") from None
+    base_hash = tensors_sha256(model.state_dict())
+    if base_hash != meta.get("base_sha256"):
+        raise CheckpointError(
+            f"{folder}: this adapter was trained on another base model (base sha256 {str(meta.get('base_sha256'))[:12]}, "
+            f"trained from {meta.get('base') or 'an unrecorded source'}); the model given has sha256 {base_hash[:12]}. "
+            f"An adapter only fits the exact weights it was trained on: load it onto its own base."
+        )
+    options = dict(meta["adapter"])
+    plugin = registry.get("adapter", options.pop("type"))
+    plugin.apply(model, plugin.Options(**options))
+    expected = set(plugin.adapter_state(model))
+    if expected != set(tensors):
+        raise CheckpointError(
+            f"{folder / ADAPTER_WEIGHTS}: its tensors do not match the adapter in {ADAPTER_META} "
+            f"(missing: {', '.join(sorted(expected - set(tensors))[:6]) or 'none'}; unexpected: {', '.join(sorted(set(tensors) - expected)[:6]) or 'none'})."
+        )
+    model.load_state_dict(tensors, strict=False)
+    return sorted(expected)
+
+
+def export_peft(run: Path, out: Path, registry: Registry | None = None) -> ConversionReport:
+    """`aic export RUN --format peft OUT`: adapter_config.json + adapter_model.safetensors that
+    `peft.PeftModel.from_pretrained(<the HF export of the base>, OUT)` loads; checked by logits."""
+    from aic_core.run import load_checkpoint_model
+
+    registry = registry or get_registry()
+    loaded = load_checkpoint_model(Path(run), registry)
+    spec, model = loaded.spec, loaded.model.eval()
+    if spec.adapter is None:
+        raise CheckpointError(f"{loaded.checkpoint.path}: holds no adapter; export the model itself with --format hf.")
+    model_plugin = registry.get("model", spec.model.type)
+    adapter = registry.get("adapter", spec.adapter.type)
+    hf_config = model_plugin.hf_config(spec.model, model.config)  # refuses a base HF cannot hold
+    config, tensors = adapter.to_peft(model, spec.adapter, model_plugin.hf_linear_map(model.config), model_plugin.hf_fan_in_fan_out)
+    if spec.model.init_from:
+        config["base_model_name_or_path"] = spec.model.init_from
+    ids = probe_ids(model.config.vocab_size, model.config.block_size)
+    reference = aic_logits(model, ids)
+    base_state = {k: v for k, v in model_state(model).items() if k not in adapter.adapter_state(model)}
+    tmp = _prepare_out(Path(out))
+    try:
+        tmp.mkdir()
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        vs_peft = _check(f"PEFT export of {loaded.checkpoint.path}", reference, _peft_logits(hf_config, model_plugin.state_dict_to_hf(base_state, model.config), tmp, ids), str(out))
+        _finish(tmp, Path(out))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ConversionReport(Path(out), sum(t.numel() for t in tensors.values()), vs_peft, None, None)
+
+
+def _peft_logits(hf_config: dict[str, Any], hf_state: dict[str, torch.Tensor], adapter_dir: Path, ids: torch.Tensor) -> torch.Tensor | None:
+    """Logits of transformers' model of the base with PEFT's adapter loaded; None without transformers or peft."""
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return None
+    import tempfile
+    import warnings
+
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory() as base, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (Path(base) / HF_CONFIG).write_text(json.dumps(hf_config))
+        save_file(hf_state, str(Path(base) / "model.safetensors"), metadata={"format": "pt"})
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+        with torch.no_grad():
+            return model(ids).logits.float()

@@ -104,6 +104,14 @@ class ModelPlugin(Plugin):
     def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
         raise PluginError(f"model '{self.name}' has no Hugging Face counterpart; use a model whose plugin lists hf_architectures")
 
+    # HF's layers store weights as (in, out) (GPT-2's Conv1D): PEFT's fan_in_fan_out.
+    hf_fan_in_fan_out: ClassVar[bool] = False
+
+    def hf_linear_map(self, config: TransformerConfig) -> dict[str, list[tuple[str, int, int]]]:
+        """Each aic linear layer -> the HF layers it holds: [(HF module name, first output row, end row)].
+        Fused layers (qkv, gate|up) map to several. Used to export adapters in PEFT's format."""
+        raise PluginError(f"model '{self.name}' has no Hugging Face counterpart, so its adapters cannot be exported in PEFT's format")
+
     def hf_config(self, options: PluginOptions, config: TransformerConfig) -> dict[str, Any]:
         """The config.json of the HF counterpart for these options (`options.positional` included).
         Raise PluginError naming what would be lost when HF cannot represent the model."""
@@ -156,13 +164,31 @@ class AdapterPlugin(Plugin):
 
     @abstractmethod
     def apply(self, model: nn.Module, options: PluginOptions) -> list[str]:
-        """Wrap the targeted modules in place, freeze the base; return the names of the wrapped modules."""
+        """Wrap the targeted modules in place, freeze the base; return the names of the wrapped modules.
+        The base's tensors keep their names, so a base checkpoint loads into the wrapped model."""
 
     @abstractmethod
-    def merge(self, model: nn.Module) -> None: ...
+    def merge(self, model: nn.Module) -> None:
+        """Fold the adapters into the base weights in place (the forward then skips them)."""
 
     @abstractmethod
-    def unmerge(self, model: nn.Module) -> None: ...
+    def unmerge(self, model: nn.Module) -> None:
+        """Undo `merge`, restoring the base weights exactly."""
+
+    @abstractmethod
+    def remove(self, model: nn.Module) -> None:
+        """Merge, then replace each wrapped module by a plain one: the model no longer holds an adapter."""
+
+    @abstractmethod
+    def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The adapter's own tensors (CPU), named as in the model's state dict."""
+
+    def to_peft(
+        self, model: nn.Module, options: PluginOptions, linear_map: dict[str, list[tuple[str, int, int]]], fan_in_fan_out: bool
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """PEFT's adapter_config.json and adapter_model.safetensors tensors. `linear_map` maps an aic linear
+        layer to the HF layers it holds: [(HF module name, first output row, end row)]."""
+        raise PluginError(f"adapter '{self.name}' has no PEFT counterpart, so it cannot be exported in PEFT's format")
 
 
 # --- trainers -------------------------------------------------------------------------------------
@@ -182,6 +208,8 @@ class TrainJob:
     tokenizer_hash: str
     resume_from: Path | None = None  # a checkpoint folder to continue from exactly
     stop_at: int | None = None  # stop (with a checkpoint) after this step, before train.steps
+    adapter: AdapterPlugin | None = None  # the spec's adapter plugin: its files go into every checkpoint
+    _base_sha256: str | None = None
 
     def save_checkpoint(self, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any] | None, metrics: dict[str, float] | None = None) -> Path:
         """Write checkpoints/step-N atomically, with the spec, tokenizer and its hash (the one layout every trainer uses)."""
@@ -193,7 +221,15 @@ class TrainJob:
             "model_config": self.model.config.to_dict(),
             "metrics": metrics or {},
         }
-        return save_checkpoint(self.run_dir, step, weights, trainer_state, state, self.tokenizer_path)
+        extra = None
+        if self.adapter is not None:
+            from aic_core.checkpoint import adapter_files, tensors_sha256
+
+            tensors = self.adapter.adapter_state(self.model)
+            if self._base_sha256 is None:  # the base is frozen: hash it once
+                self._base_sha256 = tensors_sha256({k: v for k, v in weights.items() if k not in tensors})
+            extra = adapter_files(tensors, self.resolved_spec["adapter"], self._base_sha256, self.resolved_spec["model"].get("init_from"))
+        return save_checkpoint(self.run_dir, step, weights, trainer_state, state, self.tokenizer_path, extra)
 
 
 class TrainerPlugin(Plugin):

@@ -151,6 +151,9 @@ def run(
         for name in files:
             if not Path(name).is_file():
                 raise DataError(f"{field}: file not found: {name}. Check the path (relative paths are taken from the spec file's folder).")
+    if spec.adapter is not None and "train" in stages:
+        with torch.device("meta"):  # no memory, no weights: only that the adapter's targets exist in this model
+            build_model(spec, registry, 1)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "spec.resolved.json", resolved)
     echo(f"run {spec.name}: {run_dir} (stages: {', '.join(stages)})")
@@ -193,9 +196,12 @@ def run(
             spec.data.train, spec.data.val, spec.data.val_fraction, tokenizer, tokenizer_hash, token_cache_dir(spec.data.cache_dir), seq_len
         )
         echo(f"data: {len(train_data):,} training and {len(val_data):,} validation tokens ({time.perf_counter() - t0:.1f}s)")
-        echo(f"model: {spec.model.type} + {spec.model.positional.type}, {model.num_params():,} parameters")
+        total, trainable = model.num_params(), model.num_params(trainable_only=True)
+        adapted = f"; {spec.adapter.type}: {trainable:,} trainable ({100 * trainable / total:.2f}%)" if spec.adapter else ""
+        echo(f"model: {spec.model.type} + {spec.model.positional.type}, {total:,} parameters{adapted}")
         trainer = registry.get("trainer", spec.train.trainer.type)
-        job = TrainJob(spec, resolved, model, train_data, val_data, run_dir, tok_path, tokenizer_hash, ckpt_dir if resume else None, stop_at)
+        adapter = registry.get("adapter", spec.adapter.type) if spec.adapter else None
+        job = TrainJob(spec, resolved, model, train_data, val_data, run_dir, tok_path, tokenizer_hash, ckpt_dir if resume else None, stop_at, adapter)
         t0 = time.perf_counter()
         trainer.train(spec.train.trainer, job)
         echo(f"train: done in {time.perf_counter() - t0:.1f}s")

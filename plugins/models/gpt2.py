@@ -47,6 +47,7 @@ class GPT2(ModelPlugin):
     Options = GPT2Options
     default_positional = "learned"
     hf_architectures = ("GPT2LMHeadModel",)
+    hf_fan_in_fan_out = True  # GPT-2's Conv1D stores (in, out)
 
     def config(self, options: GPT2Options, vocab_size: int) -> TransformerConfig:
         return TransformerConfig(
@@ -144,6 +145,18 @@ class GPT2(ModelPlugin):
             out["transformer." + hf_name] = (t.t() if transpose else t).contiguous()
         if not config.tie_embeddings:
             out["lm_head.weight"] = state["lm_head.weight"][: config.vocab_size].contiguous()
+        return out
+
+
+    def hf_linear_map(self, config: TransformerConfig) -> dict[str, list[tuple[str, int, int]]]:
+        rows = {"attn.qkv": 3 * config.n_embd, "attn.proj": config.n_embd, "mlp.fc": config.hidden, "mlp.proj": config.n_embd}
+        out: dict[str, list[tuple[str, int, int]]] = {}
+        for hf_name, name, transposed in _hf_names(config):
+            if transposed:  # the Conv1D layers: c_attn, c_proj, c_fc
+                layer = name.removesuffix(".weight")
+                out[layer] = [("transformer." + hf_name.removesuffix(".weight"), 0, rows[".".join(layer.split(".")[2:])])]
+        if not config.tie_embeddings:
+            out["lm_head"] = [("lm_head", 0, config.vocab_size)]
         return out
 
 

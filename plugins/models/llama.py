@@ -184,6 +184,25 @@ class Llama(ModelPlugin):
         return out
 
 
+    def hf_linear_map(self, config: TransformerConfig) -> dict[str, list[tuple[str, int, int]]]:
+        q, kv = config.n_head * config.head_dim, config.kv_heads * config.head_dim
+        sizes = {
+            "attn.qkv": [q, kv, kv], "attn.proj": [config.n_embd], "mlp.fc": [config.hidden, config.hidden], "mlp.proj": [config.n_embd],
+        }
+        out: dict[str, list[tuple[str, int, int]]] = {}
+        for hf_names, name in _hf_names(config):
+            layer = name.removesuffix(".weight")
+            kind = ".".join(layer.split(".")[2:])
+            if kind in sizes:
+                bounds = [0]
+                for size in sizes[kind]:
+                    bounds.append(bounds[-1] + size)
+                out[layer] = [(n.removesuffix(".weight"), bounds[i], bounds[i + 1]) for i, n in enumerate(hf_names)]
+        if not config.tie_embeddings:
+            out["lm_head"] = [("lm_head", 0, config.vocab_size)]
+        return out
+
+
 def _hf_names(config: TransformerConfig) -> list[tuple[list[str], str]]:
     """(HF names concatenated in order, aic name) for every Llama tensor but the untied head."""
     names = [(["model.embed_tokens.weight"], "wte.weight")]

@@ -108,6 +108,12 @@ def test_an_adapter_section_is_applied_to_the_model(tmp_path, corpus):
         def unmerge(self, model):
             pass
 
+        def remove(self, model):
+            pass
+
+        def adapter_state(self, model):
+            return {}
+
     module = types.ModuleType("fake_adapter")
     module.aic_register_adapters = hookimpl(lambda register: register(FreezeMLP))
     real = list(__import__("importlib.metadata").metadata.entry_points(group="aic"))
