@@ -159,10 +159,6 @@ def test_adapter_loads_onto_its_base_and_refuses_another(bases, tmp_path, corpus
     assert "trained on another base model" in err and str(bases["llama"].resolve()) in err
 
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-
 @pytest.mark.parametrize(("family", "adapter"), [
     ("llama", {"targets": ["all-linear"]}),
     ("llama", {"targets": ["attn.qkv"], "use_rslora": True, "r": 2}),
@@ -170,6 +166,8 @@ peft = pytest.importorskip("peft")
     ("gpt2", {"targets": ["all-linear", "lm_head"]}),
 ])
 def test_peft_export_matches_aic_in_peft(bases, tmp_path, corpus, family, adapter, capsys):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
     run = lora(tmp_path, corpus, bases[family], **adapter)
     assert main(["export", str(run), "--format", "peft", str(tmp_path / "peft")]) == 0
     assert {p.name for p in (tmp_path / "peft").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
@@ -183,3 +181,13 @@ def test_peft_export_matches_aic_in_peft(bases, tmp_path, corpus, family, adapte
         ours, theirs, plain = adapted(ids), model(ids).logits, base(ids)
     assert (ours - plain).abs().max() > 1e-3  # the adapter does change the model, so the comparison means something
     assert (ours - theirs).abs().max() < 1e-4
+
+
+@pytest.mark.gpu
+def test_lora_trains_on_cuda_in_bf16_and_merges_on_cpu(bases, tmp_path, corpus):
+    spec = lora_spec(corpus, tmp_path / "ft", bases["llama"], targets=["all-linear"])
+    spec["train"]["trainer"] = {"type": "torch", "device": "cuda", "precision": "bf16"}
+    assert main(["run", str(write_spec(tmp_path / "ft.json", spec))]) == 0
+    adapted = load_checkpoint_model(tmp_path / "ft", device="cpu")
+    assert any(v.abs().sum() > 0 for k, v in adapted.model.state_dict().items() if k.endswith("lora_B"))
+    assert main(["merge", str(tmp_path / "ft"), str(tmp_path / "merged")]) == 0
