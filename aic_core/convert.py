@@ -198,8 +198,11 @@ def transformers_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor | None:
     transformers.logging.disable_progress_bar()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    except TypeError:  # transformers < 4.56 names it torch_dtype
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the conversion has failed
+        raise CheckpointError(
+            f"{folder}: transformers {transformers.__version__} could not load it ({type(exc).__name__}: {exc}); "
+            f"nothing was written to the output folder."
+        ) from None
     with torch.no_grad():
         return model.eval()(ids).logits.float()
 
