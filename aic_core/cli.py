@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from aic_core.errors import AicError
@@ -54,6 +55,15 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     for r in records:
         if r.error:
             print(f"\n{r.name} ({r.source}): {r.status}: {r.error}")
+    return 0
+
+
+def _cmd_new_plugin(args: argparse.Namespace) -> int:
+    from aic_core.scaffold import new_plugin
+
+    folder = new_plugin(args.kind, args.name, Path(args.dir) if args.dir else None)
+    print(f"wrote the {args.kind} plugin '{args.name}' to {folder}")
+    print(f"  next: pip install -e {folder} && python -m pytest {folder}   (then `aic plugins` lists it)")
     return 0
 
 
@@ -176,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_plugins)
 
+    p = sub.add_parser("new-plugin", parents=[common], help="write a plugin package (entry point, plugin, contract tests) to start from")
+    p.add_argument("kind", metavar="KIND", help="model, positional, adapter, tokenizer or trainer")
+    p.add_argument("name", metavar="NAME", help="the plugin's name, e.g. my-positions (package aic-NAME, import aic_NAME)")
+    p.add_argument("--dir", metavar="DIR", help="the folder to write (default: ./aic-NAME); must not exist or be empty")
+    p.set_defaults(func=_cmd_new_plugin)
+
     p = sub.add_parser("generate", parents=[common], help="generate text from a run directory or checkpoint, streaming")
     p.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoints/step-N folder")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several; default: the spec's prompts)")
@@ -214,7 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_python_format = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """aic's own warnings (a plugin name conflict, ...) as one `aic: warning:` line; others as Python prints them."""
+    if "aic_core" in str(filename):
+        return f"aic: warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     args = build_parser().parse_args(argv)
     try:
         if args.strict:

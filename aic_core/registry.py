@@ -27,6 +27,8 @@ from aic_core.kinds import BASES, KINDS, Plugin
 ENTRY_POINT_GROUP = "aic"
 BUILTIN_DISTRIBUTION = "aic"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")
+# Keys a plugin section holds besides the plugin's options (aic_core.spec.ModelSection): an option of the same name would clash.
+SECTION_KEYS = {"model": ("positional", "init_from")}
 
 
 @dataclass
@@ -123,7 +125,7 @@ class Registry:
             return
         try:
             module = ep.load()
-        except Exception as exc:  # a broken plugin must not take aic down
+        except (Exception, SystemExit) as exc:  # a broken plugin must not take aic down, not even with sys.exit()
             record("error", f"import failed: {_describe(exc)}")
             return
 
@@ -195,6 +197,9 @@ class Registry:
             return f"{cls.__name__}.Options must forbid unknown keys (model_config extra='forbid'; subclass aic_core.kinds.PluginOptions)"
         if "type" in options.model_fields:
             return f"{cls.__name__}.Options must not define a field named 'type': the spec uses it to pick the plugin"
+        taken = [f for f in SECTION_KEYS.get(kind, ()) if f in options.model_fields]
+        if taken:
+            return f"{cls.__name__}.Options must not define {', '.join(repr(f) for f in taken)}: the spec's {kind} section uses these keys itself"
         try:
             options.model_json_schema()
         except Exception as exc:

@@ -171,8 +171,12 @@ def run(
         else:
             t0 = time.perf_counter()
             plugin = registry.get("tokenizer", spec.tokenizer.type)
-            plugin.train(spec.tokenizer, [Path(p) for p in spec.data.train], tok_path)
-            echo(f"tokenizer: trained {spec.tokenizer.type} in {time.perf_counter() - t0:.1f}s -> {tok_path}")
+            if plugin.trains:
+                plugin.train(spec.tokenizer, [Path(p) for p in spec.data.train], tok_path)
+                echo(f"tokenizer: trained {spec.tokenizer.type} in {time.perf_counter() - t0:.1f}s -> {tok_path}")
+            else:  # nothing to learn from the corpus; the plugin still writes its file
+                plugin.train(spec.tokenizer, [], tok_path)
+                echo(f"tokenizer: {spec.tokenizer.type} needs no training; wrote {tok_path}")
     if not tok_path.is_file():
         raise DataError(f"{tok_path}: no tokenizer in the run directory yet. Run the tokenizer stage first: `aic run {spec_path} --stage tokenizer`.")
     tokenizer_hash = file_sha256(tok_path)

@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 
 from aic_core.cli import main
 from aic_core.convert import export_hf, import_hf
-from aic_core.errors import AicError
 from aic_core.generation import generate
 from aic_core.run import load_checkpoint_model
 from aic_core.spec import SamplerSpec

@@ -289,3 +289,43 @@ def test_get_unknown_name_lists_installed_and_suggests():
     assert "'gpt2', 'llama'" in msg
     with pytest.raises(PluginError, match="Installed tokenizer plugins: none"):
         reg.get("tokenizer", "sentencepiece")
+
+
+def test_duplicate_name_between_third_parties_the_first_entry_point_by_name_wins():
+    first, second = model_class("shared"), model_class("shared")
+    for order in ([ep("zeta", second, dist="zeta-dist"), ep("alpha", first, dist="alpha-dist")], [ep("alpha", first, dist="alpha-dist"), ep("zeta", second, dist="zeta-dist")]):
+        with pytest.warns(UserWarning, match="'shared' from zeta-dist .* same name as the one from alpha-dist"):
+            reg = Registry(order, strict=False)
+        assert type(reg.get("model", "shared")) is first  # install order does not matter
+        assert {(r.distribution, r.status) for r in reg.records} == {("alpha-dist", "ok"), ("zeta-dist", "conflict")}
+
+
+def test_options_without_a_json_schema_are_refused():
+    from typing import Callable
+
+    class Hooked(PluginOptions):
+        callback: Callable = print
+
+    reg = Registry([ep("hooked", model_class("hooked", Hooked)), ep("good", model_class("alpha"))], strict=False)
+    rec = record(reg, "hooked")
+    assert rec.status == "error" and "Options is not a valid Pydantic model: PydanticInvalidForJsonSchema" in rec.error
+    assert reg.names("model") == ["alpha"]
+
+
+def test_model_options_may_not_take_the_model_sections_own_keys():
+    class Clash(PluginOptions):
+        positional: int = 1
+        init_from: str = "x"
+
+    reg = Registry([ep("clash", model_class("clash", Clash))], strict=False)
+    assert "must not define 'positional', 'init_from': the spec's model section uses these keys itself" in record(reg, "clash").error
+
+
+def test_a_plugin_whose_constructor_raises_is_recorded():
+    def __init__(self):
+        raise ValueError("needs a GPU driver")
+
+    cls = type("Fussy", (model_class("fussy"),), {"__init__": __init__})
+    reg = Registry([ep("fussy", cls), ep("good", model_class("alpha"))], strict=False)
+    assert "could not be created: ValueError: needs a GPU driver" in record(reg, "fussy").error
+    assert reg.names("model") == ["alpha"]
