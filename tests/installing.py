@@ -52,6 +52,8 @@ def copy_package(src: Path, dest: Path) -> Path:
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment for a subprocess: no plugin pinning or strict mode unless asked for."""
     env = {k: v for k, v in os.environ.items() if k not in ("AIC_PLUGINS", "AIC_STRICT_PLUGINS")}
+    if "PYTHONPATH" in extra and env.get("PYTHONPATH"):  # add to the path this process was given, not replace it
+        extra = {**extra, "PYTHONPATH": os.pathsep.join([extra["PYTHONPATH"], env["PYTHONPATH"]])}
     env.update(extra)
     return env
 
