@@ -191,3 +191,15 @@ def test_lora_trains_on_cuda_in_bf16_and_merges_on_cpu(bases, tmp_path, corpus):
     adapted = load_checkpoint_model(tmp_path / "ft", device="cpu")
     assert any(v.abs().sum() > 0 for k, v in adapted.model.state_dict().items() if k.endswith("lora_B"))
     assert main(["merge", str(tmp_path / "ft"), str(tmp_path / "merged")]) == 0
+
+
+def test_lora_from_an_hf_folder_fits_the_same_base_in_aic_format(bases, tmp_path, corpus):
+    """The base hash is over the tensors, not the file: an adapter trained from the HF export of a base loads onto the aic base."""
+    export_hf(bases["gpt2"], tmp_path / "base-hf")
+    run = lora(tmp_path, corpus, tmp_path / "base-hf", targets=["mlp.*"])
+    assert json.loads((list_checkpoints(run)[-1] / "adapter.json").read_text())["base"] == str((tmp_path / "base-hf").resolve())
+    base = load_checkpoint_model(bases["gpt2"])
+    load_adapter(base.model, run)
+    ids = torch.arange(16)[None]
+    with torch.no_grad():
+        assert torch.equal(base.model(ids), load_checkpoint_model(run).model(ids))
