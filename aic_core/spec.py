@@ -402,6 +402,11 @@ def _fill_from_init(raw: dict[str, Any], registry: Registry, source: str, base_d
 def _check_positional(spec: RunSpec, registry: Registry, source: str) -> None:
     """Refuse, before any work, what the positional encoding cannot do."""
     plugin = registry.get("positional", spec.model.positional.type)
+    if spec.generate.use_cache and not plugin.supports_kv_cache:
+        raise SpecError(
+            f"{source}: generate.use_cache: the '{plugin.name}' positional encoding does not work with the KV cache "
+            f"(it declares supports_kv_cache = False). Set generate.use_cache to false (each step then recomputes the sequence)."
+        )
     block_size = getattr(spec.model, "block_size", None)
     if plugin.extrapolates or block_size is None:
         return

@@ -206,3 +206,33 @@ def test_a_learned_model_refuses_generation_past_its_positions_up_front(tmp_path
     assert "generate.max_new_tokens" in err and "cannot extrapolate" in err and "rope or alibi" in err
     spec["model"] = {**GPT2, "positional": {"type": "rope"}}
     assert main(["validate", str(write_spec(tmp_path / "s.json", spec))]) == 0
+
+
+def test_a_positional_without_kv_cache_support_needs_use_cache_off(corpus, tmp_path):
+    import types
+
+    from aic_core.errors import SpecError
+    from aic_core.hookspecs import hookimpl
+    from aic_core.kinds import PositionalPlugin
+    from aic_core.registry import Registry
+    from aic_core.spec import parse_spec
+
+    class NoCache(PositionalPlugin):
+        name = "no-cache"
+        supports_kv_cache = False
+
+        def build(self, options, config):
+            from aic_core.kinds import Positional
+
+            return Positional()
+
+    module = types.ModuleType("fake_no_cache")
+    module.aic_register_positional_encodings = hookimpl(lambda register: register(NoCache))
+    real = list(__import__("importlib.metadata").metadata.entry_points(group="aic"))
+    fake = types.SimpleNamespace(name="no-cache", value="fake_no_cache", group="aic", dist=None, load=lambda: module)
+    registry = Registry([*real, fake], strict=True)
+    spec = tiny_spec(corpus, tmp_path, model={"positional": {"type": "no-cache"}})
+    with pytest.raises(SpecError, match="generate.use_cache: the 'no-cache' positional encoding does not work with the KV cache"):
+        parse_spec(spec, registry)
+    spec["generate"]["use_cache"] = False
+    assert parse_spec(spec, registry).model.positional.type == "no-cache"
