@@ -52,9 +52,8 @@ class LoRALinear(nn.Linear):
         return self._base_weight is not None
 
     def delta(self) -> torch.Tensor:
-        """scaling * B @ A, computed in float32 (or wider), in the weight's dtype."""
-        compute = torch.promote_types(self.weight.dtype, torch.float32)
-        return (self.scaling * (self.lora_B.to(compute) @ self.lora_A.to(compute))).to(self.weight.dtype)
+        """scaling * B @ A in float64 (the update merge adds; exact to float64 rounding)."""
+        return self.scaling * (self.lora_B.double() @ self.lora_A.double())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -66,7 +65,7 @@ class LoRALinear(nn.Linear):
     def merge(self) -> None:
         if not self.merged:
             self._base_weight = self.weight.detach().clone()
-            self.weight.add_(self.delta())
+            self.weight.copy_(self._base_weight.double() + self.delta())  # one rounding, to the weight's dtype
 
     @torch.no_grad()
     def unmerge(self) -> None:
