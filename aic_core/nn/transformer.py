@@ -116,6 +116,9 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
+        # Every row has the same positions and nothing is padded (training, evaluation): the mask
+        # and any positional bias are built for one row and broadcast over the batch.
+        shared = positions is None and attention_mask is None and cache is None
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
         valid = attention_mask.bool() if attention_mask is not None else None
@@ -128,7 +131,10 @@ class Transformer(nn.Module):
             padded = cache.has_padding
         else:
             k_positions, k_valid, padded = positions, valid, valid is not None
-        mask, causal = self._mask(positions, k_positions, k_valid, padded, start)
+        if shared:
+            mask, causal = self._mask(positions[:1], k_positions[:1], None, False, start)
+        else:
+            mask, causal = self._mask(positions, k_positions, k_valid, padded, start)
 
         x = self.drop(self.positional.embed(self.wte(idx), positions))
         for i, block in enumerate(self.blocks):
@@ -152,7 +158,8 @@ class Transformer(nn.Module):
         start: int,
     ) -> tuple[torch.Tensor | None, bool]:
         """The attention mask shared by all layers: (B, 1|H, Tq, Tk) bool or additive float, or None
-        with `causal` telling SDPA to apply the causal mask itself (the fast path)."""
+        with `causal` telling SDPA to apply the causal mask itself (the fast path). B is 1 when the
+        positions are passed for one row only, and SDPA broadcasts it."""
         bias = self.positional.attn_bias(q_positions, k_positions)  # (B, H, Tq, Tk) or None
         T, Tk = q_positions.shape[1], k_positions.shape[1]
         if bias is None and not padded and (start == 0 or T == 1):
@@ -167,4 +174,12 @@ class Transformer(nn.Module):
         allowed = allowed[:, None]  # (B, 1, Tq, Tk)
         if bias is None:
             return allowed, False
-        return bias.masked_fill(~allowed, float("-inf")), False
+        # Cast once to the dtype attention computes in (bf16 under autocast), here rather than in
+        # each layer: a per-layer cast is one more (B, H, Tq, Tk) tensor per layer, which the
+        # backward pass keeps.
+        return bias.masked_fill(~allowed, float("-inf")).to(self._compute_dtype(device)), False
+
+    def _compute_dtype(self, device: torch.device) -> torch.dtype:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.wte.weight.dtype

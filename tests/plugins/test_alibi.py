@@ -189,6 +189,27 @@ def test_left_padded_batch_matches_each_alone(model):
     assert diff < 1e-5
 
 
+@torch.no_grad()
+def test_unpadded_batch_builds_one_bias_row(model):
+    """Training and evaluation batches (no padding, default positions) build the bias once, as
+    (1, H, T, T), and broadcast it over the batch; logits equal those from per-row positions."""
+    idx = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(4))
+    shared = model(idx)
+    per_row = model(idx, positions=torch.arange(16).expand(3, 16).clone())
+    assert (shared - per_row).abs().max().item() < 1e-6
+    mask, _ = model._mask(torch.arange(16)[None], torch.arange(16)[None], None, False, 0)
+    assert mask.shape == (1, 6, 16, 16)
+
+
+def test_bias_is_cast_once_to_the_autocast_dtype(model):
+    positions = torch.arange(8)[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mask, _ = model._mask(positions, positions, None, False, 0)
+        logits = model(torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5)))
+    assert mask.dtype == torch.bfloat16
+    assert torch.isfinite(logits).all()
+
+
 class CharTokenizer(Tokenizer):
     chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX"
     vocab_size = VOCAB
