@@ -8,7 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from aic_core.errors import AicError
+from aic_core import __version__
+from aic_core.errors import AicError, Interrupted
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -25,6 +26,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     registry = get_registry()
     spec = load_spec(args.spec, registry)
+    from aic_core.data import check_data_files
+
+    check_data_files(spec.data)  # the data files exist, are files (not folders), readable and not empty
     if args.resolved:
         print(json.dumps(resolved_dict(spec, registry), indent=2))
     else:
@@ -73,8 +77,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from aic_core.generation import stream
     from aic_core.run import load_checkpoint_model
     from aic_core.spec import SamplerSpec
-    from aic_core.training import resolve_device
-
+    device = _device(args.device)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise AicError(f"--max-new-tokens: {args.max_new_tokens}; give at least 1 (or leave it out for the spec's generate.max_new_tokens).")
     loaded = load_checkpoint_model(Path(args.run), device="cpu")
     if args.adapter:
         from aic_core.convert import load_adapter
@@ -82,7 +87,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if loaded.spec.adapter is not None:
             raise AicError(f"--adapter: {args.run} already holds a '{loaded.spec.adapter.type}' adapter; pass its plain base model instead.")
         load_adapter(loaded.model, Path(args.adapter))
-    loaded.model.to(resolve_device(args.device)).eval()
+    loaded.model.to(device).eval()
     g = loaded.spec.generate
     overrides = {
         k: v
@@ -102,7 +107,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise AicError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} (got {err.get('input')!r}).") from None
     prompts = args.prompt or g.prompts or [""]
     seed = args.seed if args.seed is not None else (loaded.spec.seed if g.seed is None else g.seed)
-    max_new = args.max_new_tokens or g.max_new_tokens
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else g.max_new_tokens
     stop = args.stop if args.stop is not None else g.stop
     for i, prompt in enumerate(prompts):
         if len(prompts) > 1:
@@ -115,6 +120,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         sys.stdout.write("\n")
     return 0
+
+
+def _device(name: str):
+    """--device as torch.device, refused clearly when it is not a device name or not present here."""
+    import re
+
+    import torch
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise AicError(f"--device: unknown device {name!r}. Use auto (CUDA if there is a GPU, else the CPU), cpu, cuda or cuda:N.")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            have = f"this machine has {count} CUDA device(s)" if count else "no CUDA GPU is available here"
+            raise AicError(f"--device: {name} was asked for, but {have}. Use --device cpu (or auto).")
+    return torch.device(name)
 
 
 def _report(verb: str, source: str, report) -> None:
@@ -137,15 +161,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from aic_core.convert import export_hf, export_peft
 
     if args.format == "peft":
-        report = export_peft(Path(args.run), Path(args.out))
+        report = export_peft(Path(args.run), Path(args.out), base_name=args.base_name)
         compared = "peft or transformers is not installed, not compared" if report.vs_transformers is None else f"{report.vs_transformers:.2e}"
         print(f"exported the adapter of {args.run} -> {report.out}: {report.parameters:,} adapter parameters")
+        print(f"  base_model_name_or_path: {report.base}")
         print(f"  max abs logit difference on fixed inputs, PEFT on the base's HF export against aic: {compared}")
-        print(f"  load it: peft.PeftModel.from_pretrained(<the base exported with `aic export BASE --format hf`>, {str(args.out)!r})")
+        for note in report.notes:
+            print(f"  note: {note}")
+        print(f"  load it: peft.AutoPeftModelForCausalLM.from_pretrained({str(args.out)!r}) (a relative base is read from the current folder)")
         return 0
+    if args.base_name is not None:
+        raise AicError(f"--base-name {args.base_name}: only for --format peft (it names the base of an exported adapter).")
     report = export_hf(Path(args.run), Path(args.out))
     _report("exported", args.run, report)
-    print(f"  load it: transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+    if report.vs_tokenizer is not None:
+        print(f"  transformers.AutoTokenizer: aic's ids and text on {report.vs_tokenizer} fixed texts")
+    for note in report.notes:
+        print(f"  note: {note}")
+    tokenizer = f", transformers.AutoTokenizer.from_pretrained({str(args.out)!r})" if "tokenizer.json" in (report.tokenizer or "") else ""
+    print(f"  load it: transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r}){tokenizer}")
     return 0
 
 
@@ -159,9 +193,17 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from aic_core.report import write_report
+
+    write_report(Path(args.run))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aic", description="Build, train and run GPT-style models from a JSON spec.")
     parser.add_argument("--strict", action="store_true", help="fail if any plugin fails to load (also AIC_STRICT_PLUGINS=1)")
+    parser.add_argument("--version", action="version", version=f"aic {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     # --strict is accepted before or after the command.
     common = argparse.ArgumentParser(add_help=False)
@@ -192,20 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", metavar="DIR", help="the folder to write (default: ./aic-NAME); must not exist or be empty")
     p.set_defaults(func=_cmd_new_plugin)
 
-    p = sub.add_parser("generate", parents=[common], help="generate text from a run directory or checkpoint, streaming")
-    p.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoints/step-N folder")
-    p.add_argument("--prompt", action="append", help="a prompt (repeat for several; default: the spec's prompts)")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--min-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--stop", action="append", help="a stop string (repeat for several)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (no KV cache)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--adapter", metavar="CKPT", help="put this adapter (a checkpoint of an adapter run) onto the model first")
+    p = sub.add_parser(
+        "generate", parents=[common], help="generate text from a run, checkpoint or Hugging Face folder, streaming",
+        description="Stream text from a model. Flags left out take their value from the spec's generate section "
+        "(for a Hugging Face folder: aic's defaults).",
+    )
+    p.add_argument("run", help="a run directory (its latest checkpoint), a checkpoints/step-N folder, an `aic import` folder or a Hugging Face model folder")
+    p.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: the spec's generate.prompts, else the empty prompt)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate per prompt, at least 1 (default: generate.max_new_tokens, 200)")
+    p.add_argument("--temperature", type=float, metavar="T", help="softmax temperature; 0 is greedy (default: generate.sampler.temperature, 0.8)")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens (default: generate.sampler.top_k, off)")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: the smallest set of tokens with probability >= P (default: generate.sampler.top_p, off)")
+    p.add_argument("--min-p", type=float, metavar="P", help="drop tokens less likely than P times the most likely one (default: generate.sampler.min_p, off)")
+    p.add_argument("--repetition-penalty", type=float, metavar="R", help="penalise tokens already in the text by R (>1 discourages repeats) (default: generate.sampler.repetition_penalty, 1.0)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop a sample when its text contains TEXT; repeat for several (default: generate.stop, none)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: generate.seed, else the spec's seed)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step instead of using the KV cache")
+    p.add_argument("--device", default="auto", help="auto (CUDA if there is a GPU, else the CPU), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--adapter", metavar="CKPT", help="put this adapter (a checkpoint of an adapter run) onto the model first (default: none)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("import", parents=[common], help="convert a model from another format into an aic checkpoint folder")
@@ -218,15 +264,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoints/step-N folder")
     p.add_argument(
         "--format", choices=["hf", "peft"], default="hf",
-        help="hf: config.json + model.safetensors that transformers loads (default); peft: a LoRA run's adapter alone, for peft",
+        help="hf: config.json, model.safetensors and tokenizer files that transformers loads (default); peft: a LoRA run's adapter alone, for peft",
     )
     p.add_argument("out", help="the folder to write (must not exist yet)")
+    p.add_argument(
+        "--base-name", metavar="NAME",
+        help="peft only: base_model_name_or_path in adapter_config.json, the HF export of the base that "
+        "peft.AutoPeftModelForCausalLM loads (a folder, relative to where it is loaded from, or a Hub name). "
+        "Default: the run's model.init_from if that is an HF folder, else hf/BASE_RUN_NAME, where "
+        "`aic export BASE --format hf hf/BASE_RUN_NAME` writes it; never the aic run, which transformers cannot load. "
+        "When NAME is a folder here, PEFT is checked on it",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("merge", parents=[common], help="fold a run's adapter into its base: a plain checkpoint (and an HF export)")
     p.add_argument("run", help="a run directory trained with an adapter, or one of its checkpoints")
     p.add_argument("out", help="the folder to write (must not exist yet)")
     p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("report", parents=[common], help="summarise a run: summary.json and report.png (loss against steps and tokens)")
+    p.add_argument("run", help="a run directory (its metrics.jsonl, spec and latest checkpoint)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -249,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
 
             get_registry(strict=True)
         return args.func(args)
+    except Interrupted as exc:
+        print(f"aic: interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
     except AicError as exc:
         print(f"aic: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from aic_core.checkpoint import STATE, load_weights, model_state, open_checkpoint, write_checkpoint_dir
 from aic_core.errors import CheckpointError, PluginError
-from aic_core.kinds import ModelPlugin, TokenizerPlugin
+from aic_core.kinds import ModelPlugin, Tokenizer, TokenizerPlugin
 from aic_core.nn.transformer import Transformer, TransformerConfig
 from aic_core.registry import Registry, get_registry
 
@@ -46,6 +47,10 @@ def is_hf_folder(path: Path) -> bool:
 def read_hf_config(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
     config_path = folder / HF_CONFIG
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such folder. Pass a Hugging Face model folder (config.json + model.safetensors), e.g. one written by save_pretrained.")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: is a file, not a folder. Pass the Hugging Face model folder that holds config.json and model.safetensors.")
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: no config.json; a Hugging Face model folder holds config.json and model.safetensors.")
     try:
@@ -264,7 +269,10 @@ class ConversionReport:
     parameters: int
     vs_transformers: float | None  # max abs logit difference against transformers' own load (None: not installed)
     vs_reload: float | None  # max abs logit difference after reading back what was written
-    tokenizer: str | None  # the tokenizer file carried along
+    tokenizer: str | None  # the tokenizer file carried along (export: all tokenizer files, comma-separated)
+    vs_tokenizer: int | None = None  # export: probe texts on which transformers.AutoTokenizer gave aic's ids and text
+    notes: list[str] = field(default_factory=list)  # what the user should know: files not written, and why
+    base: str | None = None  # PEFT export: its base_model_name_or_path
 
 
 def _prepare_out(out: Path) -> Path:
@@ -333,8 +341,9 @@ def _run_name(name: str) -> str:
 
 
 def export_hf(source: Path, out: Path, registry: Registry | None = None) -> ConversionReport:
-    """`aic export RUN_OR_CKPT --format hf OUT`: config.json + model.safetensors (+ tokenizer file) that
-    `transformers.AutoModelForCausalLM.from_pretrained(OUT)` loads with no aic code, checked by logits."""
+    """`aic export RUN_OR_CKPT --format hf OUT`: config.json + model.safetensors + the tokenizer's files that
+    `transformers.AutoModelForCausalLM.from_pretrained(OUT)` and `AutoTokenizer.from_pretrained(OUT)` load with
+    no aic code, checked by logits and by the token ids of fixed texts."""
     registry = registry or get_registry()
     src = open_source(source, registry)
     if src.format == "hf":
@@ -356,20 +365,67 @@ def export_hf(source: Path, out: Path, registry: Registry | None = None) -> Conv
     ids = probe_ids(model.config.vocab_size, model.config.block_size)
     reference = aic_logits(model, ids)
     tmp = _prepare_out(out)
-    tok_name = None
+    tok_names: list[str] = []
+    notes: list[str] = []
+    vs_tok = None
     try:
         tmp.mkdir()
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None and tokenizer[0].hf_files:
-            tok_name = tokenizer[0].hf_files[0]
-            shutil.copyfile(src.tokenizer_path, tmp / tok_name)
+        if tokenizer is not None:
+            if tokenizer[0].hf_files:
+                tok_names.append(tokenizer[0].hf_files[0])
+                shutil.copyfile(src.tokenizer_path, tmp / tok_names[0])
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                files = tokenizer[0].hf_tokenizer_files(spec.tokenizer, src.tokenizer_path, model.config.block_size)
+            notes += [str(w.message) for w in caught]
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+            tok_names += sorted(files)
+            if files and not caught:  # complete, as the plugin did not warn: AutoTokenizer must load it
+                vs_tok = transformers_tokenizer_check(tmp, tokenizer[1], f"export of {src.path}", str(out))
         vs_hf = _check(f"export of {src.path}", reference, transformers_logits(tmp, ids), str(out))
         vs_reload = _check(f"export of {src.path}", reference, aic_logits(import_hf(tmp, registry).model, ids), str(out))
         _finish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ConversionReport(out, model.num_params(), vs_hf, vs_reload, tok_name)
+    return ConversionReport(out, model.num_params(), vs_hf, vs_reload, ", ".join(tok_names) or None, vs_tok, notes)
+
+
+# Texts on which an exported tokenizer must give aic's ids and text in transformers.AutoTokenizer: runs of
+# spaces, tabs and newlines, leading and trailing spaces, CRLF, characters outside a small vocabulary, a "▁".
+TOKENIZER_PROBES = (
+    'Anne Elliot had been walking for an hour; "Captain Wentworth," she said, "is come."\n\n',
+    "  two leading spaces, three   inside,\ttabs\t\tand one trailing \n\n\nafter blank lines\r\nCRLF",
+    "é—… naïve “quoted” Straße 日本語 🦙 0123456789",
+    "a literal ▁, ▁▁ twice, and at the end ▁",
+)
+
+
+def transformers_tokenizer_check(folder: Path, tokenizer: Tokenizer, what: str, where: str) -> int | None:
+    """Load `transformers.AutoTokenizer` from `folder` and compare its ids and decoded text with aic's tokenizer on
+    TOKENIZER_PROBES: the number of texts compared, or None without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    transformers.logging.set_verbosity_error()
+    try:
+        hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the tokenizer export has failed
+        raise CheckpointError(
+            f"{what}: transformers {transformers.__version__} could not load the exported tokenizer ({type(exc).__name__}: {exc}); "
+            f"{where} was not written. Please report this with the tokenizer file."
+        ) from None
+    for text in TOKENIZER_PROBES:
+        ours, theirs = tokenizer.encode(text), list(hf(text)["input_ids"])
+        if theirs != ours or hf.decode(theirs) != tokenizer.decode(ours):
+            raise CheckpointError(
+                f"{what}: transformers {transformers.__version__} AutoTokenizer gives other ids or text than aic's tokenizer for {text!r} "
+                f"(aic: {ours[:16]}, transformers: {theirs[:16]}), so {where} was not written. Please report this with the tokenizer file."
+            )
+    return len(TOKENIZER_PROBES)
 
 
 # --- adapters: merge, load onto a base, PEFT export --------------------------------------------------------
@@ -423,7 +479,7 @@ def merge_run(run: Path, out: Path, registry: Registry | None = None) -> MergeRe
 def load_adapter(model: Transformer, folder: Path, registry: Registry | None = None) -> list[str]:
     """Put an adapter saved in `folder` (adapter.json + adapter.safetensors, as every checkpoint of an adapter
     run holds) onto `model`, a plain base; refuse it if it was trained on another base."""
-    from aic_core.checkpoint import ADAPTER_META, ADAPTER_WEIGHTS, tensors_sha256
+    from aic_core.checkpoint import ADAPTER_META, ADAPTER_WEIGHTS, tensors_sha256, verified
 
     from aic_core.checkpoint import find_checkpoint
 
@@ -434,7 +490,7 @@ def load_adapter(model: Transformer, folder: Path, registry: Registry | None = N
         raise CheckpointError(f"{folder}: no {ADAPTER_META} and {ADAPTER_WEIGHTS}; pass a checkpoint of a run trained with an adapter.")
     try:
         meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(weights_path))
+        tensors = load_file(str(verified(folder, ADAPTER_WEIGHTS)))
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as exc:
         raise CheckpointError(f"{folder}: damaged adapter files ({exc}).") from None
     base_hash = tensors_sha256(model.state_dict())
@@ -457,9 +513,11 @@ def load_adapter(model: Transformer, folder: Path, registry: Registry | None = N
     return sorted(expected)
 
 
-def export_peft(run: Path, out: Path, registry: Registry | None = None) -> ConversionReport:
-    """`aic export RUN --format peft OUT`: adapter_config.json + adapter_model.safetensors that
-    `peft.PeftModel.from_pretrained(<the HF export of the base>, OUT)` loads; checked by logits."""
+def export_peft(run: Path, out: Path, registry: Registry | None = None, base_name: str | None = None) -> ConversionReport:
+    """`aic export RUN --format peft OUT [--base-name NAME]`: adapter_config.json + adapter_model.safetensors that
+    `peft.AutoPeftModelForCausalLM.from_pretrained(OUT)` loads, its `base_model_name_or_path` naming the HF export
+    of the base (`base_name`, by default `default_base_name`). Checked by logits in PEFT: on that folder when it
+    exists here, else on a temporary HF export of the base."""
     from aic_core.run import load_checkpoint_model
 
     registry = registry or get_registry()
@@ -471,8 +529,23 @@ def export_peft(run: Path, out: Path, registry: Registry | None = None) -> Conve
     adapter = registry.get("adapter", spec.adapter.type)
     hf_config = model_plugin.hf_config(spec.model, model.config)  # refuses a base HF cannot hold
     config, tensors = adapter.to_peft(model, spec.adapter, model_plugin.hf_linear_map(model.config), model_plugin.hf_fan_in_fan_out)
-    if spec.model.init_from:
-        config["base_model_name_or_path"] = spec.model.init_from
+    base_name = base_name or default_base_name(spec.model.init_from)
+    config["base_model_name_or_path"] = base_name
+    base_dir, notes = (Path(base_name) if base_name and Path(base_name).exists() else None), []
+    if base_dir is not None and not is_hf_folder(base_dir):
+        raise CheckpointError(
+            f"base_model_name_or_path {base_name}: is not a Hugging Face model folder (config.json + model.safetensors), so transformers "
+            f"cannot load it (an aic run or checkpoint is not one). Export the base with `aic export BASE --format hf DIR` and pass "
+            f"--base-name DIR, or a Hub model name; nothing was written."
+        )
+    if base_name is None:
+        notes.append(
+            "the run has no model.init_from, so its base exists only inside its checkpoints and base_model_name_or_path is unset: "
+            "load the adapter with peft.PeftModel.from_pretrained(BASE_MODEL, OUT), or name the base with --base-name."
+        )
+    elif base_dir is None:
+        write = f"; write the base's export there with `aic export {_relative(Path(spec.model.init_from))} --format hf {base_name}`" if spec.model.init_from else ""
+        notes.append(f"base_model_name_or_path {base_name} is not a folder here{write}. PEFT was checked on a temporary HF export of the base.")
     ids = probe_ids(model.config.vocab_size, model.config.block_size)
     reference = aic_logits(model, ids)
     base_state = {k: v for k, v in model_state(model).items() if k not in adapter.adapter_state(model)}
@@ -481,32 +554,68 @@ def export_peft(run: Path, out: Path, registry: Registry | None = None) -> Conve
         tmp.mkdir()
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        vs_peft = _check(f"PEFT export of {loaded.checkpoint.path}", reference, _peft_logits(hf_config, model_plugin.state_dict_to_hf(base_state, model.config), tmp, ids), str(out))
+        def wrong_base(why: str) -> CheckpointError:
+            return CheckpointError(
+                f"base_model_name_or_path {base_name}: is not the base this adapter was trained on ({spec.model.init_from or 'the run itself'}): "
+                f"{why}. Export that base there, or pass --base-name with its export; {out} was not written."
+            )
+
+        try:
+            theirs = _peft_logits(hf_config, model_plugin.state_dict_to_hf(base_state, model.config), tmp, ids, base_dir)
+        except Exception as exc:  # noqa: BLE001 - whatever PEFT raises on a folder the user named, it is the wrong base
+            if base_dir is None:
+                raise
+            raise wrong_base(f"PEFT cannot put the adapter on it ({type(exc).__name__}: {exc})") from None
+        diff, tol = max_logit_diff(reference, theirs) if base_dir is not None and theirs is not None else (0.0, 0.0)
+        if not diff <= tol:
+            raise wrong_base(f"with the adapter on it, PEFT's logits differ from aic's by {diff:.3g}")
+        vs_peft = _check(f"PEFT export of {loaded.checkpoint.path}", reference, theirs, str(out))
         _finish(tmp, Path(out))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ConversionReport(Path(out), sum(t.numel() for t in tensors.values()), vs_peft, None, None)
+    return ConversionReport(Path(out), sum(t.numel() for t in tensors.values()), vs_peft, None, None, notes=notes, base=base_name)
 
 
-def _peft_logits(hf_config: dict[str, Any], hf_state: dict[str, torch.Tensor], adapter_dir: Path, ids: torch.Tensor) -> torch.Tensor | None:
-    """Logits of transformers' model of the base with PEFT's adapter loaded; None without transformers or peft."""
+def default_base_name(init_from: str | None) -> str | None:
+    """A PEFT export's default base_model_name_or_path, relative to the current folder (transformers reads a relative
+    path from there): the run's model.init_from when that is an HF folder; else hf/NAME, where `aic export BASE
+    --format hf hf/NAME` puts the base's HF export (NAME: the base run's folder, -step-N added for a checkpoint).
+    Never the aic run itself, which transformers cannot load."""
+    if not init_from:
+        return None
+    path = Path(init_from)
+    if is_hf_folder(path):
+        return _relative(path)
+    return "hf/" + (f"{path.parent.parent.name}-{path.name}" if path.parent.name == "checkpoints" else path.name)
+
+
+def _relative(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive
+        return str(path)
+
+
+def _peft_logits(hf_config: dict[str, Any], hf_state: dict[str, torch.Tensor], adapter_dir: Path, ids: torch.Tensor, base_dir: Path | None = None) -> torch.Tensor | None:
+    """Logits of transformers' model of the base (`base_dir`, or one made from `hf_config` and `hf_state`) with PEFT's
+    adapter loaded; None without transformers or peft."""
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
         return None
     import tempfile
-    import warnings
 
     from peft import PeftModel
 
     with tempfile.TemporaryDirectory() as base, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        (Path(base) / HF_CONFIG).write_text(json.dumps(hf_config))
-        save_file(hf_state, str(Path(base) / "model.safetensors"), metadata={"format": "pt"})
+        if base_dir is None:
+            (Path(base) / HF_CONFIG).write_text(json.dumps(hf_config))
+            save_file(hf_state, str(Path(base) / "model.safetensors"), metadata={"format": "pt"})
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-        model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir or base), dtype=torch.float32)
         model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
         with torch.no_grad():
             return model(ids).logits.float()

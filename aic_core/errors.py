@@ -32,6 +32,12 @@ class CheckpointError(AicError):
     """A checkpoint or run directory is missing, corrupt, or does not match the spec."""
 
 
+class Interrupted(AicError):
+    """The user stopped the run (Ctrl-C); the message says what was kept and how to continue."""
+
+    exit_code = 130
+
+
 class GenerationError(AicError):
     """A generation request cannot be served (prompt too long, bad sampler value)."""
 

@@ -132,7 +132,7 @@ def _encode_prompts(model: Transformer, tokenizer: Tokenizer, prompts: list[str]
                 raise GenerationError(f"Prompt {i} is empty and the tokenizer has no bos or eos token to start from; give a non-empty prompt.")
             ids = [start]
         n = len(ids)
-        if n > context:
+        if n > context and max_positions is not None:  # rope, alibi (max_positions None) run past block_size
             raise GenerationError(
                 f"Prompt {i} is {n} tokens long, more than the model's context of {context} tokens (block_size). "
                 f"Shorten the prompt to at most {context} tokens."

@@ -26,9 +26,10 @@ KINDS = ("model", "positional", "adapter", "tokenizer", "trainer")
 
 
 class PluginOptions(BaseModel):
-    """Base for every plugin's options: unknown keys are errors."""
+    """Base for every plugin's options: unknown keys are errors, and types are strict (a JSON `true` is not
+    the integer 1, "4" is not 4; a JSON int may still fill a float)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
 
 class Plugin(ABC):
@@ -155,6 +156,14 @@ class TokenizerPlugin(Plugin):
     def load(self, options: PluginOptions, path: Path) -> Tokenizer:
         """Load the tokenizer file `path` written by `train`."""
 
+    def hf_tokenizer_files(self, options: PluginOptions, path: Path, model_max_length: int) -> dict[str, bytes]:
+        """Files (name -> contents) that `aic export --format hf` writes beside the `hf_files` copy of `path`, so
+        that `transformers.AutoTokenizer.from_pretrained(folder)` gives exactly this tokenizer's ids and text
+        (tokenizer.json, tokenizer_config.json, ...). The export checks that on fixed texts when transformers is
+        installed. Where some files cannot be made, return the others and `warnings.warn` why: the export
+        report shows it, and skips the check. Default: none."""
+        return {}
+
 
 # --- adapters -------------------------------------------------------------------------------------
 
@@ -210,10 +219,17 @@ class TrainJob:
     stop_at: int | None = None  # stop (with a checkpoint) after this step, before train.steps
     adapter: AdapterPlugin | None = None  # the spec's adapter plugin: its files go into every checkpoint
     _base_sha256: str | None = None
+    _cleaned: bool = False
 
     def save_checkpoint(self, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any] | None, metrics: dict[str, float] | None = None) -> Path:
-        """Write checkpoints/step-N atomically, with the spec, tokenizer and its hash (the one layout every trainer uses)."""
-        from aic_core.checkpoint import save_checkpoint
+        """Write checkpoints/step-N atomically, with the spec, tokenizer and its hash (the one layout every trainer uses).
+        The first call removes what killed runs left behind; with train.keep_last, older checkpoints beyond the newest
+        keep_last are deleted after each save (never `latest` nor the checkpoint this run resumed from)."""
+        from aic_core.checkpoint import clean_stale, prune_checkpoints, save_checkpoint
+
+        if not self._cleaned:
+            clean_stale(self.run_dir)
+            self._cleaned = True
 
         state = {
             "spec": self.resolved_spec,
@@ -229,7 +245,10 @@ class TrainJob:
             if self._base_sha256 is None:  # the base is frozen: hash it once
                 self._base_sha256 = tensors_sha256({k: v for k, v in weights.items() if k not in tensors})
             extra = adapter_files(tensors, self.resolved_spec["adapter"], self._base_sha256, self.resolved_spec["model"].get("init_from"))
-        return save_checkpoint(self.run_dir, step, weights, trainer_state, state, self.tokenizer_path, extra)
+        path = save_checkpoint(self.run_dir, step, weights, trainer_state, state, self.tokenizer_path, extra)
+        if self.spec.train.keep_last is not None:
+            prune_checkpoints(self.run_dir, self.spec.train.keep_last, keep=[self.resume_from] if self.resume_from else [])
+        return path
 
 
 class TrainerPlugin(Plugin):

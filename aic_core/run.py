@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +22,17 @@ from typing import Any
 import torch
 
 from aic_core.checkpoint import Checkpoint, latest_checkpoint, load_weights, open_checkpoint, write_atomic, write_json
-from aic_core.data import file_sha256, load_splits, token_cache_dir
-from aic_core.errors import CheckpointError, DataError, SpecError, did_you_mean
+from aic_core.data import check_data_files, file_sha256, load_splits, token_cache_dir
+from aic_core.errors import AicError, CheckpointError, DataError, Interrupted, SpecError, did_you_mean
 from aic_core.kinds import Tokenizer, TrainJob
 from aic_core.nn.transformer import Transformer
 from aic_core.registry import Registry, get_registry
-from aic_core.spec import ModelSpec, load_spec, resolved_dict, spec_from_resolved
+from aic_core.spec import ModelSpec, RunSpec, load_spec, resolved_dict, spec_from_resolved
 from aic_core.training import MetricsLog, evaluate, resolve_device
 
 STAGES = ("tokenizer", "train", "eval", "generate")
 TOKENIZER_FILE = "tokenizer.model"
+LOCK_FILE = ".aic.lock"
 
 
 def build_model(spec: ModelSpec, registry: Registry, vocab_size: int, init_weights: bool = False) -> Transformer:
@@ -66,12 +70,17 @@ class Loaded:
     model: Transformer
     tokenizer: Tokenizer
     spec: ModelSpec  # a RunSpec for a trained checkpoint
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint | None  # None for a Hugging Face folder
 
 
 def load_checkpoint_model(path: Path, registry: Registry | None = None, device: torch.device | str = "cpu") -> Loaded:
-    """A run directory (its latest checkpoint) or a checkpoint folder -> model, tokenizer and spec."""
+    """A run directory (its latest checkpoint), a checkpoint folder or a Hugging Face model folder -> model,
+    tokenizer and spec."""
     registry = registry or get_registry()
+    from aic_core.convert import is_hf_folder
+
+    if is_hf_folder(Path(path)):
+        return _load_hf_folder(Path(path), registry, device)
     ckpt = open_checkpoint(Path(path))
     spec = spec_from_resolved(ckpt.state["spec"], registry, source=str(ckpt.path / "state.json"))
     if not ckpt.has_tokenizer or spec.tokenizer is None:
@@ -91,6 +100,28 @@ def load_checkpoint_model(path: Path, registry: Registry | None = None, device: 
     return Loaded(model.to(device).eval(), tokenizer, spec, ckpt)
 
 
+def _load_hf_folder(folder: Path, registry: Registry, device: torch.device | str) -> Loaded:
+    """A Hugging Face model folder (config.json + model.safetensors + a tokenizer file a plugin reads)."""
+    from aic_core.convert import hf_tokenizer, import_hf, model_spec
+
+    tok = hf_tokenizer(folder, registry)
+    if tok is None:
+        files = ", ".join(sorted({n for p in registry.plugins("tokenizer").values() for n in p.hf_files})) or "none"
+        raise CheckpointError(
+            f"{folder}: a Hugging Face model folder without a tokenizer file aic can read (looked for: {files}), so text "
+            f"cannot be turned into tokens. Put the model's tokenizer file in the folder."
+        )
+    imported = import_hf(folder, registry)
+    spec = model_spec(imported.options, registry, str(folder / "config.json"), {"type": tok[0].name})
+    tokenizer = load_tokenizer(spec, registry, tok[1])
+    if tokenizer.vocab_size > imported.model.config.vocab_size:
+        raise CheckpointError(
+            f"{tok[1]}: this tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
+            f"({imported.model.config.vocab_size}); it is not the model's tokenizer. Put the model's own tokenizer file in {folder}."
+        )
+    return Loaded(imported.model.to(device).eval(), tokenizer, spec, None)
+
+
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
@@ -100,7 +131,13 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {b!r} -> {a!r}"]
 
 
-def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint) -> None:
+# What a resumed run may change without breaking exactness: bookkeeping, not the math of the steps done.
+RESUME_FREE = {"train.checkpoint_every", "train.log_every", "train.keep_last", "train.log_to", "train.trainer.compile", "train.trainer.device"}
+
+
+def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint, echo: Callable[[str], None]) -> None:
+    """--resume continues the run the checkpoint belongs to: the model, tokenizer, data, seed and every training
+    setting that shapes the steps must be as they were; only train.steps may grow (and bookkeeping change)."""
     old = ckpt.state["spec"]
     for section in ("model", "tokenizer", "adapter"):
         changes = _diff(spec_dict.get(section), old.get(section), section)
@@ -109,6 +146,101 @@ def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint) -> None:
                 f"--resume: the spec's {section} section differs from checkpoint {ckpt.path} ({'; '.join(changes[:6])}). "
                 f"A run resumes with the model it was trained with: undo the change, or start a new run (a new name or output_dir)."
             )
+    changes = [c for key in ("seed", "data", "train") for c in _diff(spec_dict.get(key), old.get(key), key)]
+    changes = [c for c in changes if c.split(":")[0] not in RESUME_FREE and not c.startswith("data.cache_dir:")]
+    steps = [c for c in changes if c.startswith("train.steps:")]
+    changes = [c for c in changes if not c.startswith("train.steps:")]
+    if changes:
+        raise CheckpointError(
+            f"--resume: the spec changes what checkpoint {ckpt.path.name} was trained with ({'; '.join(changes[:6])}), so the "
+            f"resumed run would not continue it exactly. Undo the change, or start a new run (a new name or output_dir). "
+            f"A resumed run may raise train.steps and change checkpoint_every, log_every, keep_last, log_to, trainer.device and trainer.compile."
+        )
+    old_steps, new_steps = int(old["train"]["steps"]), int(spec_dict["train"]["steps"])
+    if steps and new_steps < old_steps:
+        raise CheckpointError(
+            f"--resume: train.steps is {new_steps}, fewer than the {old_steps} this run was started with; a run's schedule "
+            f"cannot shrink. To stop early, keep train.steps at {old_steps} and pass --stop-at N."
+        )
+    if steps:
+        echo(
+            f"resume: train.steps {old_steps} -> {new_steps}: the learning-rate schedule is stretched from step {ckpt.step} on "
+            f"(steps already done followed the {old_steps}-step schedule, so this is not a straight {new_steps}-step run)"
+        )
+
+
+def _check_same_model(spec_dict: dict[str, Any], ckpt: Checkpoint, stages: list[str]) -> None:
+    """Stages that use a trained checkpoint (eval, generate) need the spec to describe its model."""
+    old = ckpt.state["spec"]
+    for section in ("model", "tokenizer", "adapter"):
+        changes = _diff(spec_dict.get(section), old.get(section), section)
+        if changes:
+            raise CheckpointError(
+                f"--stage {','.join(stages)}: the spec's {section} section differs from the model in {ckpt.path} "
+                f"({'; '.join(changes[:6])}), which these stages would use. Undo the change, or train it as a new run "
+                f"(a new name or output_dir)."
+            )
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """The run directory must be a folder aic can write, before any work."""
+    where = f"{run_dir} (output_dir, default runs/<name>)"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SpecError(f"output_dir: {where} is a file, not a folder. Set output_dir to a folder, or move the file away.")
+    existing = next((p for p in [run_dir, *run_dir.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise SpecError(f"output_dir: {where}: {existing} is a file, so the folder cannot be made. Choose another output_dir.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(f"output_dir: {where}: {existing} is not writable by this user. Choose another output_dir or fix its permissions.")
+
+
+class RunLock:
+    """One `aic run` at a time on a run directory: an exclusive flock on run_dir/.aic.lock, held for the run and
+    released by the kernel if the process dies. The holder's PID is written into the file for the refusal."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(
+                f"{self.path.parent}: another `aic run` (PID {holder}) is using this run directory; nothing was changed. "
+                f"Wait for it to finish (or stop it), or give this run a new name or output_dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _check_stop_at(stop_at: int | None, spec: RunSpec, ckpt: Checkpoint | None) -> None:
+    if stop_at is None:
+        return
+    if stop_at < 1:
+        raise SpecError(f"--stop-at: {stop_at} is not a step; give a step from 1 to train.steps ({spec.train.steps}).")
+    if stop_at > spec.train.steps:
+        raise SpecError(
+            f"--stop-at: {stop_at} is past train.steps ({spec.train.steps}), where training ends anyway. "
+            f"Give a step from 1 to {spec.train.steps}, or raise train.steps."
+        )
+    if ckpt is not None and stop_at <= ckpt.step:
+        raise SpecError(
+            f"--stop-at: {stop_at}, but the run's latest checkpoint is already at step {ckpt.step}. "
+            f"Give a step after {ckpt.step} (up to {spec.train.steps})."
+        )
 
 
 def _stages(stages: Sequence[str] | None) -> list[str]:
@@ -128,10 +260,28 @@ def run(
     registry: Registry | None = None,
     echo: Callable[[str], None] = print,
 ) -> Path:
-    """Run the stages of a spec; return the run directory."""
+    """Run the stages of a spec; return the run directory. Everything that can be checked is checked before
+    anything in the run directory is written."""
     registry = registry or get_registry()
     spec = load_spec(spec_path, registry)
     stages = _stages(stages)
+    run_dir = spec.run_dir
+    _check_run_dir(run_dir)
+    check_data_files(spec.data)  # missing, a folder, unreadable or empty: named as data.train[i] / data.val[i]
+    if spec.adapter is not None and "train" in stages:
+        with torch.device("meta"):  # no memory, no weights: only that the adapter's targets exist in this model
+            build_model(spec, registry, 1)
+    if stop_at is not None and "train" not in stages:
+        raise SpecError(f"--stop-at: only applies to the train stage, which is not among --stage {','.join(stages)}.")
+    _check_stop_at(stop_at, spec, None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        return _run_locked(spec, spec_path, stages, resume, stop_at, registry, echo)
+
+
+def _run_locked(
+    spec: RunSpec, spec_path: str | Path, stages: list[str], resume: bool, stop_at: int | None, registry: Registry, echo: Callable[[str], None]
+) -> Path:
     run_dir = spec.run_dir
     ckpt_dir = latest_checkpoint(run_dir)
     resolved = resolved_dict(spec, registry)
@@ -146,19 +296,23 @@ def run(
             )
         if resume:
             ckpt = open_checkpoint(ckpt_dir)
-            _check_resume(resolved, ckpt)
-    for field, files in (("data.train", spec.data.train), ("data.val", spec.data.val)):
-        for name in files:
-            if not Path(name).is_file():
-                raise DataError(f"{field}: file not found: {name}. Check the path (relative paths are taken from the spec file's folder).")
-    if spec.adapter is not None and "train" in stages:
-        with torch.device("meta"):  # no memory, no weights: only that the adapter's targets exist in this model
-            build_model(spec, registry, 1)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "spec.resolved.json", resolved)
+            _check_resume(resolved, ckpt, echo)
+            _check_stop_at(stop_at, spec, ckpt)
+            if ckpt.step >= spec.train.steps:
+                echo(f"resume: {ckpt.path.name} is already at train.steps ({spec.train.steps}); nothing left to train (raise train.steps to train further)")
+    elif ckpt_dir is not None and ({"eval", "generate"} & set(stages)):
+        _check_same_model(resolved, open_checkpoint(ckpt_dir), stages)
+    tok_path = run_dir / TOKENIZER_FILE
+    if ckpt is not None and tok_path.is_file() and ckpt.state["tokenizer_hash"] != file_sha256(tok_path):
+        raise CheckpointError(
+            f"--resume: {tok_path} is not the tokenizer checkpoint {ckpt.path.name} was trained with. "
+            f"Copy {ckpt.tokenizer_path} back to {tok_path}, or start a new run."
+        )
+    # The resolved spec describes the run's checkpoints: written when training (re)starts or before there are any.
+    if "train" in stages or ckpt_dir is None:
+        write_json(run_dir / "spec.resolved.json", resolved)
     echo(f"run {spec.name}: {run_dir} (stages: {', '.join(stages)})")
 
-    tok_path = run_dir / TOKENIZER_FILE
     if "tokenizer" in stages:
         if ckpt_dir is not None and tok_path.is_file():
             echo(f"tokenizer: reusing {tok_path} (the run already has checkpoints)")
@@ -207,24 +361,45 @@ def run(
         adapter = registry.get("adapter", spec.adapter.type) if spec.adapter else None
         job = TrainJob(spec, resolved, model, train_data, val_data, run_dir, tok_path, tokenizer_hash, ckpt_dir if resume else None, stop_at, adapter)
         t0 = time.perf_counter()
-        trainer.train(spec.train.trainer, job)
+        try:
+            trainer.train(spec.train.trainer, job)
+        except KeyboardInterrupt:
+            latest = latest_checkpoint(run_dir)
+            saved = f"the latest checkpoint is {latest}" if latest else "no checkpoint was saved"
+            raise Interrupted(f"training interrupted; {saved}. Continue with `aic run {spec_path} --resume`.") from None
         echo(f"train: done in {time.perf_counter() - t0:.1f}s")
         if stop_at is not None and stop_at < spec.train.steps:
             echo(f"stopped after step {stop_at} of {spec.train.steps}; continue with `aic run {spec_path} --resume`")
+            _report(run_dir, echo)
             return run_dir
 
     if "eval" in stages:
-        _eval_stage(run_dir, registry, echo)
+        _eval_stage(run_dir, spec, registry, echo)
     if "generate" in stages:
-        _generate_stage(run_dir, registry, echo)
+        _generate_stage(run_dir, spec, registry, echo)
+    if "train" in stages or (run_dir / "metrics.jsonl").is_file():
+        _report(run_dir, echo)
     return run_dir
 
 
-def _eval_stage(run_dir: Path, registry: Registry, echo: Callable[[str], None]) -> None:
+def _report(run_dir: Path, echo: Callable[[str], None]) -> None:
+    """summary.json and report.png; the run's work is done, so a report that cannot be made is a warning."""
+    from aic_core.report import write_report
+
+    try:
+        write_report(run_dir, echo)
+    except AicError as exc:
+        warnings.warn(f"report: not written ({exc}). Try `aic report {run_dir}` after fixing it.", stacklevel=2)
+
+
+def _eval_stage(run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable[[str], None]) -> None:
+    """Evaluate the latest checkpoint with the spec's eval and data sections (the model is the checkpoint's)."""
     device = resolve_device("auto")
     loaded = load_checkpoint_model(run_dir, registry, device)
-    spec, metrics = loaded.spec, loaded.checkpoint.state.get("metrics") or {}
-    if "val_loss" not in metrics:  # the trainer evaluates its last step; anything else is evaluated here
+    trained = loaded.checkpoint.state["spec"]
+    metrics = loaded.checkpoint.state.get("metrics") or {}
+    same = all(trained.get(k) == resolved_dict(spec, registry).get(k) for k in ("eval", "data", "seed"))
+    if "val_loss" not in metrics or not same:  # the trainer evaluated its last step as this spec would; else evaluate here
         seq_len = spec.train.seq_len or loaded.model.config.block_size
         tok_hash = loaded.checkpoint.state["tokenizer_hash"]
         _, val = load_splits(
@@ -232,7 +407,7 @@ def _eval_stage(run_dir: Path, registry: Registry, echo: Callable[[str], None]) 
         )
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
         metrics = evaluate(loaded.model, val, spec, seq_len, device, autocast)
-        log = MetricsLog(run_dir / "metrics.jsonl")
+        log = MetricsLog.for_run(run_dir, spec.train)
         log.write(stage="eval", step=loaded.checkpoint.step, **metrics)
         log.close()
     result = {"checkpoint": str(loaded.checkpoint.path), "step": loaded.checkpoint.step, **metrics}
@@ -240,15 +415,16 @@ def _eval_stage(run_dir: Path, registry: Registry, echo: Callable[[str], None]) 
     echo(f"eval: step {result['step']}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  val_bpb {metrics['val_bpb']:.4f}")
 
 
-def _generate_stage(run_dir: Path, registry: Registry, echo: Callable[[str], None]) -> None:
+def _generate_stage(run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable[[str], None]) -> None:
+    """Samples from the latest checkpoint for the spec's generate section."""
     from aic_core.generation import generate
 
     loaded = load_checkpoint_model(run_dir, registry, resolve_device("auto"))
-    g = loaded.spec.generate
+    g = spec.generate
     if not g.prompts:
         echo("generate: no prompts in the spec's generate section; skipped")
         return
-    seed = loaded.spec.seed if g.seed is None else g.seed
+    seed = spec.seed if g.seed is None else g.seed
     texts = generate(loaded.model, loaded.tokenizer, g.prompts, g.max_new_tokens, g.sampler, stop=g.stop, seed=seed, use_cache=g.use_cache)
     parts = [f"=== sample {i + 1} (step {loaded.checkpoint.step}) ===\n{p}{t}\n" for i, (p, t) in enumerate(zip(g.prompts, texts))]
     write_atomic(run_dir / "samples.txt", "\n".join(parts))

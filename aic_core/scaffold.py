@@ -595,7 +595,7 @@ class __C__Trainer(kinds.TrainerPlugin):
             trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
             job.save_checkpoint(step, model_state(model), trainer_state, metrics)
 
-        log = MetricsLog(job.run_dir / "metrics.jsonl")
+        log = MetricsLog.for_run(job.run_dir, job.spec.train)
         model.train()
         try:
             for step in range(start, end):

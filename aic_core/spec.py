@@ -8,6 +8,7 @@ Pydantic validation checks everything, gives JSON paths for errors, and yields `
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import typing
 from pathlib import Path
@@ -20,7 +21,8 @@ from aic_core.registry import Registry
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=False)
+    # strict: a JSON `true` is not the integer 1 and "4" is not 4; a JSON int may still fill a float.
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=(), validate_assignment=False)
 
 
 class PluginSection(Section):
@@ -76,7 +78,16 @@ class TrainSpec(Section):
     beta2: float = Field(0.95, gt=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this value; 0 turns clipping off.")
     checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: only at the end).")
+    keep_last: int | None = Field(
+        None, ge=1, description="Keep only the newest N checkpoints, deleting older ones as new ones are saved (null: keep all). "
+        "The checkpoint `latest` names and the one a --resume started from are never deleted."
+    )
     log_every: int = Field(10, gt=0, description="Write training loss to metrics.jsonl every N steps.")
+    log_to: list[Literal["jsonl", "tensorboard"]] = Field(
+        default_factory=lambda: ["jsonl"],
+        description='Where training metrics go: "jsonl" (metrics.jsonl, always written; `aic report` reads it) and '
+        '"tensorboard" (scalars in <run>/tensorboard/; needs pip install "aic[tensorboard]").',
+    )
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainSpec:
@@ -352,6 +363,7 @@ def parse_spec(
             registry.get(kind, section.type).check(section, spec)
     if check and not model_only:
         _check_positional(spec, registry, source)
+        check_log_to(spec)
     return spec
 
 
@@ -419,6 +431,18 @@ def _check_positional(spec: RunSpec, registry: Registry, source: str) -> None:
         )
 
 
+TENSORBOARD_MISSING = (
+    "train.log_to: 'tensorboard' asks for TensorBoard logging, but the tensorboard package is not installed here. "
+    'Install it with `pip install "aic[tensorboard]"`, or remove "tensorboard" from train.log_to (metrics.jsonl is always written).'
+)
+
+
+def check_log_to(spec: Any) -> None:
+    """Refuse, before any work, a `train.log_to` sink whose package is missing."""
+    if "tensorboard" in spec.train.log_to and importlib.util.find_spec("tensorboard") is None:
+        raise SpecError(TENSORBOARD_MISSING)
+
+
 def _section_of(spec: RunSpec, path: tuple[str, ...]) -> Any:
     node: Any = spec
     for key in path:
@@ -430,15 +454,35 @@ def _section_of(spec: RunSpec, path: tuple[str, ...]) -> Any:
 
 def load_spec(path: str | Path, registry: Registry) -> RunSpec:
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"{path}: is a directory, not a spec file. Pass the path of a JSON run spec, e.g. examples/austen-tiny.json.")
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found. Pass the path of a JSON run spec, e.g. examples/austen-tiny.json.")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. Fix the JSON syntax.") from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not a UTF-8 text file; a spec is a JSON file.") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot be read ({exc.strerror or exc}). Check the file's permissions.") from None
+    if not text.strip():
+        raise SpecError(f"{path}: the file is empty. A spec is a JSON object; start from examples/austen-tiny.json.")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path}: {_json_problem(text, exc)}") from None
     return parse_spec(raw, registry, source=str(path), base_dir=path.resolve().parent, resolve_init=True)
+
+
+def _json_problem(text: str, exc: json.JSONDecodeError) -> str:
+    """What is wrong with a spec that is not JSON; comments get their own message (JSON has none)."""
+    where = f"line {exc.lineno}, column {exc.colno}"
+    rest = text[exc.pos :].lstrip()
+    if rest.startswith("//") or rest.startswith("/*") or rest.startswith("#"):
+        return (
+            f"not valid JSON: a comment at {where}. A spec is plain JSON, which has no comments "
+            f"(// ..., /* ... */ or # ...): remove them. `aic schema` describes every key instead."
+        )
+    return f"not valid JSON: {exc.msg} at {where}. Fix the JSON syntax."
 
 
 def resolved_dict(spec: RunSpec, registry: Registry) -> dict[str, Any]:

@@ -62,20 +62,53 @@ def evaluate(model: torch.nn.Module, val: TokenData, spec: RunSpec, seq_len: int
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl, one JSON object a line, flushed at once."""
+    """Append-only metrics.jsonl, one JSON object a line, flushed at once. With `tensorboard_dir`, also each
+    numeric field of a record with a step as a TensorBoard scalar there (loss -> train/loss, val_bpb -> val/bpb)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tb_dir, self._tb = (None if tensorboard_dir is None else Path(tensorboard_dir)), None
+        if self._tb_dir is not None:
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+            except ImportError:
+                from aic_core.errors import SpecError
+                from aic_core.spec import TENSORBOARD_MISSING
+
+                raise SpecError(TENSORBOARD_MISSING) from None
         self._file = open(self.path, "a", encoding="utf-8")
+
+    @classmethod
+    def for_run(cls, run_dir: Path, train: TrainSpec) -> MetricsLog:
+        """run_dir/metrics.jsonl, plus run_dir/tensorboard/ when `train.log_to` asks for it."""
+        run_dir = Path(run_dir)
+        return cls(run_dir / "metrics.jsonl", run_dir / "tensorboard" if "tensorboard" in train.log_to else None)
 
     def write(self, **record: Any) -> None:
         record.setdefault("time", round(time.time(), 3))
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._tb_dir is not None and "step" in record:
+            self._scalars(record)
+
+    def _scalars(self, record: dict[str, Any]) -> None:
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # A resumed run starts with its resume event: TensorBoard then drops the old events after that step.
+            purge = record["step"] + 1 if record.get("event") == "resume" else None
+            self._tb = SummaryWriter(str(self._tb_dir), purge_step=purge)
+        for key, value in record.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                self._tb.add_scalar(tag, value, record["step"], walltime=record["time"])
+        self._tb.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def rng_state() -> dict[str, Any]:

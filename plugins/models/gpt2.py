@@ -123,6 +123,7 @@ class GPT2(ModelPlugin):
             "model_type": "gpt2",
             "vocab_size": config.vocab_size,
             "n_positions": config.block_size,
+            "n_ctx": config.block_size,  # what llama.cpp's convert_hf_to_gguf.py reads as the context length
             "n_embd": config.n_embd,
             "n_layer": config.n_layer,
             "n_head": config.n_head,

@@ -3,7 +3,8 @@
 decode(encode(text)) == text for any text the vocabulary covers (with byte fallback: any text): no
 Unicode normalisation, no whitespace clean-up, no dummy prefix, and the trainer sees whole
 paragraphs, so newlines, blank lines, runs of spaces and tabs are learned like any other character.
-The tokenizer is one file, the SentencePiece `.model`, loadable by `sentencepiece` alone.
+The tokenizer is one file, the SentencePiece `.model`, loadable by `sentencepiece` alone. An HF export
+also gets tokenizer.json and tokenizer_config.json, for `transformers.AutoTokenizer` (see `hf_tokenizer_files`).
 
 Ids: unk=0, bos=1, eos=2 (SentencePiece's defaults), then the special tokens, then the 256 byte
 pieces (with byte_fallback), then the learned pieces. `encode` adds no bos/eos.
@@ -11,10 +12,13 @@ pieces (with byte_fallback), then the learned pieces. `encode` adds no bos/eos.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import struct
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -215,6 +219,10 @@ class SentencePiece(TokenizerPlugin):
     def load(self, options: PluginOptions, path: Path) -> Tokenizer:
         return _load(Path(path))
 
+    def hf_tokenizer_files(self, options: PluginOptions, path: Path, model_max_length: int) -> dict[str, bytes]:
+        """tokenizer.json and tokenizer_config.json for AutoTokenizer; see "Hugging Face tokenizer files" below."""
+        return hf_tokenizer_files(Path(path), model_max_length)
+
 
 # --- helpers ----------------------------------------------------------------------------------
 
@@ -276,8 +284,10 @@ def _check_text(files: list[Path]) -> None:
             with open(f, encoding="utf-8") as fh:
                 for block in iter(lambda: fh.read(1 << 20), ""):
                     has_text = has_text or not block.isspace()
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{f}: not UTF-8 text (byte {exc.start} of a block it could not decode). Convert it to UTF-8.") from None
+        except UnicodeDecodeError:
+            from aic_core.data import where_not_utf8  # the FILE's byte offset, not the block's
+
+            raise DataError(f"{f}: not UTF-8 text: {where_not_utf8(f)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
         except OSError as exc:
             raise DataError(f"{f}: cannot be read ({exc.strerror or exc}). Check the file and its permissions.") from None
     if not has_text:
@@ -299,8 +309,10 @@ class _CorpusReader:
         for f in self.files:
             try:
                 yield from self._paragraphs(f)
-            except UnicodeDecodeError as exc:
-                self.error = DataError(f"{f}: not UTF-8 text (byte {exc.start} of a block it could not decode). Convert it to UTF-8.")
+            except UnicodeDecodeError:
+                from aic_core.data import where_not_utf8  # the FILE's byte offset, not the block's
+
+                self.error = DataError(f"{f}: not UTF-8 text: {where_not_utf8(f)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`).")
                 return
             except OSError as exc:
                 self.error = DataError(f"{f}: cannot be read ({exc.strerror or exc}). Check the file and its permissions.")
@@ -332,6 +344,150 @@ class _CorpusReader:
         if not self.has_text and text.strip():
             self.has_text = True
         return text
+
+
+# --- Hugging Face tokenizer files ----------------------------------------------------------------
+#
+# tokenizer.json is this SentencePiece model rebuilt in the `tokenizers` library, piece for piece (same ids):
+# - BPE: SentencePiece merges, again and again, the adjacent pair whose union is the best-scoring piece; in
+#   `tokenizers` that is one merge per way of splitting a piece in two pieces, ranked by the piece's score.
+# - unigram: the pieces and their scores (both pick the best segmentation). `tokenizers` would also match the
+#   control and byte pieces ("<s>", "<0x41>") inside a text, which SentencePiece never does; a "<" is made a
+#   piece of its own to prevent that, as long as no learned piece holds a "<". (Without byte fallback, an
+#   unknown "<" beside another unknown character is then two <unk>, where SentencePiece fuses them in one.)
+# - no normalizer or pre-tokenizer (aic trains with none), byte fallback as trained, and the pieces' "▁"
+#   spelled as the space it stands for: a literal "▁" in a text then matches no piece and falls back to its
+#   three bytes, as SentencePieceTokenizer.encode does. (Without byte fallback, "▁" reads as a space, as there.)
+# tokenizer_config.json names PreTrainedTokenizerFast, which takes tokenizer.json as it is on transformers 4.x
+# and 5.x and has no slow twin (use_fast=False loads the same). Not LlamaTokenizer(Fast): 5.x rebuilds that
+# one with its own "▁" handling (and BPE only), and 4.x converts it from the slow SentencePiece tokenizer,
+# which needs protobuf, whenever add_prefix_space is set. A "<s>" in a text stays three characters
+# (split_special_tokens), as in SentencePiece.
+
+PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED = 1, 2, 3, 4  # SentencePiece's piece types
+UNIGRAM, BPE = 1, 2  # TrainerSpec.model_type
+
+
+def hf_tokenizer_files(path: Path, model_max_length: int) -> dict[str, bytes]:
+    pieces, trainer, normalizer = _read_model_proto(path.read_bytes())
+    if why := _not_reproducible(trainer, normalizer):
+        warnings.warn(
+            f"{path}: this SentencePiece model was not trained by aic ({why}), and the tokenizer.json aic writes reproduces only "
+            f"aic's settings; the export carries tokenizer.model alone, which sentencepiece reads exactly (transformers.AutoTokenizer will not load it).",
+            stacklevel=2,
+        )
+        return {}
+    names = [piece.replace(SPACE, " ") if kind == PIECE_NORMAL else piece for piece, _, kind in pieces]
+    processor = _load(path).processor
+    roles = (("unk", processor.unk_id()), ("bos", processor.bos_id()), ("eos", processor.eos_id()))
+    user_defined = {  # tokenizer.special_tokens: one piece wherever they occur (llama.cpp reads them from here)
+        str(i): {"content": names[i], "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": False}
+        for i, (_, _, kind) in enumerate(pieces)
+        if kind == PIECE_USER_DEFINED
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,  # llama.cpp's convert_hf_to_gguf.py writes it as tokenizer.ggml.add_space_prefix
+        "legacy": False,
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        **{f"{role}_token": names[i] for role, i in roles if i >= 0},
+        **({"added_tokens_decoder": user_defined} if user_defined else {}),
+    }
+    files = {"tokenizer_config.json": (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()}
+    try:
+        files["tokenizer.json"] = _tokenizer_json(pieces, names, trainer.get(3, UNIGRAM), bool(trainer.get(35, 0)))
+    except ImportError as exc:
+        warnings.warn(
+            f"{exc}, so the export has no tokenizer.json and transformers.AutoTokenizer cannot load it (tokenizer.model and "
+            f"tokenizer_config.json are written). `pip install -U tokenizers` (transformers brings it) and export again.",
+            stacklevel=2,
+        )
+    return files
+
+
+def _tokenizer_json(pieces: list[tuple[str, float, int]], names: list[str], model_type: int, byte_fallback: bool) -> bytes:
+    try:
+        import tokenizers
+    except ImportError:
+        raise ImportError("the `tokenizers` package is not installed") from None
+    if tuple(int(x) for x in tokenizers.__version__.split(".")[:2]) < (0, 20):  # BPE merges as pairs, as pieces hold spaces
+        raise ImportError(f"tokenizers {tokenizers.__version__} is older than 0.20, the first to read the tokenizer.json aic writes")
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
+
+    kinds = [kind for _, _, kind in pieces]
+    unk = kinds.index(PIECE_UNKNOWN)
+    learned = [name for name, kind in zip(names, kinds) if kind == PIECE_NORMAL]
+    if model_type == BPE:
+        known = set(learned)
+        best_first = [names[i] for i in sorted(range(len(pieces)), key=lambda i: -pieces[i][1]) if kinds[i] == PIECE_NORMAL]
+        merges = [(name[:k], name[k:]) for name in best_first for k in range(1, len(name)) if name[:k] in known and name[k:] in known]
+        model = models.BPE({name: i for i, name in enumerate(names)}, merges, unk_token=names[unk], fuse_unk=True, byte_fallback=byte_fallback)
+    else:
+        model = models.Unigram([(name, score) for name, (_, score, _) in zip(names, pieces)], unk_id=unk, byte_fallback=byte_fallback)
+    tokenizer = tokenizers.Tokenizer(model)
+    if model_type == UNIGRAM and not any("<" in name and len(name) > 1 for name in learned):
+        tokenizer.pre_tokenizer = pre_tokenizers.Split("<", "isolated")
+    if not byte_fallback:
+        tokenizer.normalizer = normalizers.Replace(SPACE, " ")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(names[unk], " \u2047 "), decoders.ByteFallback(), decoders.Fuse()])  # unk: " ⁇ "
+    tokenizer.add_special_tokens([AddedToken(n, special=True, normalized=False) for n, k in zip(names, kinds) if k in (PIECE_UNKNOWN, PIECE_CONTROL)])
+    tokenizer.add_tokens([AddedToken(n, special=False, normalized=False) for n, k in zip(names, kinds) if k == PIECE_USER_DEFINED])
+    return tokenizer.to_str().encode()
+
+
+def _not_reproducible(trainer: dict[int, Any], normalizer: dict[int, Any]) -> str | None:
+    """What in a model's TrainerSpec and NormalizerSpec (by field number) tokenizer.json would not reproduce."""
+    checks = (
+        (trainer.get(3, UNIGRAM) in (UNIGRAM, BPE), "it is neither BPE nor unigram"),
+        (not normalizer.get(2) and not normalizer.get(6), "it normalizes text"),
+        (normalizer.get(3, 1) == 0, "it adds a dummy prefix"),
+        (normalizer.get(4, 1) == 0, "it removes extra whitespace"),
+        (normalizer.get(5, 1) == 1, "it does not mark spaces as ▁"),
+        (trainer.get(24, 0) == 0, "it puts the ▁ of a space at the end of pieces"),
+    )
+    return "; ".join(why for ok, why in checks if not ok) or None
+
+
+def _read_model_proto(data: bytes) -> tuple[list[tuple[str, float, int]], dict[int, Any], dict[int, Any]]:
+    """A serialized ModelProto read without protobuf (field numbers from sentencepiece_model.proto): its pieces
+    as (piece, score, type), and its TrainerSpec and NormalizerSpec fields by number."""
+    pieces, trainer, normalizer = [], {}, {}
+    for number, value in _proto_fields(data):
+        if number == 1:  # SentencePiece: piece = 1, score = 2 (a float), type = 3
+            fields = dict(_proto_fields(value))
+            score = struct.unpack("<f", fields[2])[0] if 2 in fields else 0.0
+            pieces.append((fields.get(1, b"").decode("utf-8"), score, fields.get(3, PIECE_NORMAL)))
+        elif number == 2:
+            trainer.update(_proto_fields(value))
+        elif number == 3:
+            normalizer.update(_proto_fields(value))
+    return pieces, trainer, normalizer
+
+
+def _proto_fields(data: bytes) -> Iterator[tuple[int, Any]]:
+    """(field number, value) of a protobuf message: varints as int, the other fields as bytes."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        if key & 7 == 0:
+            value, pos = _varint(data, pos)
+        else:
+            size, pos = _varint(data, pos) if key & 7 == 2 else ({1: 8, 5: 4}[key & 7], pos)
+            value, pos = data[pos : pos + size], pos + size
+        yield key >> 3, value
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        value, pos, shift = value | (byte & 0x7F) << shift, pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
 
 
 @hookimpl

@@ -4,6 +4,9 @@ bf16 autocast on CUDA, optional torch.compile, evaluation, atomic checkpoints, e
 from __future__ import annotations
 
 import contextlib
+import signal
+import sys
+import threading
 import time
 from typing import Literal
 
@@ -25,6 +28,66 @@ class TorchTrainerOptions(PluginOptions):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
     compile: bool = Field(False, description="torch.compile the model (faster steps after a compile of a minute or so).")
+
+
+class _Progress:
+    """tqdm's bar on a terminal; anywhere else (a log file, a pipe, CI) one plain line per log step, since a bar
+    redrawn with \\r is one unreadable line in a log."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        self.total = total
+        interactive = getattr(sys.stderr, "isatty", lambda: False)()
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0) if interactive else None
+
+    def log(self, step: int, loss: float, lr: float, tok_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        else:
+            print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s", file=sys.stderr, flush=True)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(self, message: str, file=None) -> None:  # noqa: ANN001
+        if self.bar is not None:
+            self.bar.write(message, file=file)
+        else:
+            print(message, file=file, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _CtrlC:
+    """Ctrl-C while training sets a flag instead of raising inside a step (which could leave the optimizer half
+    updated); the loop finishes the step, saves a checkpoint and raises KeyboardInterrupt. A second Ctrl-C stops
+    at once, without a checkpoint. Only the main thread can catch signals; elsewhere this does nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._installed, self._previous = False, None
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+                self._installed = True
+            except ValueError:
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        with contextlib.suppress(Exception):  # a print can collide with one the handler interrupted
+            print("\naic: interrupted: finishing this step to save a checkpoint (Ctrl-C again to stop at once, without one)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
 
 
 class TorchTrainer(TrainerPlugin):
@@ -66,18 +129,26 @@ class TorchTrainer(TrainerPlugin):
         end = min(t.steps, job.stop_at or t.steps)
         tokens_per_step = t.batch_size * t.grad_accum * seq_len
 
-        def checkpoint(step: int, metrics: dict[str, float] | None = None) -> None:
-            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-            job.save_checkpoint(step, model_state(model), trainer_state, metrics)
+        saved, metrics_step = None, None  # the step last checkpointed; the step `metrics` were measured at
 
-        log = MetricsLog(job.run_dir / "metrics.jsonl")
+        def checkpoint(step: int) -> None:
+            nonlocal saved
+            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+            # Validation metrics go with the checkpoint only if measured at its step (else the eval stage measures).
+            job.save_checkpoint(step, model_state(model), trainer_state, metrics if metrics_step == step else None)
+            saved = step
+
+        log = MetricsLog.for_run(job.run_dir, t)
         if start:
             log.write(event="resume", step=start)
-        bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+        bar = _Progress(end, start)
         model.train()
         tick, last_logged = time.perf_counter(), start
         metrics: dict[str, float] = {}
+        done = start
+        ctrl_c = _CtrlC()
         try:
+            ctrl_c.__enter__()
             for step in range(start, end):
                 loss_sum = torch.zeros((), device=device)
                 for micro in range(t.grad_accum):
@@ -99,21 +170,32 @@ class TorchTrainer(TrainerPlugin):
                     tok_s = tokens_per_step * (done - last_logged) / max(now - tick, 1e-9)
                     tick, last_logged = now, done
                     log.write(step=done, loss=loss_value, lr=lr, tokens_per_s=round(tok_s, 1))
-                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                bar.update(1)
+                    bar.log(done, loss_value, lr, tok_s)
+                bar.update()
                 if spec.eval.every and done % spec.eval.every == 0 and done < t.steps:
-                    metrics = evaluate(model, job.val_data, spec, seq_len, device, autocast)
+                    metrics, metrics_step = evaluate(model, job.val_data, spec, seq_len, device, autocast), done
                     log.write(step=done, **metrics)
                     bar.write(f"step {done}: val_loss {metrics['val_loss']:.4f}  val_bpb {metrics['val_bpb']:.4f}")
                 if t.checkpoint_every and done % t.checkpoint_every == 0 and done < end:
-                    checkpoint(done, metrics)
+                    checkpoint(done)
+                if ctrl_c.requested and done < end:
+                    break
+            if ctrl_c.requested and done < end:  # Ctrl-C: keep the steps done so far, then stop
+                if done > start and saved != done:
+                    checkpoint(done)
+                if saved is not None:
+                    bar.write(f"interrupted after step {done}: saved checkpoint step-{saved}", file=sys.stderr)
+                raise KeyboardInterrupt
             if end == t.steps:
-                metrics = evaluate(model, job.val_data, spec, seq_len, device, autocast)
+                metrics, metrics_step = evaluate(model, job.val_data, spec, seq_len, device, autocast), end
                 log.write(step=end, **metrics)
                 bar.write(f"step {end}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  val_bpb {metrics['val_bpb']:.4f}")
             if end > start or job.resume_from is None:
-                checkpoint(end, metrics)
+                checkpoint(end)
+            if ctrl_c.requested:  # Ctrl-C during the last step or the final evaluation: training is complete and saved
+                raise KeyboardInterrupt
         finally:
+            ctrl_c.__exit__()
             bar.close()
             log.close()
 

@@ -52,7 +52,8 @@ def test_export_loads_in_transformers_and_round_trip_is_exact(runs, tmp_path, fa
     assert main(["export", str(runs[family]), "--format", "hf", str(out)]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"against transformers \d\.\d\de[-+]\d\d", printed)
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.model"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "tokenizer_config.json"}
+    assert re.search(r"AutoTokenizer: aic's ids and text on \d+ fixed texts", printed)
     loaded = load_checkpoint_model(runs[family])
     ids = torch.randint(0, loaded.model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -37,7 +37,7 @@ def test_run_writes_the_run_directory(trained):
         assert (run_dir / name).is_file(), name
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-4", "step-8"]
     for ckpt in list_checkpoints(run_dir):
-        assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.pt", "state.json", "tokenizer.model"}
+        assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "trainer_state.safetensors", "trainer_state.json", "state.json", "tokenizer.model"}
     resolved = json.loads((run_dir / "spec.resolved.json").read_text())
     assert resolved["model"]["positional"] == {"type": "learned"}
     assert resolved["train"]["trainer"]["type"] == "torch"
