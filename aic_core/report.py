@@ -8,7 +8,6 @@ This module imports nothing heavy at the top; torch and matplotlib load when nee
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os

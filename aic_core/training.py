@@ -1,4 +1,5 @@
-"""Pieces every trainer plugin shares: LR schedule, weight-decay groups, evaluation, metrics, RNG state."""
+"""Pieces every trainer plugin shares: LR schedule, weight-decay groups, evaluation, metrics, RNG state,
+the progress display and Ctrl-C handling."""
 
 from __future__ import annotations
 
@@ -6,13 +7,18 @@ import contextlib
 import json
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from aic_core.checkpoint import disk_full_error, is_disk_full
 from aic_core.data import TokenData
 from aic_core.spec import RunSpec, TrainSpec
 
@@ -87,8 +93,13 @@ class MetricsLog:
 
     def write(self, **record: Any) -> None:
         record.setdefault("time", round(time.time(), 3))
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(self.path.parent, self.path.name, "The checkpoints already written are kept.", "continue with --resume") from None
+            raise
         if self._tb_dir is not None and "step" in record:
             self._scalars(record)
 
@@ -130,3 +141,63 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+class Progress:
+    """tqdm's bar on a terminal; anywhere else (a log file, a pipe, CI) one plain line per log step, since a bar
+    redrawn with \\r is one unreadable line in a log."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        self.total = total
+        interactive = getattr(sys.stderr, "isatty", lambda: False)()
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0) if interactive else None
+
+    def log(self, step: int, loss: float, lr: float, tok_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        else:
+            print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s", file=sys.stderr, flush=True)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(self, message: str, file=None) -> None:  # noqa: ANN001
+        if self.bar is not None:
+            self.bar.write(message, file=file)
+        else:
+            print(message, file=file, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class CtrlC:
+    """Ctrl-C while training sets a flag instead of raising inside a step (which could leave the optimizer half
+    updated); the loop finishes the step, saves a checkpoint and raises KeyboardInterrupt. A second Ctrl-C stops
+    at once, without a checkpoint. Only the main thread can catch signals; elsewhere this does nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._installed, self._previous = False, None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+                self._installed = True
+            except ValueError:
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        with contextlib.suppress(Exception):  # a print can collide with one the handler interrupted
+            print("\naic: interrupted: finishing this step to save a checkpoint (Ctrl-C again to stop at once, without one)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)

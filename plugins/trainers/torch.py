@@ -4,22 +4,19 @@ bf16 autocast on CUDA, optional torch.compile, evaluation, atomic checkpoints, e
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
-import threading
 import time
 from typing import Literal
 
 import torch
 from pydantic import Field
-from tqdm import tqdm
 
 from aic_core.checkpoint import model_state, open_checkpoint
 from aic_core.errors import SpecError
 from aic_core.hookspecs import hookimpl
 from aic_core.kinds import PluginOptions, TrainerPlugin, TrainJob
 from aic_core.spec import RunSpec
-from aic_core.training import MetricsLog, evaluate, lr_at, param_groups, resolve_device, rng_state, set_rng_state, train_batch
+from aic_core.training import CtrlC, MetricsLog, Progress, evaluate, lr_at, param_groups, resolve_device, rng_state, set_rng_state, train_batch
 
 
 class TorchTrainerOptions(PluginOptions):
@@ -28,66 +25,6 @@ class TorchTrainerOptions(PluginOptions):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
     compile: bool = Field(False, description="torch.compile the model (faster steps after a compile of a minute or so).")
-
-
-class _Progress:
-    """tqdm's bar on a terminal; anywhere else (a log file, a pipe, CI) one plain line per log step, since a bar
-    redrawn with \\r is one unreadable line in a log."""
-
-    def __init__(self, total: int, initial: int) -> None:
-        self.total = total
-        interactive = getattr(sys.stderr, "isatty", lambda: False)()
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0) if interactive else None
-
-    def log(self, step: int, loss: float, lr: float, tok_s: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-        else:
-            print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s", file=sys.stderr, flush=True)
-
-    def update(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def write(self, message: str, file=None) -> None:  # noqa: ANN001
-        if self.bar is not None:
-            self.bar.write(message, file=file)
-        else:
-            print(message, file=file, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class _CtrlC:
-    """Ctrl-C while training sets a flag instead of raising inside a step (which could leave the optimizer half
-    updated); the loop finishes the step, saves a checkpoint and raises KeyboardInterrupt. A second Ctrl-C stops
-    at once, without a checkpoint. Only the main thread can catch signals; elsewhere this does nothing."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._installed, self._previous = False, None
-
-    def __enter__(self) -> _CtrlC:
-        if threading.current_thread() is threading.main_thread():
-            try:
-                self._previous = signal.signal(signal.SIGINT, self._handle)
-                self._installed = True
-            except ValueError:
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:  # noqa: ANN001
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        with contextlib.suppress(Exception):  # a print can collide with one the handler interrupted
-            print("\naic: interrupted: finishing this step to save a checkpoint (Ctrl-C again to stop at once, without one)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
 
 
 class TorchTrainer(TrainerPlugin):
@@ -141,12 +78,12 @@ class TorchTrainer(TrainerPlugin):
         log = MetricsLog.for_run(job.run_dir, t)
         if start:
             log.write(event="resume", step=start)
-        bar = _Progress(end, start)
+        bar = Progress(end, start)
         model.train()
         tick, last_logged = time.perf_counter(), start
         metrics: dict[str, float] = {}
         done = start
-        ctrl_c = _CtrlC()
+        ctrl_c = CtrlC()
         try:
             ctrl_c.__enter__()
             for step in range(start, end):

@@ -386,3 +386,23 @@ def test_gitignore_covers_what_the_readme_commands_write(path):
         pytest.skip("not a git checkout")
     result = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO)
     assert result.returncode == 0, f"{path} is not ignored"
+
+
+def test_disk_full_while_logging_metrics_is_a_clear_error(tmp_path):
+    import errno
+
+    from aic_core.errors import CheckpointError
+    from aic_core.training import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    log._file = Full()
+    with pytest.raises(CheckpointError, match="the disk is full .* while writing metrics.jsonl"):
+        log.write(step=1, loss=1.0)
