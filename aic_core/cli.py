@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +23,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from aic_core.registry import get_registry
-    from aic_core.spec import load_spec, resolved_dict
+    from aic_core.loading import load_spec
+    from aic_core.spec import resolved_dict
 
     registry = get_registry()
     spec = load_spec(args.spec, registry)
@@ -33,6 +35,26 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(json.dumps(resolved_dict(spec, registry), indent=2))
     else:
         print(f"{args.spec}: valid ({spec.model.type} + {spec.model.positional.type}, tokenizer {spec.tokenizer.type}, trainer {spec.train.trainer.type})")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from aic_core.loading import load_spec
+    from aic_core.memory import fit_advice, format_plan, plan
+    from aic_core.registry import get_registry
+
+    if args.device is not None and args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise AicError(f"--device: {args.device!r}; plan for cpu or cuda (default: the spec's train.trainer.device).")
+    registry = get_registry()
+    spec = load_spec(args.spec, registry)
+    p = plan(spec, registry, world_size=args.world_size, device_memory=args.device_memory, device=args.device)
+    advice = fit_advice(spec, registry, p, args.device) if p.fits is False else None
+    if args.json:
+        print(json.dumps({**p.to_dict(), "advice": advice}, indent=2))
+    else:
+        print(format_plan(p))
+        if advice:
+            print(f"\n{advice}")
     return 0
 
 
@@ -75,14 +97,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from aic_core.generation import stream
-    from aic_core.run import load_checkpoint_model
+    from aic_core.loading import load_checkpoint_model
     from aic_core.spec import SamplerSpec
     device = _device(args.device)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise AicError(f"--max-new-tokens: {args.max_new_tokens}; give at least 1 (or leave it out for the spec's generate.max_new_tokens).")
     loaded = load_checkpoint_model(Path(args.run), device="cpu")
     if args.adapter:
-        from aic_core.convert import load_adapter
+        from aic_core.loading import load_adapter
 
         if loaded.spec.adapter is not None:
             raise AicError(f"--adapter: {args.run} already holds a '{loaded.spec.adapter.type}' adapter; pass its plain base model instead.")
@@ -221,6 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolved", action="store_true", help="print the spec with every default filled in")
     p.set_defaults(func=_cmd_validate)
 
+    p = sub.add_parser(
+        "plan", parents=[common], help="parameters, FLOPs per token and per-device memory of a spec, and whether it fits",
+        description="Plan a spec before running it: parameters, FLOPs per token, and per-device memory (weights, gradients, "
+        "optimizer state, activations, logits/loss buffer, KV cache) for its trainer and for DeepSpeed ZeRO stages 1-3, "
+        "and whether that fits the device. Nothing is allocated.",
+    )
+    p.add_argument("spec", help="the JSON run spec")
+    p.add_argument("--world-size", type=int, default=1, metavar="N", help="processes (devices) the run would use (default: 1)")
+    p.add_argument("--device-memory", type=float, metavar="GiB", help="memory of one device in GiB (default: this machine's GPU, else the CPU's available memory)")
+    p.add_argument("--device", metavar="DEVICE", help="plan for cpu or cuda (default: the spec's train.trainer.device as it resolves here)")
+    p.add_argument("--json", action="store_true", help="the plan as JSON (bytes), for tools")
+    p.set_defaults(func=_cmd_plan)
+
     p = sub.add_parser("schema", parents=[common], help="print the JSON Schema of a spec, with the installed plugins' options")
     p.set_defaults(func=_cmd_schema)
 
@@ -301,21 +336,59 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:  # n
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     args = build_parser().parse_args(argv)
+    code = _main(args)
+    if _in_process_group():
+        # gloo can abort at interpreter exit ("terminate called without an active exception") after all work is
+        # done; leaving the group and exiting at once avoids it.
+        from aic_core.distributed import teardown
+
+        teardown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(args: argparse.Namespace) -> int:
+    from aic_core.distributed import PeerFailed
+
+    rank = int(os.environ.get("RANK", "0") or 0) if os.environ.get("WORLD_SIZE", "1") != "1" else 0
     try:
         if args.strict:
             from aic_core.registry import get_registry
 
             get_registry(strict=True)
         return args.func(args)
+    except PeerFailed as exc:  # another rank failed and printed why
+        return exc.exit_code
     except Interrupted as exc:
-        print(f"aic: interrupted: {exc}", file=sys.stderr)
+        if rank == 0:
+            print(f"aic: interrupted: {exc}", file=sys.stderr)
         return exc.exit_code
     except AicError as exc:
-        print(f"aic: error: {exc}", file=sys.stderr)
+        # Before the process group starts every rank checks the same spec: rank 0 speaks for them. After it, an
+        # error reaches the other ranks as PeerFailed, and the failing rank names itself.
+        if rank == 0 or _in_process_group():
+            where = f"rank {rank}: " if _in_process_group() and rank else ""
+            print(f"aic: error: {where}{exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("aic: interrupted", file=sys.stderr)
+        if rank == 0:
+            print("aic: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if not _in_process_group():
+            raise
+        # A collective failed because a peer process stopped (it printed why), or timed out (AIC_DIST_TIMEOUT).
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"aic: error: rank {rank}: lost contact with the other processes ({first}); the one that stopped first says why above.", file=sys.stderr)
+        return 1
+
+
+def _in_process_group() -> bool:
+    import torch.distributed
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 if __name__ == "__main__":

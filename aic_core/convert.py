@@ -16,162 +16,34 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from aic_core.checkpoint import STATE, load_weights, model_state, open_checkpoint, write_checkpoint_dir
+from aic_core.checkpoint import STATE, load_weights, model_state, write_checkpoint_dir
+from aic_core.data import file_sha256
 from aic_core.errors import CheckpointError, PluginError
-from aic_core.kinds import ModelPlugin, Tokenizer, TokenizerPlugin
-from aic_core.nn.transformer import Transformer, TransformerConfig
+from aic_core.kinds import Tokenizer
+from aic_core.loading import (
+    HF_CONFIG,
+    build_from_section,
+    hf_tokenizer,
+    import_hf,
+    is_hf_folder,
+    load_checkpoint_model,
+    model_spec,
+    open_source,
+    read_hf_config,
+)
+from aic_core.nn.transformer import Transformer
 from aic_core.registry import Registry, get_registry
+from aic_core.spec import parse_spec, resolved_dict
 
-HF_CONFIG = "config.json"
 # Logits of a conversion must agree with the source's to this, times max(1, the largest |logit|).
 TOLERANCE = 1e-4
-
-
-# --- reading Hugging Face folders --------------------------------------------------------------------
-
-
-def is_hf_folder(path: Path) -> bool:
-    return (Path(path) / HF_CONFIG).is_file() and not (Path(path) / STATE).is_file()
-
-
-def read_hf_config(folder: Path) -> dict[str, Any]:
-    folder = Path(folder)
-    config_path = folder / HF_CONFIG
-    if not folder.exists():
-        raise CheckpointError(f"{folder}: no such folder. Pass a Hugging Face model folder (config.json + model.safetensors), e.g. one written by save_pretrained.")
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: is a file, not a folder. Pass the Hugging Face model folder that holds config.json and model.safetensors.")
-    if not config_path.is_file():
-        raise CheckpointError(f"{folder}: no config.json; a Hugging Face model folder holds config.json and model.safetensors.")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: not valid JSON ({exc}).") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path}: not a Hugging Face config (a JSON object).")
-    return config
-
-
-def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    folder = Path(folder)
-    shards = sorted(folder.glob("model*.safetensors"))
-    if not shards:
-        raise CheckpointError(
-            f"{folder}: no model.safetensors (or model-0000N-of-0000M.safetensors shards). "
-            f"Save the model with save_pretrained(..., safe_serialization=True)."
-        )
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        try:
-            state.update(load_file(str(shard)))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{shard}: corrupt safetensors file ({exc}).") from None
-    return state
-
-
-def read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    return read_hf_config(folder), read_hf_weights(folder)
-
-
-def hf_model_plugin(config: dict[str, Any], registry: Registry, where: str) -> ModelPlugin:
-    architectures = config.get("architectures") or []
-    for plugin in registry.plugins("model").values():
-        if any(a in plugin.hf_architectures for a in architectures):
-            return plugin
-    supported = sorted(a for p in registry.plugins("model").values() for a in p.hf_architectures)
-    raise PluginError(
-        f"{where}: architecture {architectures or 'unset'} is not supported. "
-        f"Supported Hugging Face architectures: {', '.join(supported) or 'none'}."
-    )
-
-
-def hf_model_section(config: dict[str, Any], registry: Registry, where: str) -> tuple[ModelPlugin, dict[str, Any]]:
-    """The spec's model section (with positional) for an HF config.json, validated by the plugins."""
-    plugin = hf_model_plugin(config, registry, where)
-    fields = plugin.options_from_hf_config(config)
-    try:
-        options = plugin.Options(**fields)
-    except ValidationError as exc:
-        raise CheckpointError(f"{where}: cannot be represented by aic's '{plugin.name}': {exc.errors()[0]['msg']}") from None
-    positional = dict(plugin.positional_from_hf_config(config))
-    positional_plugin = registry.get("positional", positional.pop("type"))
-    try:
-        positional_options = positional_plugin.Options(**positional)
-    except ValidationError as exc:
-        raise CheckpointError(f"{where}: positional settings cannot be represented by aic's '{positional_plugin.name}': {exc.errors()[0]['msg']}") from None
-    section = {"type": plugin.name, **options.model_dump(), "positional": {"type": positional_plugin.name, **positional_options.model_dump()}}
-    return plugin, section
-
-
-def hf_tokenizer(folder: Path, registry: Registry) -> tuple[TokenizerPlugin, Path] | None:
-    """The tokenizer plugin and file an HF folder carries (by the plugins' `hf_files`), if any."""
-    for plugin in registry.plugins("tokenizer").values():
-        for name in plugin.hf_files:
-            if (Path(folder) / name).is_file():
-                return plugin, Path(folder) / name
-    return None
-
-
-def hf_state_dict(plugin: ModelPlugin, folder: Path, config: TransformerConfig) -> dict[str, torch.Tensor]:
-    """The folder's tensors under aic's names; a mismatch names the HF tensors and the folder."""
-    try:
-        return plugin.state_dict_from_hf(read_hf_weights(folder), config)
-    except PluginError as exc:
-        raise CheckpointError(f"{folder}: {exc}") from None
-
-
-# --- model sources ------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelSource:
-    path: Path
-    format: str  # "aic" (a run, checkpoint or imported folder) or "hf"
-    model_section: dict[str, Any]  # {"type", fields..., "positional": {...}}
-    tokenizer_section: dict[str, Any] | None
-    tokenizer_path: Path | None
-    vocab_size: int  # the model's vocabulary (not padded)
-    _load: Callable[[TransformerConfig], dict[str, torch.Tensor]]
-
-    def weights(self, config: TransformerConfig) -> dict[str, torch.Tensor]:
-        """The source's tensors under aic's names, for a model of `config`."""
-        return self._load(config)
-
-
-def open_source(path: Path, registry: Registry | None = None) -> ModelSource:
-    registry = registry or get_registry()
-    path = Path(path)
-    if is_hf_folder(path):
-        config = read_hf_config(path)
-        plugin, section = hf_model_section(config, registry, str(path / HF_CONFIG))
-        tok = hf_tokenizer(path, registry)
-
-        def load(model_config: TransformerConfig) -> dict[str, torch.Tensor]:
-            return hf_state_dict(plugin, path, model_config)
-
-        return ModelSource(path, "hf", section, {"type": tok[0].name} if tok else None, tok[1] if tok else None, section["vocab_size"], load)
-    ckpt = open_checkpoint(path)
-    spec = ckpt.state["spec"]
-    if spec.get("adapter"):
-        raise CheckpointError(
-            f"{ckpt.path}: holds a model with a '{spec['adapter']['type']}' adapter. Merge it into its base first "
-            f"(`aic merge {path} OUT`) and use OUT; or export the adapter alone with `aic export {path} --format peft OUT`."
-        )
-    has_tok = ckpt.tokenizer_path.is_file()
-    return ModelSource(
-        ckpt.path, "aic", spec["model"], spec.get("tokenizer") if has_tok else None, ckpt.tokenizer_path if has_tok else None,
-        int(ckpt.state["model_config"]["vocab_size"]), lambda _config: ckpt.weights(),
-    )
 
 
 # --- comparing logits ------------------------------------------------------------------------------------
@@ -228,42 +100,6 @@ def _check(what: str, reference: torch.Tensor, other: torch.Tensor | None, where
 
 
 @dataclass
-class Imported:
-    model: Transformer
-    plugin: ModelPlugin
-    options: dict[str, Any]  # the model section of a spec: {"type": ..., fields..., "positional": {...}}
-
-
-def import_hf(folder: Path, registry: Registry | None = None) -> Imported:
-    """Build an aic model from a Hugging Face folder, with every tensor accounted for."""
-    registry = registry or get_registry()
-    folder = Path(folder)
-    config = read_hf_config(folder)
-    plugin, section = hf_model_section(config, registry, str(folder / HF_CONFIG))
-    model = build_from_section(section, registry, source=str(folder / HF_CONFIG))
-    state = hf_state_dict(plugin, folder, model.config)
-    load_weights(model, state, str(folder), f"a {plugin.name} model of this config.json")
-    return Imported(model.eval(), plugin, section)
-
-
-def model_spec(section: dict[str, Any], registry: Registry, source: str, tokenizer: dict[str, Any] | None = None) -> Any:
-    """A model section (and tokenizer section) validated into a model-only spec, as in a RunSpec."""
-    from aic_core.spec import parse_spec
-
-    raw: dict[str, Any] = {"name": "model", "model": section}
-    if tokenizer is not None:
-        raw["tokenizer"] = tokenizer
-    return parse_spec(raw, registry, source=source, model_only=True, check=False)
-
-
-def build_from_section(section: dict[str, Any], registry: Registry, vocab_size: int = 0, source: str = "model section") -> Transformer:
-    """A model with fresh weights from a model section (vocab_size: when the section leaves it unset)."""
-    from aic_core.run import build_model
-
-    return build_model(model_spec(section, registry, source), registry, section.get("vocab_size") or vocab_size)
-
-
-@dataclass
 class ConversionReport:
     out: Path
     parameters: int
@@ -295,8 +131,6 @@ def _finish(tmp: Path, out: Path) -> None:
 
 def import_hf_folder(folder: Path, out: Path, registry: Registry | None = None) -> ConversionReport:
     """`aic import hf DIR OUT`: an aic checkpoint folder from an HF folder, checked against transformers."""
-    from aic_core.spec import parse_spec, resolved_dict
-
     registry = registry or get_registry()
     folder, out = Path(folder), Path(out)
     imported = import_hf(folder, registry)
@@ -310,8 +144,6 @@ def import_hf_folder(folder: Path, out: Path, registry: Registry | None = None) 
     spec = parse_spec(raw, registry, source=str(folder / HF_CONFIG), model_only=True)
     tmp = _prepare_out(out)
     try:
-        from aic_core.data import file_sha256
-
         state = {
             "step": 0,
             "spec": resolved_dict(spec, registry),
@@ -442,8 +274,6 @@ class MergeReport:
 def merge_run(run: Path, out: Path, registry: Registry | None = None) -> MergeReport:
     """`aic merge RUN OUT`: fold a run's adapter into its base and write a plain checkpoint folder to OUT
     (and OUT/hf, the HF export, where the model family has one)."""
-    from aic_core.run import load_checkpoint_model
-
     registry = registry or get_registry()
     loaded = load_checkpoint_model(Path(run), registry)
     if loaded.spec.adapter is None:
@@ -476,50 +306,11 @@ def merge_run(run: Path, out: Path, registry: Registry | None = None) -> MergeRe
         return MergeReport(Path(out), diff, None, str(exc))
 
 
-def load_adapter(model: Transformer, folder: Path, registry: Registry | None = None) -> list[str]:
-    """Put an adapter saved in `folder` (adapter.json + adapter.safetensors, as every checkpoint of an adapter
-    run holds) onto `model`, a plain base; refuse it if it was trained on another base."""
-    from aic_core.checkpoint import ADAPTER_META, ADAPTER_WEIGHTS, tensors_sha256, verified
-
-    from aic_core.checkpoint import find_checkpoint
-
-    registry = registry or get_registry()
-    folder = find_checkpoint(Path(folder)) if not (Path(folder) / ADAPTER_META).is_file() else Path(folder)
-    meta_path, weights_path = folder / ADAPTER_META, folder / ADAPTER_WEIGHTS
-    if not meta_path.is_file() or not weights_path.is_file():
-        raise CheckpointError(f"{folder}: no {ADAPTER_META} and {ADAPTER_WEIGHTS}; pass a checkpoint of a run trained with an adapter.")
-    try:
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(verified(folder, ADAPTER_WEIGHTS)))
-    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{folder}: damaged adapter files ({exc}).") from None
-    base_hash = tensors_sha256(model.state_dict())
-    if base_hash != meta.get("base_sha256"):
-        raise CheckpointError(
-            f"{folder}: this adapter was trained on another base model (base sha256 {str(meta.get('base_sha256'))[:12]}, "
-            f"trained from {meta.get('base') or 'an unrecorded source'}); the model given has sha256 {base_hash[:12]}. "
-            f"An adapter only fits the exact weights it was trained on: load it onto its own base."
-        )
-    options = dict(meta["adapter"])
-    plugin = registry.get("adapter", options.pop("type"))
-    plugin.apply(model, plugin.Options(**options))
-    expected = set(plugin.adapter_state(model))
-    if expected != set(tensors):
-        raise CheckpointError(
-            f"{folder / ADAPTER_WEIGHTS}: its tensors do not match the adapter in {ADAPTER_META} "
-            f"(missing: {', '.join(sorted(expected - set(tensors))[:6]) or 'none'}; unexpected: {', '.join(sorted(set(tensors) - expected)[:6]) or 'none'})."
-        )
-    model.load_state_dict(tensors, strict=False)
-    return sorted(expected)
-
-
 def export_peft(run: Path, out: Path, registry: Registry | None = None, base_name: str | None = None) -> ConversionReport:
     """`aic export RUN --format peft OUT [--base-name NAME]`: adapter_config.json + adapter_model.safetensors that
     `peft.AutoPeftModelForCausalLM.from_pretrained(OUT)` loads, its `base_model_name_or_path` naming the HF export
     of the base (`base_name`, by default `default_base_name`). Checked by logits in PEFT: on that folder when it
     exists here, else on a temporary HF export of the base."""
-    from aic_core.run import load_checkpoint_model
-
     registry = registry or get_registry()
     loaded = load_checkpoint_model(Path(run), registry)
     spec, model = loaded.spec, loaded.model.eval()

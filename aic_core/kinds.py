@@ -8,7 +8,7 @@ one instance of each class and calls its methods with validated options.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -16,10 +16,13 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from aic_core.checkpoint import adapter_files, clean_stale, prune_checkpoints, save_checkpoint, tensors_sha256
+from aic_core.distributed import Dist
 from aic_core.errors import PluginError
+from aic_core.nn.positional import Positional
+from aic_core.nn.transformer import Transformer, TransformerConfig
 
 if TYPE_CHECKING:
-    from aic_core.nn.transformer import Transformer, TransformerConfig
     from aic_core.spec import RunSpec
 
 KINDS = ("model", "positional", "adapter", "tokenizer", "trainer")
@@ -42,27 +45,8 @@ class Plugin(ABC):
 
 
 # --- positional encodings ---------------------------------------------------------------------
-
-
-class Positional(nn.Module):
-    """What attention calls. All three hooks take absolute positions (B, T), so they work with the
-    KV cache and with left-padded batches. The defaults do nothing; a plugin overrides the ones it needs.
-    """
-
-    # The largest position this encoding can represent, or None if it extrapolates without limit.
-    max_positions: int | None = None
-
-    def embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, T, C) -> embeddings with positions added (learned, sinusoidal)."""
-        return x
-
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (B, H, T, D), k (B, Hkv, T, D) -> rotated q, k (RoPE)."""
-        return q, k
-
-    def attn_bias(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor | None:
-        """Additive attention-score bias (B, H, Tq, Tk) for query/key positions (B, Tq), (B, Tk) (ALiBi)."""
-        return None
+# `Positional`, the interface attention calls, lives in aic_core/nn/positional.py (nn/ needs it and kinds builds
+# on nn/); it is imported here so that plugins import every interface from this module.
 
 
 class PositionalPlugin(Plugin):
@@ -88,8 +72,6 @@ class ModelPlugin(Plugin):
         options leave it unset."""
 
     def build(self, options: PluginOptions, config: TransformerConfig, positional: Positional) -> Transformer:
-        from aic_core.nn.transformer import Transformer
-
         return Transformer(config, positional)
 
     # Hugging Face interop. A family that has an HF counterpart overrides these.
@@ -218,15 +200,31 @@ class TrainJob:
     resume_from: Path | None = None  # a checkpoint folder to continue from exactly
     stop_at: int | None = None  # stop (with a checkpoint) after this step, before train.steps
     adapter: AdapterPlugin | None = None  # the spec's adapter plugin: its files go into every checkpoint
+    # This process's place in the launch (rank, world size, device); one process: rank 0 of 1. The global
+    # batch is train.batch_size x train.grad_accum whatever the world size: each rank takes grad_accum / world
+    # micro-batches (training.train_batch picks which). After `train` returns, `model` holds the final weights
+    # on every rank (a trainer that shards them gathers them back), for the eval and generate stages.
+    dist: Dist = field(default_factory=Dist)
     _base_sha256: str | None = None
     _cleaned: bool = False
 
-    def save_checkpoint(self, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any] | None, metrics: dict[str, float] | None = None) -> Path:
+    def save_checkpoint(
+        self, step: int, weights: dict[str, torch.Tensor] | None, trainer_state: dict[str, Any] | None, metrics: dict[str, float] | None = None
+    ) -> Path | None:
         """Write checkpoints/step-N atomically, with the spec, tokenizer and its hash (the one layout every trainer uses).
         The first call removes what killed runs left behind; with train.keep_last, older checkpoints beyond the newest
-        keep_last are deleted after each save (never `latest` nor the checkpoint this run resumed from)."""
-        from aic_core.checkpoint import clean_stale, prune_checkpoints, save_checkpoint
+        keep_last are deleted after each save (never `latest` nor the checkpoint this run resumed from).
 
+        With several processes every rank calls it (ranks other than 0 may pass weights None and a trainer state
+        holding only their "rng"): each rank's "rng" is gathered into "rng_ranks", and rank 0 writes."""
+        if self.dist.active:
+            rngs = self.dist.gather((trainer_state or {}).get("rng"))
+            if self.dist.is_main and trainer_state is not None:
+                trainer_state = {**trainer_state, "rng_ranks": rngs}
+            return self.dist.once(lambda: self._write(step, weights, trainer_state, metrics))
+        return self._write(step, weights, trainer_state, metrics)
+
+    def _write(self, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any] | None, metrics: dict[str, float] | None) -> Path:
         if not self._cleaned:
             clean_stale(self.run_dir)
             self._cleaned = True
@@ -239,8 +237,6 @@ class TrainJob:
         }
         extra = None
         if self.adapter is not None:
-            from aic_core.checkpoint import adapter_files, tensors_sha256
-
             tensors = self.adapter.adapter_state(self.model)
             if self._base_sha256 is None:  # the base is frozen: hash it once
                 self._base_sha256 = tensors_sha256({k: v for k, v in weights.items() if k not in tensors})
@@ -255,6 +251,11 @@ class TrainerPlugin(Plugin):
     kind = "trainer"
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16")
+
+    def device(self, options: PluginOptions, local_rank: int) -> torch.device:
+        """The device this process trains on; under a launcher, LOCAL_RANK picks the GPU. The core starts the
+        process group for it (NCCL for CUDA, gloo for the CPU) before `train`."""
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
     @abstractmethod
     def train(self, options: PluginOptions, job: TrainJob) -> None:

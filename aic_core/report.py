@@ -83,8 +83,8 @@ def _parameters(ckpt: Any) -> tuple[int | None, int | None]:
     """Total and trainable parameters of the checkpoint's model, built on the meta device (no memory, no weights)."""
     import torch
 
+    from aic_core.loading import build_model
     from aic_core.registry import get_registry
-    from aic_core.run import build_model
     from aic_core.spec import spec_from_resolved
 
     registry = get_registry()

@@ -15,111 +15,26 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from aic_core.checkpoint import Checkpoint, latest_checkpoint, load_weights, open_checkpoint, write_atomic, write_json
+from aic_core.checkpoint import Checkpoint, latest_checkpoint, open_checkpoint, write_atomic, write_json
 from aic_core.data import check_data_files, file_sha256, load_splits, token_cache_dir
 from aic_core.errors import AicError, CheckpointError, DataError, Interrupted, SpecError, did_you_mean
-from aic_core.kinds import Tokenizer, TrainJob
-from aic_core.nn.transformer import Transformer
+from aic_core.generation import generate
+from aic_core.kinds import TrainJob
+from aic_core.distributed import Dist, launcher_world, setup
+from aic_core.loading import Loaded, build_model, load_checkpoint_model, load_spec, load_tokenizer, open_source
 from aic_core.registry import Registry, get_registry
-from aic_core.spec import ModelSpec, RunSpec, load_spec, resolved_dict, spec_from_resolved
+from aic_core.report import write_report
+from aic_core.spec import RunSpec, resolved_dict
 from aic_core.training import MetricsLog, evaluate, resolve_device
 
 STAGES = ("tokenizer", "train", "eval", "generate")
 TOKENIZER_FILE = "tokenizer.model"
 LOCK_FILE = ".aic.lock"
-
-
-def build_model(spec: ModelSpec, registry: Registry, vocab_size: int, init_weights: bool = False) -> Transformer:
-    """Model plugin + positional plugin (+ adapter) -> Transformer, weights freshly initialised or, with
-    `init_weights` and a `model.init_from`, the source's (loaded before an adapter wraps the model)."""
-    model_plugin = registry.get("model", spec.model.type)
-    positional_plugin = registry.get("positional", spec.model.positional.type)
-    config = model_plugin.config(spec.model, vocab_size)
-    if config.vocab_size < vocab_size:
-        raise SpecError(
-            f"model.vocab_size: {config.vocab_size} is smaller than the tokenizer's vocabulary ({vocab_size}). "
-            f"Remove model.vocab_size to use the tokenizer's, or set it to at least {vocab_size}."
-        )
-    positional = positional_plugin.build(spec.model.positional, config)
-    model = model_plugin.build(spec.model, config, positional)
-    if init_weights and spec.model.init_from:
-        from aic_core.convert import open_source
-
-        src = open_source(Path(spec.model.init_from), registry)
-        load_weights(
-            model, src.weights(config), str(src.path),
-            "the spec's model (model.init_from: keys set in the spec's model section override the source's, and shapes must match its weights)",
-        )
-    if spec.adapter is not None:  # wraps target modules in place and freezes the base
-        registry.get("adapter", spec.adapter.type).apply(model, spec.adapter)
-    return model
-
-
-def load_tokenizer(spec: ModelSpec, registry: Registry, path: Path) -> Tokenizer:
-    return registry.get("tokenizer", spec.tokenizer.type).load(spec.tokenizer, path)
-
-
-@dataclass
-class Loaded:
-    model: Transformer
-    tokenizer: Tokenizer
-    spec: ModelSpec  # a RunSpec for a trained checkpoint
-    checkpoint: Checkpoint | None  # None for a Hugging Face folder
-
-
-def load_checkpoint_model(path: Path, registry: Registry | None = None, device: torch.device | str = "cpu") -> Loaded:
-    """A run directory (its latest checkpoint), a checkpoint folder or a Hugging Face model folder -> model,
-    tokenizer and spec."""
-    registry = registry or get_registry()
-    from aic_core.convert import is_hf_folder
-
-    if is_hf_folder(Path(path)):
-        return _load_hf_folder(Path(path), registry, device)
-    ckpt = open_checkpoint(Path(path))
-    spec = spec_from_resolved(ckpt.state["spec"], registry, source=str(ckpt.path / "state.json"))
-    if not ckpt.has_tokenizer or spec.tokenizer is None:
-        raise CheckpointError(
-            f"{ckpt.path}: holds no tokenizer (it was imported from a folder without one), so it cannot turn text into tokens. "
-            f"Put the model's tokenizer file (for sentencepiece: tokenizer.model) in the Hugging Face folder and import it again."
-        )
-    actual = file_sha256(ckpt.tokenizer_path)
-    if actual != ckpt.state["tokenizer_hash"]:
-        raise CheckpointError(
-            f"{ckpt.tokenizer_path}: this tokenizer (sha256 {actual[:12]}) is not the one the model was trained with "
-            f"(sha256 {ckpt.state['tokenizer_hash'][:12]}); token ids would mean different things. Restore the checkpoint's own tokenizer.model."
-        )
-    tokenizer = load_tokenizer(spec, registry, ckpt.tokenizer_path)
-    model = build_model(spec, registry, tokenizer.vocab_size)
-    load_weights(model, ckpt.weights(), str(ckpt.path), "the model in its spec")
-    return Loaded(model.to(device).eval(), tokenizer, spec, ckpt)
-
-
-def _load_hf_folder(folder: Path, registry: Registry, device: torch.device | str) -> Loaded:
-    """A Hugging Face model folder (config.json + model.safetensors + a tokenizer file a plugin reads)."""
-    from aic_core.convert import hf_tokenizer, import_hf, model_spec
-
-    tok = hf_tokenizer(folder, registry)
-    if tok is None:
-        files = ", ".join(sorted({n for p in registry.plugins("tokenizer").values() for n in p.hf_files})) or "none"
-        raise CheckpointError(
-            f"{folder}: a Hugging Face model folder without a tokenizer file aic can read (looked for: {files}), so text "
-            f"cannot be turned into tokens. Put the model's tokenizer file in the folder."
-        )
-    imported = import_hf(folder, registry)
-    spec = model_spec(imported.options, registry, str(folder / "config.json"), {"type": tok[0].name})
-    tokenizer = load_tokenizer(spec, registry, tok[1])
-    if tokenizer.vocab_size > imported.model.config.vocab_size:
-        raise CheckpointError(
-            f"{tok[1]}: this tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
-            f"({imported.model.config.vocab_size}); it is not the model's tokenizer. Put the model's own tokenizer file in {folder}."
-        )
-    return Loaded(imported.model.to(device).eval(), tokenizer, spec, None)
 
 
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:
@@ -132,7 +47,10 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
 
 
 # What a resumed run may change without breaking exactness: bookkeeping, not the math of the steps done.
-RESUME_FREE = {"train.checkpoint_every", "train.log_every", "train.keep_last", "train.log_to", "train.trainer.compile", "train.trainer.device"}
+RESUME_FREE = {
+    "train.checkpoint_every", "train.log_every", "train.keep_last", "train.log_to", "train.activation_checkpointing",
+    "train.trainer.compile", "train.trainer.device",
+}
 
 
 def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint, echo: Callable[[str], None]) -> None:
@@ -154,7 +72,7 @@ def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint, echo: Callable[[s
         raise CheckpointError(
             f"--resume: the spec changes what checkpoint {ckpt.path.name} was trained with ({'; '.join(changes[:6])}), so the "
             f"resumed run would not continue it exactly. Undo the change, or start a new run (a new name or output_dir). "
-            f"A resumed run may raise train.steps and change checkpoint_every, log_every, keep_last, log_to, trainer.device and trainer.compile."
+            f"A resumed run may raise train.steps and change checkpoint_every, log_every, keep_last, log_to, activation_checkpointing, trainer.device and trainer.compile."
         )
     old_steps, new_steps = int(old["train"]["steps"]), int(spec_dict["train"]["steps"])
     if steps and new_steps < old_steps:
@@ -261,8 +179,10 @@ def run(
     echo: Callable[[str], None] = print,
 ) -> Path:
     """Run the stages of a spec; return the run directory. Everything that can be checked is checked before
-    anything in the run directory is written."""
+    anything in the run directory is written and before a process group starts. Under torchrun or deepspeed,
+    every process runs this; rank 0 does the work that happens once and writes every file."""
     registry = registry or get_registry()
+    world = launcher_world()
     spec = load_spec(spec_path, registry)
     stages = _stages(stages)
     run_dir = spec.run_dir
@@ -274,92 +194,120 @@ def run(
     if stop_at is not None and "train" not in stages:
         raise SpecError(f"--stop-at: only applies to the train stage, which is not among --stage {','.join(stages)}.")
     _check_stop_at(stop_at, spec, None)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
-        return _run_locked(spec, spec_path, stages, resume, stop_at, registry, echo)
+    trainer = registry.get("trainer", spec.train.trainer.type)
+    device = trainer.device(spec.train.trainer, world[2])
+    _check_world(spec, stages, world, device)
+    dist = setup(device, world)
+    lock = RunLock(run_dir)
+    try:
+        dist.once(lambda: (run_dir.mkdir(parents=True, exist_ok=True), lock.__enter__()))
+        return _pipeline(spec, spec_path, stages, resume, stop_at, registry, echo if dist.is_main else _quiet, dist)
+    finally:
+        lock.__exit__()
 
 
-def _run_locked(
-    spec: RunSpec, spec_path: str | Path, stages: list[str], resume: bool, stop_at: int | None, registry: Registry, echo: Callable[[str], None]
+def _quiet(_: str) -> None:
+    """What ranks other than 0 print: nothing (rank 0 speaks for the run)."""
+
+
+def _check_world(spec: RunSpec, stages: list[str], world: tuple[int, int, int, int], device: torch.device) -> None:
+    """Before any process group starts: the launch fits the spec and the machine."""
+    _, world_size, _, local_world = world
+    if world_size == 1:
+        return
+    if "train" not in stages:
+        raise SpecError(
+            f"--stage {','.join(stages)}: only training runs on several processes ({world_size} were launched). "
+            f"Run these stages as one process: `aic run SPEC --stage {','.join(stages)}`."
+        )
+    t = spec.train
+    if t.grad_accum % world_size:
+        fits = [n for n in range(1, t.grad_accum + 1) if t.grad_accum % n == 0]
+        raise SpecError(
+            f"train.grad_accum: {t.grad_accum} micro-batches per step cannot be shared by {world_size} processes. The global "
+            f"batch is train.batch_size x train.grad_accum = {t.batch_size * t.grad_accum} sequences whatever the number of "
+            f"processes, and each process takes grad_accum / processes micro-batches of batch_size. Set train.grad_accum to a "
+            f"multiple of {world_size} (e.g. {world_size * max(1, t.grad_accum // world_size)}), or launch {', '.join(map(str, fits))} processes."
+        )
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if local_world > gpus:
+            raise SpecError(
+                f"train.trainer.device: {local_world} processes on this machine, but it has {gpus} CUDA GPU(s); each process "
+                f"trains on its own GPU. Launch at most {gpus} processes per machine (torchrun --nproc_per_node {gpus})."
+            )
+
+
+def _pipeline(
+    spec: RunSpec, spec_path: str | Path, stages: list[str], resume: bool, stop_at: int | None, registry: Registry, echo: Callable[[str], None], dist: Dist
 ) -> Path:
     run_dir = spec.run_dir
     ckpt_dir = latest_checkpoint(run_dir)
     resolved = resolved_dict(spec, registry)
-    ckpt = None
-    if "train" in stages:
-        if resume and ckpt_dir is None:
-            raise CheckpointError(f"--resume: {run_dir} holds no checkpoint to resume from. Run without --resume to start training.")
-        if not resume and ckpt_dir is not None:
-            raise CheckpointError(
-                f"{run_dir} already holds a trained checkpoint ({ckpt_dir.name}); nothing was changed. "
-                f"Pass --resume to continue that run, or give this run a new name or output_dir."
-            )
-        if resume:
-            ckpt = open_checkpoint(ckpt_dir)
-            _check_resume(resolved, ckpt, echo)
-            _check_stop_at(stop_at, spec, ckpt)
-            if ckpt.step >= spec.train.steps:
-                echo(f"resume: {ckpt.path.name} is already at train.steps ({spec.train.steps}); nothing left to train (raise train.steps to train further)")
-    elif ckpt_dir is not None and ({"eval", "generate"} & set(stages)):
-        _check_same_model(resolved, open_checkpoint(ckpt_dir), stages)
     tok_path = run_dir / TOKENIZER_FILE
-    if ckpt is not None and tok_path.is_file() and ckpt.state["tokenizer_hash"] != file_sha256(tok_path):
-        raise CheckpointError(
-            f"--resume: {tok_path} is not the tokenizer checkpoint {ckpt.path.name} was trained with. "
-            f"Copy {ckpt.tokenizer_path} back to {tok_path}, or start a new run."
-        )
-    # The resolved spec describes the run's checkpoints: written when training (re)starts or before there are any.
-    if "train" in stages or ckpt_dir is None:
-        write_json(run_dir / "spec.resolved.json", resolved)
-    echo(f"run {spec.name}: {run_dir} (stages: {', '.join(stages)})")
 
-    if "tokenizer" in stages:
-        if ckpt_dir is not None and tok_path.is_file():
-            echo(f"tokenizer: reusing {tok_path} (the run already has checkpoints)")
-        elif spec.model.init_from:
-            from aic_core.convert import open_source
+    def prepare() -> None:
+        """Rank 0: the checks that read the run directory, then the resolved spec and the tokenizer."""
+        ckpt = open_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+        if "train" in stages:
+            if resume and ckpt is None:
+                raise CheckpointError(f"--resume: {run_dir} holds no checkpoint to resume from. Run without --resume to start training.")
+            if not resume and ckpt is not None:
+                raise CheckpointError(
+                    f"{run_dir} already holds a trained checkpoint ({ckpt.path.name}); nothing was changed. "
+                    f"Pass --resume to continue that run, or give this run a new name or output_dir."
+                )
+            if resume:
+                _check_resume(resolved, ckpt, echo)
+                _check_stop_at(stop_at, spec, ckpt)
+                if ckpt.step >= spec.train.steps:
+                    echo(f"resume: {ckpt.path.name} is already at train.steps ({spec.train.steps}); nothing left to train (raise train.steps to train further)")
+        elif ckpt is not None and ({"eval", "generate"} & set(stages)):
+            _check_same_model(resolved, ckpt, stages)
+        if ckpt is not None and resume and tok_path.is_file() and ckpt.state["tokenizer_hash"] != file_sha256(tok_path):
+            raise CheckpointError(
+                f"--resume: {tok_path} is not the tokenizer checkpoint {ckpt.path.name} was trained with. "
+                f"Copy {ckpt.tokenizer_path} back to {tok_path}, or start a new run."
+            )
+        # The resolved spec describes the run's checkpoints: written when training (re)starts or before there are any.
+        if "train" in stages or ckpt is None:
+            write_json(run_dir / "spec.resolved.json", resolved)
+        processes = f", {dist.world_size} processes" if dist.active else ""
+        echo(f"run {spec.name}: {run_dir} (stages: {', '.join(stages)}{processes})")
+        if "tokenizer" in stages:
+            _tokenizer_stage(spec, registry, tok_path, ckpt is not None, echo)
+        if not tok_path.is_file():
+            raise DataError(f"{tok_path}: no tokenizer in the run directory yet. Run the tokenizer stage first: `aic run {spec_path} --stage tokenizer`.")
 
-            src = open_source(Path(spec.model.init_from), registry)
-            write_atomic(tok_path, src.tokenizer_path.read_bytes())
-            echo(f"tokenizer: {spec.tokenizer.type} from model.init_from ({src.tokenizer_path})")
-        else:
-            t0 = time.perf_counter()
-            plugin = registry.get("tokenizer", spec.tokenizer.type)
-            if plugin.trains:
-                plugin.train(spec.tokenizer, [Path(p) for p in spec.data.train], tok_path)
-                echo(f"tokenizer: trained {spec.tokenizer.type} in {time.perf_counter() - t0:.1f}s -> {tok_path}")
-            else:  # nothing to learn from the corpus; the plugin still writes its file
-                plugin.train(spec.tokenizer, [], tok_path)
-                echo(f"tokenizer: {spec.tokenizer.type} needs no training; wrote {tok_path}")
-    if not tok_path.is_file():
-        raise DataError(f"{tok_path}: no tokenizer in the run directory yet. Run the tokenizer stage first: `aic run {spec_path} --stage tokenizer`.")
+    dist.once(prepare)
     tokenizer_hash = file_sha256(tok_path)
-    if ckpt is not None and ckpt.state["tokenizer_hash"] != tokenizer_hash:
-        raise CheckpointError(
-            f"--resume: {tok_path} is not the tokenizer checkpoint {ckpt.path.name} was trained with. "
-            f"Copy {ckpt.tokenizer_path} back to {tok_path}, or start a new run."
-        )
     tokenizer = load_tokenizer(spec, registry, tok_path)
 
+    trained = None
     if "train" in stages:
-        torch.manual_seed(spec.seed)  # the same seed gives the same initial weights
+        torch.manual_seed(spec.seed)  # the same seed gives the same initial weights, on every rank
         model = build_model(spec, registry, tokenizer.vocab_size, init_weights=not resume)
+        if dist.rank:  # dropout masks differ between ranks
+            torch.manual_seed(spec.seed + dist.rank)
         if spec.model.init_from and not resume:
             echo(f"model: weights from {spec.model.init_from}")
         seq_len = spec.train.seq_len or model.config.block_size
         if seq_len > model.config.block_size:
             raise SpecError(f"train.seq_len: {seq_len} is longer than the model's context (block_size {model.config.block_size}). Lower train.seq_len or raise model.block_size.")
         t0 = time.perf_counter()
-        train_data, val_data = load_splits(
-            spec.data.train, spec.data.val, spec.data.val_fraction, tokenizer, tokenizer_hash, token_cache_dir(spec.data.cache_dir), seq_len
-        )
+
+        def splits():
+            return load_splits(spec.data.train, spec.data.val, spec.data.val_fraction, tokenizer, tokenizer_hash, token_cache_dir(spec.data.cache_dir), seq_len)
+
+        built = dist.once(splits, local=True)  # each machine encodes the corpus once; the other ranks then map the cache
+        train_data, val_data = dist.each(lambda: built or splits())
         echo(f"data: {len(train_data):,} training and {len(val_data):,} validation tokens ({time.perf_counter() - t0:.1f}s)")
         total, trainable = model.num_params(), model.num_params(trainable_only=True)
         adapted = f"; {spec.adapter.type}: {trainable:,} trainable ({100 * trainable / total:.2f}%)" if spec.adapter else ""
         echo(f"model: {spec.model.type} + {spec.model.positional.type}, {total:,} parameters{adapted}")
         trainer = registry.get("trainer", spec.train.trainer.type)
         adapter = registry.get("adapter", spec.adapter.type) if spec.adapter else None
-        job = TrainJob(spec, resolved, model, train_data, val_data, run_dir, tok_path, tokenizer_hash, ckpt_dir if resume else None, stop_at, adapter)
+        job = TrainJob(spec, resolved, model, train_data, val_data, run_dir, tok_path, tokenizer_hash, ckpt_dir if resume else None, stop_at, adapter, dist)
         t0 = time.perf_counter()
         try:
             trainer.train(spec.train.trainer, job)
@@ -370,32 +318,54 @@ def _run_locked(
         echo(f"train: done in {time.perf_counter() - t0:.1f}s")
         if stop_at is not None and stop_at < spec.train.steps:
             echo(f"stopped after step {stop_at} of {spec.train.steps}; continue with `aic run {spec_path} --resume`")
-            _report(run_dir, echo)
+            dist.once(lambda: _report(run_dir, echo))
             return run_dir
+        # The trained model goes to the eval and generate stages as it is, not reloaded from disk.
+        trained = Loaded(job.model.eval(), tokenizer, spec, open_checkpoint(run_dir))
 
-    if "eval" in stages:
-        _eval_stage(run_dir, spec, registry, echo)
-    if "generate" in stages:
-        _generate_stage(run_dir, spec, registry, echo)
-    if "train" in stages or (run_dir / "metrics.jsonl").is_file():
-        _report(run_dir, echo)
+    def finish() -> None:
+        if "eval" in stages:
+            _eval_stage(run_dir, spec, registry, echo, trained)
+        if "generate" in stages:
+            _generate_stage(run_dir, spec, registry, echo, trained)
+        if "train" in stages or (run_dir / "metrics.jsonl").is_file():
+            _report(run_dir, echo)
+
+    dist.once(finish)
     return run_dir
+
+
+def _tokenizer_stage(spec: RunSpec, registry: Registry, tok_path: Path, has_checkpoints: bool, echo: Callable[[str], None]) -> None:
+    if has_checkpoints and tok_path.is_file():
+        echo(f"tokenizer: reusing {tok_path} (the run already has checkpoints)")
+    elif spec.model.init_from:
+        src = open_source(Path(spec.model.init_from), registry)
+        write_atomic(tok_path, src.tokenizer_path.read_bytes())
+        echo(f"tokenizer: {spec.tokenizer.type} from model.init_from ({src.tokenizer_path})")
+    else:
+        t0 = time.perf_counter()
+        plugin = registry.get("tokenizer", spec.tokenizer.type)
+        if plugin.trains:
+            plugin.train(spec.tokenizer, [Path(p) for p in spec.data.train], tok_path)
+            echo(f"tokenizer: trained {spec.tokenizer.type} in {time.perf_counter() - t0:.1f}s -> {tok_path}")
+        else:  # nothing to learn from the corpus; the plugin still writes its file
+            plugin.train(spec.tokenizer, [], tok_path)
+            echo(f"tokenizer: {spec.tokenizer.type} needs no training; wrote {tok_path}")
 
 
 def _report(run_dir: Path, echo: Callable[[str], None]) -> None:
     """summary.json and report.png; the run's work is done, so a report that cannot be made is a warning."""
-    from aic_core.report import write_report
-
     try:
         write_report(run_dir, echo)
     except AicError as exc:
         warnings.warn(f"report: not written ({exc}). Try `aic report {run_dir}` after fixing it.", stacklevel=2)
 
 
-def _eval_stage(run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable[[str], None]) -> None:
-    """Evaluate the latest checkpoint with the spec's eval and data sections (the model is the checkpoint's)."""
-    device = resolve_device("auto")
-    loaded = load_checkpoint_model(run_dir, registry, device)
+def _eval_stage(run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable[[str], None], trained: Loaded | None) -> None:
+    """Evaluate the latest checkpoint with the spec's eval and data sections: the model just trained, or (a stage
+    run alone) the checkpoint's, loaded from disk."""
+    loaded = trained or load_checkpoint_model(run_dir, registry, resolve_device("auto"))
+    device = loaded.model.wte.weight.device
     trained = loaded.checkpoint.state["spec"]
     metrics = loaded.checkpoint.state.get("metrics") or {}
     same = all(trained.get(k) == resolved_dict(spec, registry).get(k) for k in ("eval", "data", "seed"))
@@ -415,11 +385,9 @@ def _eval_stage(run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable
     echo(f"eval: step {result['step']}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  val_bpb {metrics['val_bpb']:.4f}")
 
 
-def _generate_stage(run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable[[str], None]) -> None:
-    """Samples from the latest checkpoint for the spec's generate section."""
-    from aic_core.generation import generate
-
-    loaded = load_checkpoint_model(run_dir, registry, resolve_device("auto"))
+def _generate_stage(run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable[[str], None], trained: Loaded | None) -> None:
+    """Samples from the latest checkpoint for the spec's generate section (the model just trained, or from disk)."""
+    loaded = trained or load_checkpoint_model(run_dir, registry, resolve_device("auto"))
     g = spec.generate
     if not g.prompts:
         echo("generate: no prompts in the spec's generate section; skipped")

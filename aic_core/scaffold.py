@@ -577,6 +577,7 @@ class __C__Trainer(kinds.TrainerPlugin):
         spec, t = job.spec, job.spec.train
         device = torch.device(options.device)
         model = job.model.to(device)
+        model.activation_checkpointing = t.activation_checkpointing
         seq_len = t.seq_len or model.config.block_size
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, t) / t.lr)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from aic_core.errors import SpecError, did_you_mean
+from aic_core.errors import AicError, SpecError, did_you_mean
 from aic_core.registry import Registry
 
 
@@ -81,6 +82,10 @@ class TrainSpec(Section):
     keep_last: int | None = Field(
         None, ge=1, description="Keep only the newest N checkpoints, deleting older ones as new ones are saved (null: keep all). "
         "The checkpoint `latest` names and the one a --resume started from are never deleted."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each transformer block's activations during the backward pass instead of storing them: "
+        "much less activation memory for about one more forward pass per step; the gradients are the same."
     )
     log_every: int = Field(10, gt=0, description="Write training loss to metrics.jsonl every N steps.")
     log_to: list[Literal["jsonl", "tensorboard"]] = Field(
@@ -335,19 +340,19 @@ def parse_spec(
     base_dir: Path | None = None,
     check: bool = True,
     model_only: bool = False,
-    resolve_init: bool = False,
+    open_source: Callable[[Path, Registry], Any] | None = None,
 ) -> RunSpec:
     """Validate a spec dictionary; relative paths are taken from `base_dir` (the spec file's folder).
 
     With `check`, each plugin also refuses what it cannot do here (e.g. a CUDA device on a CPU machine),
-    and the positional encoding's capabilities are checked. With `resolve_init`, a `model.init_from`
-    source is read and fills what the model and tokenizer sections leave unset. With `model_only`, the
+    and the positional encoding's capabilities are checked. With `open_source` (loading.open_source), a
+    `model.init_from` source is read and fills what the model and tokenizer sections leave unset. With `model_only`, the
     result is a ModelSpec (no data, train or eval sections)."""
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a spec must be a JSON object, got {type(raw).__name__}.")
     raw = json.loads(json.dumps(raw))  # a private copy: defaults are filled in
-    if resolve_init:
-        _fill_from_init(raw, registry, source, base_dir)
+    if open_source is not None:
+        _fill_from_init(raw, registry, source, base_dir, open_source)
     _check_plugin_types(raw, registry, source, model_only)
     cls = spec_model(registry, model_only)
     try:
@@ -367,16 +372,13 @@ def parse_spec(
     return spec
 
 
-def _fill_from_init(raw: dict[str, Any], registry: Registry, source: str, base_dir: Path | None) -> None:
+def _fill_from_init(raw: dict[str, Any], registry: Registry, source: str, base_dir: Path | None, open_source: Callable[[Path, Registry], Any]) -> None:
     """model.init_from: make the path absolute; take the model and tokenizer sections' unset keys from the source."""
     model = raw.get("model")
     if not isinstance(model, dict) or model.get("init_from") is None:
         return
     if not isinstance(model["init_from"], str) or not model["init_from"]:
         raise SpecError(f"{source}: model.init_from: expected the path of a run, checkpoint or Hugging Face folder (got {model['init_from']!r}).")
-    from aic_core.convert import open_source
-    from aic_core.errors import AicError
-
     path = Path(model["init_from"]).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
@@ -452,7 +454,9 @@ def _section_of(spec: RunSpec, path: tuple[str, ...]) -> Any:
     return node
 
 
-def load_spec(path: str | Path, registry: Registry) -> RunSpec:
+def load_spec_file(path: str | Path, registry: Registry, open_source: Callable[[Path, Registry], Any] | None = None) -> RunSpec:
+    """A spec file, validated. `aic_core.loading.load_spec` passes `open_source`, which reads a `model.init_from`
+    source (the spec module itself opens no models)."""
     path = Path(path)
     if path.is_dir():
         raise SpecError(f"{path}: is a directory, not a spec file. Pass the path of a JSON run spec, e.g. examples/austen-tiny.json.")
@@ -470,7 +474,7 @@ def load_spec(path: str | Path, registry: Registry) -> RunSpec:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SpecError(f"{path}: {_json_problem(text, exc)}") from None
-    return parse_spec(raw, registry, source=str(path), base_dir=path.resolve().parent, resolve_init=True)
+    return parse_spec(raw, registry, source=str(path), base_dir=path.resolve().parent, open_source=open_source)
 
 
 def _json_problem(text: str, exc: json.JSONDecodeError) -> str:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from aic_core.checkpoint import disk_full_error, is_disk_full
 from aic_core.data import TokenData
+from aic_core.distributed import Dist
 from aic_core.spec import RunSpec, TrainSpec
 
 EVAL_STREAM, TRAIN_STREAM = 1, 0
@@ -45,24 +46,30 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def train_batch(data: TokenData, spec: RunSpec, step: int, micro: int, seq_len: int, device, rank: int = 0, world: int = 1):
-    """The micro-batch of a step; a pure function of (seed, step, micro, rank), so resume is exact."""
-    index = (step * spec.train.grad_accum + micro) * world + rank
+    """Micro-batch `micro` (0 .. grad_accum / world - 1) of this rank at a step. The step's grad_accum micro-batches
+    are the same whatever the world size, and rank r takes those numbered r, r + world, ...: so N processes see
+    exactly the batches one process sees, and a batch is a pure function of (seed, step, micro-batch number),
+    which makes resume exact, at the same or another world size."""
+    index = step * spec.train.grad_accum + micro * world + rank
     return data.batch(spec.seed, TRAIN_STREAM, index, spec.train.batch_size, seq_len, device)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, val: TokenData, spec: RunSpec, seq_len: int, device, autocast=None) -> dict[str, float]:
-    """Mean validation loss over fixed batches (the same windows every time), perplexity, bits per byte."""
+def evaluate(model: torch.nn.Module, val: TokenData, spec: RunSpec, seq_len: int, device, autocast=None, dist: Dist | None = None) -> dict[str, float]:
+    """Mean validation loss over fixed batches (the same windows every time), perplexity, bits per byte. With
+    several processes each rank evaluates every world-th batch and the losses are summed over ranks: the same
+    result as one process."""
+    dist = dist or Dist()
     was_training = model.training
     model.eval()
     batch_size = spec.eval.batch_size or spec.train.batch_size
-    total = 0.0
-    for i in range(spec.eval.batches):
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(dist.rank, spec.eval.batches, dist.world_size):
         x, y = val.batch(spec.seed, EVAL_STREAM, i, batch_size, seq_len, device)
         with autocast or contextlib.nullcontext():
-            total += model(x, y).item()
+            total += model(x, y).double()
     model.train(was_training)
-    loss = total / spec.eval.batches
+    loss = dist.mean(total).item() * dist.world_size / spec.eval.batches
     tokens_per_byte = len(val) / max(val.n_bytes, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss * tokens_per_byte / math.log(2)}
 
@@ -86,8 +93,11 @@ class MetricsLog:
         self._file = open(self.path, "a", encoding="utf-8")
 
     @classmethod
-    def for_run(cls, run_dir: Path, train: TrainSpec) -> MetricsLog:
-        """run_dir/metrics.jsonl, plus run_dir/tensorboard/ when `train.log_to` asks for it."""
+    def for_run(cls, run_dir: Path, train: TrainSpec, enabled: bool = True) -> MetricsLog | NoLog:
+        """run_dir/metrics.jsonl, plus run_dir/tensorboard/ when `train.log_to` asks for it; on ranks other than 0
+        (enabled False) a log that writes nothing."""
+        if not enabled:
+            return NoLog()
         run_dir = Path(run_dir)
         return cls(run_dir / "metrics.jsonl", run_dir / "tensorboard" if "tensorboard" in train.log_to else None)
 
@@ -143,19 +153,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class NoLog:
+    """MetricsLog's stand-in on ranks other than 0."""
+
+    def write(self, **record: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Progress:
     """tqdm's bar on a terminal; anywhere else (a log file, a pipe, CI) one plain line per log step, since a bar
     redrawn with \\r is one unreadable line in a log."""
 
-    def __init__(self, total: int, initial: int) -> None:
-        self.total = total
+    def __init__(self, total: int, initial: int, enabled: bool = True) -> None:
+        self.total, self.enabled = total, enabled  # disabled on ranks other than 0: rank 0 speaks for the run
         interactive = getattr(sys.stderr, "isatty", lambda: False)()
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0) if interactive else None
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0) if interactive and enabled else None
 
     def log(self, step: int, loss: float, lr: float, tok_s: float) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-        else:
+        elif self.enabled:
             print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s", file=sys.stderr, flush=True)
 
     def update(self) -> None:
@@ -165,7 +185,7 @@ class Progress:
     def write(self, message: str, file=None) -> None:  # noqa: ANN001
         if self.bar is not None:
             self.bar.write(message, file=file)
-        else:
+        elif self.enabled:
             print(message, file=file, flush=True)
 
     def close(self) -> None:
@@ -197,6 +217,14 @@ class CtrlC:
         self.requested = True
         with contextlib.suppress(Exception):  # a print can collide with one the handler interrupted
             print("\naic: interrupted: finishing this step to save a checkpoint (Ctrl-C again to stop at once, without one)", file=sys.stderr, flush=True)
+
+    def agreed(self, dist: Dist) -> bool:
+        """Whether any rank was asked to stop (every rank must stop at the same step: one all-reduce a step with
+        several processes)."""
+        if dist.active:
+            flag = torch.tensor([float(self.requested)], device=dist.collective_device)
+            self.requested = bool(dist.mean(flag).item() > 0)
+        return self.requested
 
     def __exit__(self, *exc) -> None:  # noqa: ANN002
         if self._installed:

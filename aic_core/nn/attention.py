@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aic_core.kinds import Positional
+from aic_core.nn.positional import Positional
 from aic_core.nn.kv_cache import KVCache
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from aic_core.kinds import Positional
+from aic_core.nn.positional import Positional
 from aic_core.nn.attention import CausalSelfAttention
 from aic_core.nn.kv_cache import KVCache
 from aic_core.nn.mlp import make_mlp

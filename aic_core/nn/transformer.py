@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from aic_core.kinds import Positional
+from aic_core.nn.positional import Positional
 from aic_core.nn.block import Block
 from aic_core.nn.kv_cache import KVCache
 from aic_core.nn.norm import make_norm
@@ -54,9 +55,21 @@ class TransformerConfig:
 
 
 class Transformer(nn.Module):
+    """The decoder-only language model.
+
+    `activation_checkpointing` (default False): when True, each block's activations are not kept for the
+    backward pass but recomputed from the block's input during it (torch.utils.checkpoint, non-reentrant,
+    so it works under DDP, torch.compile and DeepSpeed ZeRO; the RNG state is restored on recompute, so
+    dropout masks are the same and gradients equal a run without it). It trades about one more forward
+    pass per step for activation memory of one block instead of all of them. Only the training forward
+    checkpoints (training mode, gradients enabled, no KV cache), never evaluation or generation.
+    Trainers set it from `train.activation_checkpointing` (`model.activation_checkpointing = ...`).
+    """
+
     def __init__(self, config: TransformerConfig, positional: Positional) -> None:
         super().__init__()
         self.config = config
+        self.activation_checkpointing = False
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.positional = positional
         self.drop = nn.Dropout(config.dropout)
@@ -137,8 +150,14 @@ class Transformer(nn.Module):
             mask, causal = self._mask(positions, k_positions, k_valid, padded, start)
 
         x = self.drop(self.positional.embed(self.wte(idx), positions))
+        # The mask (and any ALiBi bias in it) is built once above and passed to every block as an
+        # input, so checkpointed blocks share it rather than recompute or store it per layer.
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, self.positional, mask, causal, cache, i, start)
+            if recompute:
+                x = checkpoint(block, x, positions, self.positional, mask, causal, None, i, start, use_reentrant=False, preserve_rng_state=True)
+            else:
+                x = block(x, positions, self.positional, mask, causal, cache, i, start)
         if last_only:
             x = x[:, -1:, :]
         x = self.norm_f(x)

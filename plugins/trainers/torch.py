@@ -1,4 +1,4 @@
-"""The PyTorch trainer: one device (CPU or CUDA), AdamW, warmup + cosine, accumulation, clipping,
+"""The PyTorch trainer: one device (CPU or CUDA) or DDP over many processes, AdamW, warmup + cosine, accumulation, clipping,
 bf16 autocast on CUDA, optional torch.compile, evaluation, atomic checkpoints, exact resume."""
 
 from __future__ import annotations
@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import warnings
 from typing import Literal
 
 import torch
 from pydantic import Field
+from torch.nn.parallel import DistributedDataParallel
 
 from aic_core.checkpoint import model_state, open_checkpoint
 from aic_core.errors import SpecError
@@ -38,9 +40,17 @@ class TorchTrainer(TrainerPlugin):
         if options.precision == "bf16" and device.type != "cuda":
             raise SpecError("train.trainer.precision: 'bf16' needs a CUDA device; on the CPU train in 'fp32' (or leave it 'auto').")
 
+    def device(self, options: TorchTrainerOptions, local_rank: int) -> torch.device:
+        """`device` as the spec says; "auto" and "cuda" take this process's GPU (LOCAL_RANK) under a launcher."""
+        if options.device == "auto":
+            return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if options.device == "cuda":
+            return torch.device(f"cuda:{local_rank}")
+        return torch.device(options.device)
+
     def train(self, options: TorchTrainerOptions, job: TrainJob) -> None:
-        spec, t = job.spec, job.spec.train
-        device = resolve_device(options.device)
+        spec, t, dist = job.spec, job.spec.train, job.dist
+        device = dist.device if dist.active else self.device(options, 0)
         bf16 = options.precision == "bf16" or (options.precision == "auto" and device.type == "cuda")
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         if device.type == "cuda":
@@ -48,6 +58,7 @@ class TorchTrainer(TrainerPlugin):
             torch.backends.cudnn.allow_tf32 = True
 
         model = job.model.to(device)
+        model.activation_checkpointing = t.activation_checkpointing  # per-block recompute (aic_core.nn.transformer)
         seq_len = t.seq_len or model.config.block_size
         optimizer = torch.optim.AdamW(
             param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda"
@@ -60,25 +71,44 @@ class TorchTrainer(TrainerPlugin):
             state = ckpt.trainer_state()  # on the CPU: RNG states must be CPU tensors; the optimizer moves its own
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"])
+            ranks = state.get("rng_ranks")
+            if ranks is not None and len(ranks) == dist.world_size:
+                set_rng_state(ranks[dist.rank])
+            else:
+                set_rng_state(state["rng"])
+                if dist.world_size != (len(ranks) if ranks else 1):
+                    warnings.warn(
+                        f"--resume: {ckpt.path} was written by {len(ranks) if ranks else 1} process(es) and this run has {dist.world_size}: "
+                        f"the weights, optimizer, schedule and data order continue exactly, the per-rank random streams (dropout) restart.",
+                        stacklevel=2,
+                    )
+                    if dist.rank:
+                        torch.manual_seed(spec.seed + dist.rank + ckpt.step)
             start = ckpt.step
-        forward = torch.compile(model) if options.compile else model
+        # DDP averages gradients over ranks; it broadcasts rank 0's weights at construction, so every replica starts equal.
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.active else None
+        forward = torch.compile(ddp or model) if options.compile else (ddp or model)
         end = min(t.steps, job.stop_at or t.steps)
+        micro_steps = t.grad_accum // dist.world_size  # this rank's share of the step's micro-batches
         tokens_per_step = t.batch_size * t.grad_accum * seq_len
 
         saved, metrics_step = None, None  # the step last checkpointed; the step `metrics` were measured at
 
         def checkpoint(step: int) -> None:
             nonlocal saved
-            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+            if dist.is_main:
+                trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+                weights = model_state(model)
+            else:  # rank 0 writes; the others only add their random state
+                trainer_state, weights = {"rng": rng_state()}, None
             # Validation metrics go with the checkpoint only if measured at its step (else the eval stage measures).
-            job.save_checkpoint(step, model_state(model), trainer_state, metrics if metrics_step == step else None)
+            job.save_checkpoint(step, weights, trainer_state, metrics if metrics_step == step else None)
             saved = step
 
-        log = MetricsLog.for_run(job.run_dir, t)
+        log = MetricsLog.for_run(job.run_dir, t, enabled=dist.is_main)
         if start:
             log.write(event="resume", step=start)
-        bar = Progress(end, start)
+        bar = Progress(end, start, enabled=dist.is_main)
         model.train()
         tick, last_logged = time.perf_counter(), start
         metrics: dict[str, float] = {}
@@ -88,11 +118,14 @@ class TorchTrainer(TrainerPlugin):
             ctrl_c.__enter__()
             for step in range(start, end):
                 loss_sum = torch.zeros((), device=device)
-                for micro in range(t.grad_accum):
-                    x, y = train_batch(job.train_data, spec, step, micro, seq_len, device)
-                    with autocast:
-                        loss = forward(x, y)
-                    (loss / t.grad_accum).backward()
+                for micro in range(micro_steps):
+                    x, y = train_batch(job.train_data, spec, step, micro, seq_len, device, dist.rank, dist.world_size)
+                    # Gradients are averaged over ranks once a step, on the last micro-batch, not on each one.
+                    sync = ddp is None or micro == micro_steps - 1
+                    with contextlib.nullcontext() if sync else ddp.no_sync():
+                        with autocast:
+                            loss = forward(x, y)
+                        (loss / micro_steps).backward()
                     loss_sum += loss.detach()
                 if t.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -102,7 +135,7 @@ class TorchTrainer(TrainerPlugin):
                 optimizer.zero_grad(set_to_none=True)
                 done = step + 1
                 if done % t.log_every == 0 or done == end:
-                    loss_value = loss_sum.item() / t.grad_accum  # syncs: only on log steps
+                    loss_value = dist.mean(loss_sum).item() / micro_steps  # syncs: only on log steps
                     now = time.perf_counter()
                     tok_s = tokens_per_step * (done - last_logged) / max(now - tick, 1e-9)
                     tick, last_logged = now, done
@@ -110,12 +143,12 @@ class TorchTrainer(TrainerPlugin):
                     bar.log(done, loss_value, lr, tok_s)
                 bar.update()
                 if spec.eval.every and done % spec.eval.every == 0 and done < t.steps:
-                    metrics, metrics_step = evaluate(model, job.val_data, spec, seq_len, device, autocast), done
+                    metrics, metrics_step = evaluate(model, job.val_data, spec, seq_len, device, autocast, dist), done
                     log.write(step=done, **metrics)
                     bar.write(f"step {done}: val_loss {metrics['val_loss']:.4f}  val_bpb {metrics['val_bpb']:.4f}")
                 if t.checkpoint_every and done % t.checkpoint_every == 0 and done < end:
                     checkpoint(done)
-                if ctrl_c.requested and done < end:
+                if ctrl_c.agreed(dist) and done < end:
                     break
             if ctrl_c.requested and done < end:  # Ctrl-C: keep the steps done so far, then stop
                 if done > start and saved != done:
@@ -124,7 +157,7 @@ class TorchTrainer(TrainerPlugin):
                     bar.write(f"interrupted after step {done}: saved checkpoint step-{saved}", file=sys.stderr)
                 raise KeyboardInterrupt
             if end == t.steps:
-                metrics, metrics_step = evaluate(model, job.val_data, spec, seq_len, device, autocast), end
+                metrics, metrics_step = evaluate(model, job.val_data, spec, seq_len, device, autocast, dist), end
                 log.write(step=end, **metrics)
                 bar.write(f"step {end}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  val_bpb {metrics['val_bpb']:.4f}")
             if end > start or job.resume_from is None:

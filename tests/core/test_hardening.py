@@ -128,7 +128,7 @@ def test_generate_max_new_tokens_flag_wins_over_the_spec(trained, capsys):
     _, run_dir, _ = trained
     assert main(["generate", str(run_dir), "--prompt", "Anne", "--max-new-tokens", "3", "--temperature", "0"]) == 0
     out = capsys.readouterr().out
-    from aic_core.run import load_checkpoint_model
+    from aic_core.loading import load_checkpoint_model
 
     tokenizer = load_checkpoint_model(run_dir).tokenizer
     generated = out[len("Anne") :].rstrip("\n")

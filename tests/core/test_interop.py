@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aic_core.cli import main
-from aic_core.convert import export_hf, import_hf
+from aic_core.convert import export_hf
+from aic_core.loading import import_hf
 from aic_core.generation import generate
-from aic_core.run import load_checkpoint_model
+from aic_core.loading import load_checkpoint_model
 from aic_core.spec import SamplerSpec
 from tests.conftest import tiny_spec, write_spec
 

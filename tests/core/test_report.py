@@ -44,7 +44,7 @@ def reported(tmp_path_factory, corpus) -> dict:
 
 
 def test_summary_matches_the_run(reported):
-    from aic_core.run import load_checkpoint_model
+    from aic_core.loading import load_checkpoint_model
 
     run_dir, spec = reported["run_dir"], reported["spec"]
     summary = json.loads((run_dir / "summary.json").read_text())

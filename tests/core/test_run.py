@@ -87,7 +87,7 @@ def test_an_adapter_section_is_applied_to_the_model(tmp_path, corpus):
     from aic_core.hookspecs import hookimpl
     from aic_core.kinds import AdapterPlugin, PluginOptions
     from aic_core.registry import Registry
-    from aic_core.run import build_model
+    from aic_core.loading import build_model
     from aic_core.spec import parse_spec
 
     class FreezeMLP(AdapterPlugin):

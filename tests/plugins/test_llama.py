@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aic_core.convert import import_hf
+from aic_core.loading import import_hf
 from aic_core.errors import AicError
 from aic_core.generation import generate
 from aic_core.registry import get_registry

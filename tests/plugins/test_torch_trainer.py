@@ -11,7 +11,7 @@ import torch
 from aic_core.cli import main
 from aic_core.errors import SpecError
 from aic_core.registry import get_registry
-from aic_core.run import load_checkpoint_model
+from aic_core.loading import load_checkpoint_model
 from aic_core.spec import TrainSpec, parse_spec
 from aic_core.training import lr_at, param_groups
 from tests.conftest import tiny_spec, write_spec
@@ -27,7 +27,7 @@ def test_lr_warms_up_linearly_then_follows_the_cosine_to_min_lr():
 
 def test_weight_decay_applies_to_matrices_and_embeddings_only(corpus, tmp_path):
     spec = parse_spec(tiny_spec(corpus, tmp_path), get_registry())
-    from aic_core.run import build_model
+    from aic_core.loading import build_model
 
     model = build_model(spec, get_registry(), 400)
     decay, no_decay = param_groups(model, 0.1)

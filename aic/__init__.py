@@ -1,0 +1,1 @@
+"""`python -m aic ...`: the `aic` command for launchers that start a module (torchrun -m, deepspeed --module)."""

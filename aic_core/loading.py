@@ -1,0 +1,339 @@
+"""Loading, in one place: open a model source and build a model from a spec (+ weights, + adapter).
+
+A *model source* is anything `model.init_from`, `aic generate` and `aic export` can start from: an aic run
+directory, one of its checkpoints, a folder written by `aic import hf`, or a Hugging Face model folder
+(config.json + model.safetensors). `open_source` reads its model section, tokenizer section and tokenizer
+file without building anything; `source.weights(config)` gives the tensors under aic's names.
+
+For HF folders, the model plugin whose `hf_architectures` lists the folder's architecture maps the config
+to its options and the tensors to aic names. Writing other formats (HF export, PEFT, merge) is convert.py's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from aic_core.checkpoint import (
+    ADAPTER_META,
+    ADAPTER_WEIGHTS,
+    STATE,
+    Checkpoint,
+    find_checkpoint,
+    load_weights,
+    open_checkpoint,
+    tensors_sha256,
+    verified,
+)
+from aic_core.data import file_sha256
+from aic_core.errors import CheckpointError, PluginError, SpecError
+from aic_core.kinds import ModelPlugin, Tokenizer, TokenizerPlugin
+from aic_core.nn.transformer import Transformer, TransformerConfig
+from aic_core.registry import Registry, get_registry
+from aic_core.spec import ModelSpec, RunSpec, load_spec_file, parse_spec, spec_from_resolved
+
+HF_CONFIG = "config.json"
+
+
+# --- reading Hugging Face folders --------------------------------------------------------------------
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (Path(path) / HF_CONFIG).is_file() and not (Path(path) / STATE).is_file()
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    folder = Path(folder)
+    config_path = folder / HF_CONFIG
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such folder. Pass a Hugging Face model folder (config.json + model.safetensors), e.g. one written by save_pretrained.")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: is a file, not a folder. Pass the Hugging Face model folder that holds config.json and model.safetensors.")
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: no config.json; a Hugging Face model folder holds config.json and model.safetensors.")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_path}: not valid JSON ({exc}).") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: not a Hugging Face config (a JSON object).")
+    return config
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    folder = Path(folder)
+    shards = sorted(folder.glob("model*.safetensors"))
+    if not shards:
+        raise CheckpointError(
+            f"{folder}: no model.safetensors (or model-0000N-of-0000M.safetensors shards). "
+            f"Save the model with save_pretrained(..., safe_serialization=True)."
+        )
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        try:
+            state.update(load_file(str(shard)))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{shard}: corrupt safetensors file ({exc}).") from None
+    return state
+
+
+def read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    return read_hf_config(folder), read_hf_weights(folder)
+
+
+def hf_model_plugin(config: dict[str, Any], registry: Registry, where: str) -> ModelPlugin:
+    architectures = config.get("architectures") or []
+    for plugin in registry.plugins("model").values():
+        if any(a in plugin.hf_architectures for a in architectures):
+            return plugin
+    supported = sorted(a for p in registry.plugins("model").values() for a in p.hf_architectures)
+    raise PluginError(
+        f"{where}: architecture {architectures or 'unset'} is not supported. "
+        f"Supported Hugging Face architectures: {', '.join(supported) or 'none'}."
+    )
+
+
+def hf_model_section(config: dict[str, Any], registry: Registry, where: str) -> tuple[ModelPlugin, dict[str, Any]]:
+    """The spec's model section (with positional) for an HF config.json, validated by the plugins."""
+    plugin = hf_model_plugin(config, registry, where)
+    fields = plugin.options_from_hf_config(config)
+    try:
+        options = plugin.Options(**fields)
+    except ValidationError as exc:
+        raise CheckpointError(f"{where}: cannot be represented by aic's '{plugin.name}': {exc.errors()[0]['msg']}") from None
+    positional = dict(plugin.positional_from_hf_config(config))
+    positional_plugin = registry.get("positional", positional.pop("type"))
+    try:
+        positional_options = positional_plugin.Options(**positional)
+    except ValidationError as exc:
+        raise CheckpointError(f"{where}: positional settings cannot be represented by aic's '{positional_plugin.name}': {exc.errors()[0]['msg']}") from None
+    section = {"type": plugin.name, **options.model_dump(), "positional": {"type": positional_plugin.name, **positional_options.model_dump()}}
+    return plugin, section
+
+
+def hf_tokenizer(folder: Path, registry: Registry) -> tuple[TokenizerPlugin, Path] | None:
+    """The tokenizer plugin and file an HF folder carries (by the plugins' `hf_files`), if any."""
+    for plugin in registry.plugins("tokenizer").values():
+        for name in plugin.hf_files:
+            if (Path(folder) / name).is_file():
+                return plugin, Path(folder) / name
+    return None
+
+
+def hf_state_dict(plugin: ModelPlugin, folder: Path, config: TransformerConfig) -> dict[str, torch.Tensor]:
+    """The folder's tensors under aic's names; a mismatch names the HF tensors and the folder."""
+    try:
+        return plugin.state_dict_from_hf(read_hf_weights(folder), config)
+    except PluginError as exc:
+        raise CheckpointError(f"{folder}: {exc}") from None
+
+
+# --- model sources ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSource:
+    path: Path
+    format: str  # "aic" (a run, checkpoint or imported folder) or "hf"
+    model_section: dict[str, Any]  # {"type", fields..., "positional": {...}}
+    tokenizer_section: dict[str, Any] | None
+    tokenizer_path: Path | None
+    vocab_size: int  # the model's vocabulary (not padded)
+    _load: Callable[[TransformerConfig], dict[str, torch.Tensor]]
+
+    def weights(self, config: TransformerConfig) -> dict[str, torch.Tensor]:
+        """The source's tensors under aic's names, for a model of `config`."""
+        return self._load(config)
+
+
+def open_source(path: Path, registry: Registry | None = None) -> ModelSource:
+    registry = registry or get_registry()
+    path = Path(path)
+    if is_hf_folder(path):
+        config = read_hf_config(path)
+        plugin, section = hf_model_section(config, registry, str(path / HF_CONFIG))
+        tok = hf_tokenizer(path, registry)
+
+        def load(model_config: TransformerConfig) -> dict[str, torch.Tensor]:
+            return hf_state_dict(plugin, path, model_config)
+
+        return ModelSource(path, "hf", section, {"type": tok[0].name} if tok else None, tok[1] if tok else None, section["vocab_size"], load)
+    ckpt = open_checkpoint(path)
+    spec = ckpt.state["spec"]
+    if spec.get("adapter"):
+        raise CheckpointError(
+            f"{ckpt.path}: holds a model with a '{spec['adapter']['type']}' adapter. Merge it into its base first "
+            f"(`aic merge {path} OUT`) and use OUT; or export the adapter alone with `aic export {path} --format peft OUT`."
+        )
+    has_tok = ckpt.tokenizer_path.is_file()
+    return ModelSource(
+        ckpt.path, "aic", spec["model"], spec.get("tokenizer") if has_tok else None, ckpt.tokenizer_path if has_tok else None,
+        int(ckpt.state["model_config"]["vocab_size"]), lambda _config: ckpt.weights(),
+    )
+
+
+# --- building models ----------------------------------------------------------------------------------
+
+
+def build_model(spec: ModelSpec, registry: Registry, vocab_size: int, init_weights: bool = False) -> Transformer:
+    """Model plugin + positional plugin (+ adapter) -> Transformer, weights freshly initialised or, with
+    `init_weights` and a `model.init_from`, the source's (loaded before an adapter wraps the model)."""
+    model_plugin = registry.get("model", spec.model.type)
+    positional_plugin = registry.get("positional", spec.model.positional.type)
+    config = model_plugin.config(spec.model, vocab_size)
+    if config.vocab_size < vocab_size:
+        raise SpecError(
+            f"model.vocab_size: {config.vocab_size} is smaller than the tokenizer's vocabulary ({vocab_size}). "
+            f"Remove model.vocab_size to use the tokenizer's, or set it to at least {vocab_size}."
+        )
+    positional = positional_plugin.build(spec.model.positional, config)
+    model = model_plugin.build(spec.model, config, positional)
+    if init_weights and spec.model.init_from:
+        src = open_source(Path(spec.model.init_from), registry)
+        load_weights(
+            model, src.weights(config), str(src.path),
+            "the spec's model (model.init_from: keys set in the spec's model section override the source's, and shapes must match its weights)",
+        )
+    if spec.adapter is not None:  # wraps target modules in place and freezes the base
+        registry.get("adapter", spec.adapter.type).apply(model, spec.adapter)
+    return model
+
+
+def load_tokenizer(spec: ModelSpec, registry: Registry, path: Path) -> Tokenizer:
+    return registry.get("tokenizer", spec.tokenizer.type).load(spec.tokenizer, path)
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    tokenizer: Tokenizer
+    spec: ModelSpec  # a RunSpec for a trained checkpoint
+    checkpoint: Checkpoint | None  # None for a Hugging Face folder
+
+
+def load_checkpoint_model(path: Path, registry: Registry | None = None, device: torch.device | str = "cpu") -> Loaded:
+    """A run directory (its latest checkpoint), a checkpoint folder or a Hugging Face model folder -> model,
+    tokenizer and spec."""
+    registry = registry or get_registry()
+    if is_hf_folder(Path(path)):
+        return _load_hf_folder(Path(path), registry, device)
+    ckpt = open_checkpoint(Path(path))
+    spec = spec_from_resolved(ckpt.state["spec"], registry, source=str(ckpt.path / "state.json"))
+    if not ckpt.has_tokenizer or spec.tokenizer is None:
+        raise CheckpointError(
+            f"{ckpt.path}: holds no tokenizer (it was imported from a folder without one), so it cannot turn text into tokens. "
+            f"Put the model's tokenizer file (for sentencepiece: tokenizer.model) in the Hugging Face folder and import it again."
+        )
+    actual = file_sha256(ckpt.tokenizer_path)
+    if actual != ckpt.state["tokenizer_hash"]:
+        raise CheckpointError(
+            f"{ckpt.tokenizer_path}: this tokenizer (sha256 {actual[:12]}) is not the one the model was trained with "
+            f"(sha256 {ckpt.state['tokenizer_hash'][:12]}); token ids would mean different things. Restore the checkpoint's own tokenizer.model."
+        )
+    tokenizer = load_tokenizer(spec, registry, ckpt.tokenizer_path)
+    model = build_model(spec, registry, tokenizer.vocab_size)
+    load_weights(model, ckpt.weights(), str(ckpt.path), "the model in its spec")
+    return Loaded(model.to(device).eval(), tokenizer, spec, ckpt)
+
+
+def _load_hf_folder(folder: Path, registry: Registry, device: torch.device | str) -> Loaded:
+    """A Hugging Face model folder (config.json + model.safetensors + a tokenizer file a plugin reads)."""
+    tok = hf_tokenizer(folder, registry)
+    if tok is None:
+        files = ", ".join(sorted({n for p in registry.plugins("tokenizer").values() for n in p.hf_files})) or "none"
+        raise CheckpointError(
+            f"{folder}: a Hugging Face model folder without a tokenizer file aic can read (looked for: {files}), so text "
+            f"cannot be turned into tokens. Put the model's tokenizer file in the folder."
+        )
+    imported = import_hf(folder, registry)
+    spec = model_spec(imported.options, registry, str(folder / "config.json"), {"type": tok[0].name})
+    tokenizer = load_tokenizer(spec, registry, tok[1])
+    if tokenizer.vocab_size > imported.model.config.vocab_size:
+        raise CheckpointError(
+            f"{tok[1]}: this tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
+            f"({imported.model.config.vocab_size}); it is not the model's tokenizer. Put the model's own tokenizer file in {folder}."
+        )
+    return Loaded(imported.model.to(device).eval(), tokenizer, spec, None)
+
+
+@dataclass
+class Imported:
+    model: Transformer
+    plugin: ModelPlugin
+    options: dict[str, Any]  # the model section of a spec: {"type": ..., fields..., "positional": {...}}
+
+
+def import_hf(folder: Path, registry: Registry | None = None) -> Imported:
+    """Build an aic model from a Hugging Face folder, with every tensor accounted for."""
+    registry = registry or get_registry()
+    folder = Path(folder)
+    config = read_hf_config(folder)
+    plugin, section = hf_model_section(config, registry, str(folder / HF_CONFIG))
+    model = build_from_section(section, registry, source=str(folder / HF_CONFIG))
+    state = hf_state_dict(plugin, folder, model.config)
+    load_weights(model, state, str(folder), f"a {plugin.name} model of this config.json")
+    return Imported(model.eval(), plugin, section)
+
+
+def model_spec(section: dict[str, Any], registry: Registry, source: str, tokenizer: dict[str, Any] | None = None) -> Any:
+    """A model section (and tokenizer section) validated into a model-only spec, as in a RunSpec."""
+    raw: dict[str, Any] = {"name": "model", "model": section}
+    if tokenizer is not None:
+        raw["tokenizer"] = tokenizer
+    return parse_spec(raw, registry, source=source, model_only=True, check=False)
+
+
+def build_from_section(section: dict[str, Any], registry: Registry, vocab_size: int = 0, source: str = "model section") -> Transformer:
+    """A model with fresh weights from a model section (vocab_size: when the section leaves it unset)."""
+    return build_model(model_spec(section, registry, source), registry, section.get("vocab_size") or vocab_size)
+
+
+def load_adapter(model: Transformer, folder: Path, registry: Registry | None = None) -> list[str]:
+    """Put an adapter saved in `folder` (adapter.json + adapter.safetensors, as every checkpoint of an adapter
+    run holds) onto `model`, a plain base; refuse it if it was trained on another base."""
+    registry = registry or get_registry()
+    folder = find_checkpoint(Path(folder)) if not (Path(folder) / ADAPTER_META).is_file() else Path(folder)
+    meta_path, weights_path = folder / ADAPTER_META, folder / ADAPTER_WEIGHTS
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise CheckpointError(f"{folder}: no {ADAPTER_META} and {ADAPTER_WEIGHTS}; pass a checkpoint of a run trained with an adapter.")
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(verified(folder, ADAPTER_WEIGHTS)))
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{folder}: damaged adapter files ({exc}).") from None
+    base_hash = tensors_sha256(model.state_dict())
+    if base_hash != meta.get("base_sha256"):
+        raise CheckpointError(
+            f"{folder}: this adapter was trained on another base model (base sha256 {str(meta.get('base_sha256'))[:12]}, "
+            f"trained from {meta.get('base') or 'an unrecorded source'}); the model given has sha256 {base_hash[:12]}. "
+            f"An adapter only fits the exact weights it was trained on: load it onto its own base."
+        )
+    options = dict(meta["adapter"])
+    plugin = registry.get("adapter", options.pop("type"))
+    plugin.apply(model, plugin.Options(**options))
+    expected = set(plugin.adapter_state(model))
+    if expected != set(tensors):
+        raise CheckpointError(
+            f"{folder / ADAPTER_WEIGHTS}: its tensors do not match the adapter in {ADAPTER_META} "
+            f"(missing: {', '.join(sorted(expected - set(tensors))[:6]) or 'none'}; unexpected: {', '.join(sorted(set(tensors) - expected)[:6]) or 'none'})."
+        )
+    model.load_state_dict(tensors, strict=False)
+    return sorted(expected)
+
+
+
+
+# --- specs whose model.init_from names a source ------------------------------------------------------------
+
+
+def load_spec(path: str | Path, registry: Registry) -> RunSpec:
+    """A spec file, validated, with a `model.init_from` source's model and tokenizer sections filled in."""
+    return load_spec_file(path, registry, open_source=open_source)
