@@ -24,9 +24,10 @@ bytes, r = residual-stream bytes):
 - Activations: the tensors autograd saves in one micro-batch's forward, per aic block (aic_core/nn):
   norm input (LayerNorm: r*C + 8 for mean/rstd; RMSNorm: 4*C + 4 + r*C, it computes in fp32), the input
   of each linear that has a trainable weight or an adapter (a*C; under autocast a bf16 copy), qkv output
-  (H + 2*Hkv)*D*a, RoPE's rotated q and k (H + Hkv)*D*a, attention (SDPA: flash / memory-efficient / CPU
-  flash kernels keep the output H*D*a, which the projection shares, plus a float32 logsumexp 4*H; the
-  math kernel keeps 3*H*D*a + the T x T probabilities H*T*a, + with dropout the mask and dropped
+  (H + 2*Hkv)*D*a, RoPE's rotated q and k (H + Hkv)*D*a, attention (SDPA: the cuDNN, flash, memory-efficient
+  and CPU flash kernels keep the output H*D*a, which the projection shares unless RoPE made q a new tensor,
+  plus a float32 logsumexp 4*H, and no dropout mask; the math kernel keeps its copies of q, k, v 3*H*D*a
+  instead of the qkv output, the T x T probabilities H*T*a, + with dropout the mask and the dropped
   probabilities, and the projection input is a copy), MLP (GELU: fc output and GELU output, F*a each;
   SwiGLU: fc output 2F*a, SiLU output and product F*a each), dropout masks when dropout > 0 (1 byte a
   element on CUDA, a float on the CPU). Outside the blocks: token ids and targets (8 + 8), the final
@@ -36,12 +37,17 @@ bytes, r = residual-stream bytes):
 - Logits/loss buffer: `Transformer.forward` upcasts the logits to fp32 for the loss; the log-probabilities
   (4*N*V) are saved, and the backward pass of cross-entropy holds them, the gradient of nll_loss and that
   of log_softmax at once: 12*N*V bytes at the start of the backward pass.
-- The peak is the largest of: end of forward (+ autocast's cast cache, + the fp32 logits), start of
-  backward (+ 12*N*V), the backward of the first block, and the optimizer step (weights + gradients +
-  optimizer state). Gradients are not alive during forward/backward with grad_accum = 1 (set_to_none);
-  with more micro-steps per rank they are.
+- An op saves a tensor only when a gradient needs it: under LoRA, layers before the first adapter save
+  nothing, and a frozen linear keeps its input only for its adapter.
+- On CUDA, + 64 MiB of cuBLAS/cuBLASLt workspaces, which the caching allocator hands out.
+- The peak is the largest of: end of forward (+ autocast's cache of bf16 copies of every trainable weight,
+  + the fp32 logits), start of backward (+ 12*N*V), the backward of the first (and, checkpointed, the last)
+  block, and the optimizer step (weights + gradients + optimizer state). Gradients are not alive during
+  forward/backward with one micro-batch per step (set_to_none); with more micro-steps per rank they are.
+  Measured on an H100 (bench/gpu_plan.py, bench/RESULTS.md): within 0.4 % of max_memory_allocated.
 - KV cache (generate stage, after training, not in the training peak): 2 x n_layer x prompts x
-  (longest prompt + max_new_tokens) x n_kv_head x head_dim x 4 bytes (the fp32 model), + slot masks.
+  (longest prompt + max_new_tokens) x n_kv_head x head_dim x 4 bytes (the fp32 model), + slot masks and
+  positions; a prompt is at most one token per UTF-8 byte (an upper bound: the tokenizer may not exist yet).
 - FLOPs per token (PaLM appendix B / nanoGPT's MFU): 6*N + 12*L*H*Q*T, N = the parameters in matmuls:
   all parameters but lookup-only embeddings (position embeddings, and the token embedding when the head
   is untied; a tied head counts once), as nanoGPT's get_num_params(non_embedding=True); L layers, H heads,
@@ -197,13 +203,17 @@ class _Shape:
     wpe_trainable: bool
 
 
+class VocabularyUnknown(SpecError):
+    """The vocabulary size cannot be known before the tokenizer exists (its options do not state it)."""
+
+
 def _vocab_size(spec: Any, vocab_size: int | None) -> int:
     if vocab_size:
         return vocab_size
     for value in (getattr(spec.model, "vocab_size", None), getattr(getattr(spec, "tokenizer", None), "vocab_size", None)):
         if isinstance(value, int) and value > 0:
             return value
-    raise SpecError(
+    raise VocabularyUnknown(
         "aic plan: the vocabulary size is not known before the tokenizer is trained: this tokenizer's options do not "
         "state it. Set model.vocab_size in the spec (at least the tokenizer's vocabulary)."
     )
@@ -680,7 +690,7 @@ def plan(
     spec: Any,
     registry: Any,
     world_size: int = 1,
-    device_memory: float | int | None = None,
+    device_memory: float | None = None,
     device: str | torch.device | None = None,
     vocab_size: int | None = None,
 ) -> Plan:
@@ -706,8 +716,8 @@ def plan(
     ckpt = bool(getattr(t, "activation_checkpointing", False))
     micro_steps = t.grad_accum / world_size
     notes = [
-        f"train.batch_size ({B}) is the micro-batch of one device; the global batch is train.batch_size x train.grad_accum "
-        f"= {B * t.grad_accum} sequences per step, whatever the number of processes (each runs grad_accum / processes micro-batches)."
+        (f"train.batch_size ({B}) is the micro-batch of one device; the global batch is train.batch_size x train.grad_accum "
+         f"= {B * t.grad_accum} sequences per step, whatever the number of processes (each runs grad_accum / processes micro-batches).")
     ]
     if t.grad_accum % world_size:
         notes.append(f"train.grad_accum ({t.grad_accum}) is not a multiple of --world-size ({world_size}): `aic run` refuses that; planned as if it were.")
@@ -746,6 +756,9 @@ def plan(
         capacity, source = int(device_memory * GiB), "--device-memory"
     else:
         capacity, source = device_capacity(_device_name(spec, device))
+        if kind == "cpu" and world_size > 1 and capacity is not None:  # CPU processes share this machine's memory
+            capacity //= world_size
+            source += f", shared by {world_size} processes"
     for strategy in strategies:
         strategy.fits = None if capacity is None else strategy.total <= capacity
 
@@ -793,7 +806,7 @@ def plan(
 # --- refusing what cannot fit -----------------------------------------------------------------------
 
 
-def _gib(n: int | float) -> str:
+def _gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
 
 
@@ -806,12 +819,17 @@ def check_fits(
     registry: Any,
     world_size: int = 1,
     device: str | torch.device | None = None,
-    device_memory: float | int | None = None,
+    device_memory: float | None = None,
     vocab_size: int | None = None,
-) -> Plan:
+) -> Plan | None:
     """Refuse, with a SpecError that says what to change, a spec whose strategy cannot fit one device.
-    Returns the plan when it fits (or when the device's memory is unknown). Allocates nothing."""
-    p = plan(spec, registry, world_size, device_memory, device, vocab_size)
+    Returns the plan when it fits or when the device's memory is unknown; None when the vocabulary size is
+    not known yet (a tokenizer whose options do not state it: call again with `vocab_size` once it exists).
+    Allocates nothing."""
+    try:
+        p = plan(spec, registry, world_size, device_memory, device, vocab_size)
+    except VocabularyUnknown:
+        return None
     if p.fits is False:
         raise SpecError(fit_advice(spec, registry, p, device, vocab_size))
     return p
@@ -883,11 +901,11 @@ def format_plan(p: Plan) -> str:
     lines = [
         f"aic plan: {p.spec_name} ({p.model})",
         f"  parameters       {p.parameters:,} ({p.trainable:,} trainable)",
-        f"  FLOPs per token  {p.flops_per_token:.3e}  ({p.flops_formula}; N = parameters in matmuls, "
-        f"{p.matmul_parameters:,}); {p.flops_per_token * p.tokens_per_step:.3e} per step",
-        f"  batch            micro-batch {p.batch_size} x {p.seq_len} tokens per device (train.batch_size); global batch "
-        f"{p.global_batch} sequences = batch_size {p.batch_size} x grad_accum {p.grad_accum} ({p.tokens_per_step:,} tokens per step); "
-        f"{p.world_size} process(es), {p.micro_steps:g} micro-batch(es) each per step",
+        (f"  FLOPs per token  {p.flops_per_token:.3e}  ({p.flops_formula}; N = parameters in matmuls, "
+         f"{p.matmul_parameters:,}); {p.flops_per_token * p.tokens_per_step:.3e} per step"),
+        (f"  batch            micro-batch {p.batch_size} x {p.seq_len} tokens per device (train.batch_size); global batch "
+         f"{p.global_batch} sequences = batch_size {p.batch_size} x grad_accum {p.grad_accum} ({p.tokens_per_step:,} tokens per step); "
+         f"{p.world_size} process(es), {p.micro_steps:g} micro-batch(es) each per step"),
         f"  device           {p.device}: " + (f"{_gib(p.device_memory)} ({p.device_memory_source})" if p.device_memory else p.device_memory_source),
         f"  compute          {p.precision}; attention: SDPA {p.attention} kernel; activation checkpointing "
         + ("on" if p.activation_checkpointing else "off"),
@@ -915,11 +933,11 @@ def format_plan(p: Plan) -> str:
         lines.append("  " + "  ".join(x.ljust(widths[0]) if i == 0 else x.rjust(widths[i]) for i, x in enumerate(r)))
     lines += [
         "",
-        f"  KV cache for generate: {_gib(p.kv_cache)} ({p.kv_cache_shape}); the generate stage runs after training, "
-        f"so it is not part of the training peak",
-        "  * the spec's trainer. Gradients are counted in the peak only where they are alive (optimizer step; "
-        "grad_accum micro-steps; ZeRO keeps its own). ZeRO columns: the ZeRO paper's 2 + 2 + 12 bytes per parameter, "
-        "sharded by stage, and DeepSpeed's default buckets.",
+        (f"  KV cache for generate: {_gib(p.kv_cache)} ({p.kv_cache_shape}); the generate stage runs after training, "
+         "so it is not part of the training peak"),
+        ("  * the spec's trainer. Gradients are counted in the peak only where they are alive (optimizer step; "
+         "grad_accum micro-steps; ZeRO keeps its own). ZeRO columns: the ZeRO paper's 2 + 2 + 12 bytes per parameter, "
+         "sharded by stage, and DeepSpeed's default buckets."),
     ]
     lines += [f"  note: {n}" for n in p.notes]
     return "\n".join(lines)

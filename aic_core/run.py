@@ -20,13 +20,34 @@ from typing import Any
 
 import torch
 
-from aic_core.checkpoint import Checkpoint, latest_checkpoint, open_checkpoint, write_atomic, write_json
+from aic_core.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    open_checkpoint,
+    write_atomic,
+    write_json,
+)
 from aic_core.data import check_data_files, file_sha256, load_splits, token_cache_dir
-from aic_core.errors import AicError, CheckpointError, DataError, Interrupted, SpecError, did_you_mean
+from aic_core.distributed import Dist, launcher_world, setup
+from aic_core.errors import (
+    AicError,
+    CheckpointError,
+    DataError,
+    Interrupted,
+    SpecError,
+    did_you_mean,
+)
 from aic_core.generation import generate
 from aic_core.kinds import TrainJob
-from aic_core.distributed import Dist, launcher_world, setup
-from aic_core.loading import Loaded, build_model, load_checkpoint_model, load_spec, load_tokenizer, open_source
+from aic_core.loading import (
+    Loaded,
+    build_model,
+    load_checkpoint_model,
+    load_spec,
+    load_tokenizer,
+    open_source,
+)
+from aic_core.memory import check_fits
 from aic_core.registry import Registry, get_registry
 from aic_core.report import write_report
 from aic_core.spec import RunSpec, resolved_dict
@@ -197,6 +218,8 @@ def run(
     trainer = registry.get("trainer", spec.train.trainer.type)
     device = trainer.device(spec.train.trainer, world[2])
     _check_world(spec, stages, world, device)
+    if "train" in stages:
+        check_fits(spec, registry, world_size=world[1], device=device)  # the analytic plan; allocates nothing
     dist = setup(device, world)
     lock = RunLock(run_dir)
     try:

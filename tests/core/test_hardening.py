@@ -406,3 +406,14 @@ def test_disk_full_while_logging_metrics_is_a_clear_error(tmp_path):
     log._file = Full()
     with pytest.raises(CheckpointError, match="the disk is full .* while writing metrics.jsonl"):
         log.write(step=1, loss=1.0)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, corpus, capsys):
+    # gpt2-xl with 64 x 1024 tokens a micro-batch needs far more than any machine this runs on has.
+    spec = tiny_spec(corpus, tmp_path / "run", train={"batch_size": 64})
+    spec["model"] = {"type": "gpt2", "preset": "gpt2-xl"}
+    path = write_spec(tmp_path / "spec.json", spec)
+    assert main(["run", str(path)]) == 2
+    err = _error(capsys)
+    assert "this run does not fit" in err and "activations" in err and "`aic plan`" in err, err
+    assert not (tmp_path / "run").exists()

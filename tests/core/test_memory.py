@@ -203,6 +203,15 @@ def test_check_fits_names_what_to_change():
         memory.check_fits(spec, get_registry(), world_size=1, device="cuda", device_memory=1)
 
 
+def test_check_fits_without_a_known_vocabulary_waits_for_the_tokenizer():
+    spec = make_spec(TINY_GPT2)
+    spec.tokenizer = spec.tokenizer.model_copy(update={"vocab_size": None})  # as a tokenizer whose options have none
+    assert memory.check_fits(spec, get_registry(), device="cpu") is None
+    assert memory.check_fits(spec, get_registry(), device="cpu", vocab_size=VOCAB).fits
+    with pytest.raises(SpecError, match="model.vocab_size"):
+        memory.plan(spec, get_registry(), device="cpu")
+
+
 @pytest.mark.parametrize("world_size", [0, -2])
 def test_world_size_below_one_is_refused(world_size):
     with pytest.raises(SpecError, match="--world-size"):

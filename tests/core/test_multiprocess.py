@@ -34,7 +34,9 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def ddp_spec(corpus: Path, run_dir: Path, **overrides) -> dict:
-    base = {"model": {"dropout": 0.0}, "train": {"grad_accum": 2, "steps": 6, "checkpoint_every": 3}, "eval": {"batches": 4}}
+    # gloo on CPU processes, also on a machine with GPUs (where "auto" would give each process a GPU)
+    trainer = {"type": "torch", "device": "cpu", "precision": "fp32"}
+    base = {"model": {"dropout": 0.0}, "train": {"trainer": trainer, "grad_accum": 2, "steps": 6, "checkpoint_every": 3}, "eval": {"batches": 4}}
     for key, value in overrides.items():
         base[key] = {**base.get(key, {}), **value}
     return tiny_spec(corpus, run_dir, **base)
@@ -127,3 +129,15 @@ def test_stages_without_training_are_refused_on_several_processes(tmp_path, corp
 def test_python_dash_m_aic_is_the_aic_command():
     result = subprocess.run([sys.executable, "-m", "aic", "--version"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0 and result.stdout.startswith("aic ")
+
+
+def test_more_processes_than_gpus_is_refused(tmp_path, corpus, capsys, monkeypatch):
+    import torch
+
+    spec = write_spec(tmp_path / "spec.json", ddp_spec(corpus, tmp_path / "run", train={"trainer": {"type": "torch", "device": "auto"}}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _as_rank(monkeypatch, 0, 2)
+    assert main(["run", str(spec)]) == 2
+    assert "2 processes on this machine, but it has 1 CUDA GPU(s)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
