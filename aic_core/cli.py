@@ -17,7 +17,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from aic_core.run import run
 
     stages = [s for group in args.stage or [] for s in group.split(",") if s]
-    run(args.spec, stages=stages or None, resume=args.resume, stop_at=args.stop_at)
+    run(args.spec, stages=stages or None, resume=args.resume, stop_at=args.stop_at, output_dir=args.output_dir)
     return 0
 
 
@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", action="append", metavar="STAGE", help="run only these stages (tokenizer, train, eval, generate); repeat or comma-separate")
     p.add_argument("--resume", action="store_true", help="continue training from the run's latest checkpoint")
     p.add_argument("--stop-at", type=int, metavar="STEP", help="stop training after this step (with a checkpoint); continue later with --resume")
+    p.add_argument("--output-dir", metavar="DIR", help="the run directory, instead of the spec's output_dir (default: runs/<name>)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("validate", parents=[common], help="check a spec without running it")

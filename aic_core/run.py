@@ -198,13 +198,16 @@ def run(
     stop_at: int | None = None,
     registry: Registry | None = None,
     echo: Callable[[str], None] = print,
+    output_dir: str | Path | None = None,
 ) -> Path:
-    """Run the stages of a spec; return the run directory. Everything that can be checked is checked before
+    """Run the stages of a spec (into `output_dir` if given, else the spec's); return the run directory. Everything that can be checked is checked before
     anything in the run directory is written and before a process group starts. Under torchrun or deepspeed,
     every process runs this; rank 0 does the work that happens once and writes every file."""
     registry = registry or get_registry()
     world = launcher_world()
     spec = load_spec(spec_path, registry)
+    if output_dir is not None:
+        spec.output_dir = str(output_dir)  # the resolved spec and checkpoints record where the run really is
     stages = _stages(stages)
     run_dir = spec.run_dir
     _check_run_dir(run_dir)

@@ -417,3 +417,12 @@ def test_a_run_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, c
     err = _error(capsys)
     assert "this run does not fit" in err and "activations" in err and "`aic plan`" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_output_dir_flag_overrides_the_spec(tmp_path, corpus):
+    spec = write_spec(tmp_path / "spec.json", tiny_spec(corpus, tmp_path / "spec-dir", train={"steps": 2}))
+    assert main(["run", str(spec), "--stage", "tokenizer,train", "--output-dir", str(tmp_path / "flag-dir")]) == 0
+    assert not (tmp_path / "spec-dir").exists()
+    resolved = json.loads((tmp_path / "flag-dir" / "spec.resolved.json").read_text())
+    assert resolved["output_dir"] == str(tmp_path / "flag-dir")
+    assert main(["run", str(spec), "--stage", "tokenizer,train", "--output-dir", str(tmp_path / "flag-dir"), "--resume"]) == 0  # same run: resumable
