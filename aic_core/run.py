@@ -344,7 +344,8 @@ def _pipeline(
         echo(f"train: done in {time.perf_counter() - t0:.1f}s")
         if stop_at is not None and stop_at < spec.train.steps:
             echo(f"stopped after step {stop_at} of {spec.train.steps}; continue with `aic run {spec_path} --resume`")
-            dist.once(lambda: _report(run_dir, echo))
+            if dist.is_main:
+                _report(run_dir, echo)
             return run_dir
         # The trained model goes to the eval and generate stages as it is, not reloaded from disk.
         trained = Loaded(job.model.eval(), tokenizer, spec, open_checkpoint(run_dir))
@@ -357,7 +358,8 @@ def _pipeline(
         if "train" in stages or (run_dir / "metrics.jsonl").is_file():
             _report(run_dir, echo)
 
-    dist.once(finish)
+    if dist.is_main:  # the others are done: they do not wait (an eval or generate stage may outlast any timeout)
+        finish()
     return run_dir
 
 
