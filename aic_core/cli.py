@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aic", description="Build, train and run GPT-style models from a JSON spec.")
     parser.add_argument("--strict", action="store_true", help="fail if any plugin fails to load (also AIC_STRICT_PLUGINS=1)")
     parser.add_argument("--version", action="version", version=f"aic {__version__}")
+    # DeepSpeed's launcher passes --local_rank=N before the command; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     # --strict is accepted before or after the command.
     common = argparse.ArgumentParser(add_help=False)

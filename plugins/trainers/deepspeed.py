@@ -1,0 +1,478 @@
+"""The DeepSpeed ZeRO trainer: stages 0-3 over the process group the core starts (gloo on the CPU, NCCL on CUDA),
+the same batches, AdamW decay groups, warmup + cosine schedule and clipping as the `torch` trainer, and checkpoints
+that hold both a consolidated `model.safetensors` (read without DeepSpeed) and DeepSpeed's own state for an exact
+resume at the same world size.
+
+DeepSpeed is an optional extra: this module imports without it (so `aic plugins` lists it) and `check` says how
+to install it.
+
+Checkpoints. aic writes checkpoints/step-N atomically (a temporary folder renamed into place, then `latest`
+moves). DeepSpeed's state is written by every rank, so it cannot go through that single-writer path; it is
+written first, by all ranks, into a staging folder checkpoints/.ds-step-N (complete once DeepSpeed's own
+`latest` file is in it), then aic's checkpoint is written and `latest` moves, then rank 0 renames the staging
+folder to checkpoints/step-N/deepspeed (one rename). A run killed between the two leaves the complete staging
+folder beside step-N; `--resume` moves it in. A checkpoint without (or with a partial) DeepSpeed folder
+resumes from its consolidated weights with a fresh optimizer, with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import os
+import shutil
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from aic_core.checkpoint import model_state, open_checkpoint
+from aic_core.distributed import launcher_world
+from aic_core.errors import SpecError
+from aic_core.hookspecs import hookimpl
+from aic_core.kinds import PluginOptions, TrainerPlugin, TrainJob
+from aic_core.spec import RunSpec
+from aic_core.training import (
+    CtrlC,
+    MetricsLog,
+    Progress,
+    evaluate,
+    lr_at,
+    param_groups,
+    rng_state,
+    set_rng_state,
+    train_batch,
+)
+
+INSTALL = (
+    'the deepspeed trainer needs DeepSpeed, which is not installed here. Install it with '
+    '`pip install --no-build-isolation "aic[deepspeed]"` (or `pip install --no-cache-dir --no-build-isolation deepspeed`): '
+    "--no-build-isolation lets its setup see the torch already installed instead of fetching another. "
+    'Or train with the "torch" trainer.'
+)
+DS_FOLDER = "deepspeed"  # checkpoints/step-N/deepspeed: DeepSpeed's own checkpoint
+DS_TAG = "state"  # the tag (sub-folder) DeepSpeed writes under it
+
+# Raw DeepSpeed keys that the spec already decides: where to set them instead.
+SPEC_OWNED = {
+    "train_batch_size": "train.batch_size x train.grad_accum",
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum (each of N processes takes grad_accum / N micro-batches)",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.lr, train.beta1, train.beta2 and train.weight_decay (the trainer passes AdamW itself)",
+    "scheduler": "train.lr, train.warmup_steps, train.min_lr and train.steps (warmup + cosine, as every aic trainer)",
+    "bf16": "train.trainer.precision",
+    "fp16": "train.trainer.precision",
+    "zero_optimization.stage": "train.trainer.stage",
+    "zero_optimization.offload_optimizer": "train.trainer.offload_optimizer",
+    "zero_optimization.offload_param": "train.trainer.offload_params",
+}
+
+
+class DeepSpeedTrainerOptions(PluginOptions):
+    """Train with DeepSpeed ZeRO (stages 0-3) over the processes of a launch."""
+
+    stage: int = Field(2, ge=0, le=3, description="ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters).")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on the CPU.")
+    offload_optimizer: bool = Field(False, description="Keep the optimizer states in CPU memory (stages 1-3).")
+    offload_params: bool = Field(False, description="Keep the parameters in CPU memory (stage 3 only).")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
+    config: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config keys the spec does not model, merged into the generated config.")
+
+
+def _deepspeed():
+    try:
+        import deepspeed
+    except ImportError:
+        raise SpecError(f"train.trainer.type: {INSTALL}") from None
+    return deepspeed
+
+
+def _known_top_level_keys() -> set[str]:
+    """Every config key name DeepSpeed's modules define as a constant: DeepSpeed itself ignores unknown top-level
+    keys, so a typo there would otherwise pass silently."""
+    names: set[str] = set()
+    for module in (
+        "deepspeed.runtime.constants", "deepspeed.runtime.zero.config", "deepspeed.runtime.activation_checkpointing.config",
+        "deepspeed.monitor.config", "deepspeed.profiling.constants", "deepspeed.runtime.data_pipeline.constants",
+        "deepspeed.compression.constants", "deepspeed.elasticity.constants", "deepspeed.autotuning.constants",
+        "deepspeed.nebula.constants", "deepspeed.runtime.swap_tensor.constants", "deepspeed.checkpoint.constants",
+        "deepspeed.runtime.config", "deepspeed.comm.constants", "deepspeed.runtime.precision_config",
+    ):
+        with contextlib.suppress(Exception):
+            mod = importlib.import_module(module)
+            names.update(v for k, v in vars(mod).items() if k.isupper() and isinstance(v, str))
+    return names
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any], path: str = "") -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        name = f"{path}{key}"
+        owner = SPEC_OWNED.get(name)
+        if owner is not None and (key not in base or base[key] != value):
+            raise SpecError(
+                f"train.trainer.config.{name}: the spec decides this DeepSpeed key (the trainer sets it from {owner}); "
+                f"set that instead and remove '{name}' from train.trainer.config."
+            )
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = _merge(base[key], value, f"{name}.")
+        else:
+            out[key] = value
+    return out
+
+
+def _precision(options: DeepSpeedTrainerOptions, device: torch.device) -> str:
+    return ("bf16" if device.type == "cuda" else "fp32") if options.precision == "auto" else options.precision
+
+
+def _world_size() -> int:
+    try:
+        return launcher_world()[1]
+    except SpecError:
+        return 1
+
+
+def build_config(options: DeepSpeedTrainerOptions, spec: RunSpec, world: int, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed config for this spec at this world size, with `options.config` merged in."""
+    t = spec.train
+    zero: dict[str, Any] = {"stage": options.stage}
+    if options.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if options.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    config = {
+        "train_batch_size": t.batch_size * t.grad_accum,
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum // world,
+        "gradient_clipping": float(t.grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": _precision(options, device) == "bf16"},
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW, passed in
+        "steps_per_print": 1 << 30,  # aic logs; DeepSpeed's own step lines would repeat them
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, options.config)
+
+
+class DeepSpeedTrainer(TrainerPlugin):
+    name = "deepspeed"
+    Options = DeepSpeedTrainerOptions
+
+    def check(self, options: DeepSpeedTrainerOptions, spec: RunSpec) -> None:
+        if options.offload_params and options.stage != 3:
+            raise SpecError(f"train.trainer.offload_params: parameter offload needs ZeRO stage 3 (stage is {options.stage}); set stage 3 or offload_params false.")
+        if options.offload_optimizer and options.stage == 0:
+            raise SpecError("train.trainer.offload_optimizer: optimizer offload needs ZeRO stage 1, 2 or 3 (stage is 0).")
+        if options.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SpecError(f"train.trainer.device: '{options.device}' was asked for, but no CUDA GPU is available here. Use \"auto\" or \"cpu\".")
+        # Raw keys the spec owns, before DeepSpeed is needed: the refusal reads the same with or without it.
+        device = self.device(options, 0)
+        world = _world_size()
+        if spec.train.grad_accum % world:
+            return  # the core refuses this (grad_accum must divide by the world size) with its own message
+        config = build_config(options, spec, world, device)
+        _deepspeed()
+        unknown = sorted(set(options.config) - _known_top_level_keys())
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(_known_top_level_keys()), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise SpecError(f"train.trainer.config.{unknown[0]}: not a DeepSpeed config key{hint}; DeepSpeed would ignore it silently.")
+        # DeepSpeed's own parser, before any process group: here it sees a world of 1, so give it one rank's share.
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        probe = {**config, "train_batch_size": config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]}
+        try:
+            with _quiet_deepspeed():
+                DeepSpeedConfig(probe)
+        except Exception as exc:  # noqa: BLE001 - DeepSpeed raises pydantic errors, ValueError, AssertionError...
+            raise SpecError(f"train.trainer.config: DeepSpeed rejects the config: {_describe(exc)}") from None
+
+    def device(self, options: DeepSpeedTrainerOptions, local_rank: int) -> torch.device:
+        if options.device == "auto":
+            return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if options.device == "cuda":
+            return torch.device(f"cuda:{local_rank}")
+        return torch.device(options.device)
+
+    def train(self, options: DeepSpeedTrainerOptions, job: TrainJob) -> None:
+        deepspeed = _deepspeed()
+        import torch.distributed as torch_dist
+
+        dist = job.dist
+        device = dist.device if dist.active else self.device(options, 0)
+        own_group, env = False, {}
+        if not torch_dist.is_initialized():  # one process, no launcher: DeepSpeed still wants a group (of one)
+            own_group = True
+            env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # DeepSpeed's engine asserts LOCAL_RANK is set
+            torch_dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+            )
+        try:
+            # DeepSpeed calls torch.distributed functions torch has renamed: one FutureWarning per call, every step.
+            warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
+            with _quiet_deepspeed():
+                deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", dist_init_required=False)
+            self._train(deepspeed, options, job, device)
+        finally:
+            if own_group and torch_dist.is_initialized():
+                torch_dist.destroy_process_group()
+                _forget_groups()
+            for key, value in env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def _train(self, deepspeed, options: DeepSpeedTrainerOptions, job: TrainJob, device: torch.device) -> None:
+        spec, t, dist = job.spec, job.spec.train, job.dist
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        model = job.model.to(device)
+        model.activation_checkpointing = t.activation_checkpointing
+        seq_len = t.seq_len or model.config.block_size
+        config = build_config(options, spec, dist.world_size, device)
+        bf16 = config["bf16"]["enabled"]
+        ckpts = Path(job.run_dir) / "checkpoints"
+
+        # Resume: the consolidated weights always load first (a fresh optimizer starts from them if DeepSpeed's
+        # state cannot be used); DeepSpeed's own state then replaces weights and optimizer exactly.
+        start, state, ds_dir = 0, None, None
+        if job.resume_from is not None:
+            ckpt = open_checkpoint(job.resume_from)
+            model.load_state_dict(ckpt.weights())
+            state = ckpt.trainer_state()
+            start = ckpt.step
+            ds_dir = dist.once(lambda: _find_ds_state(ckpt.path, ckpts)) if dist.active else _find_ds_state(ckpt.path, ckpts)
+            ds_dir = dist.gather(ds_dir)[0] if dist.active else ds_dir
+            written_by = len(state.get("rng_ranks") or [None])
+            why = None
+            if ds_dir is None:
+                why = f"{ckpt.path} holds no complete DeepSpeed state ({DS_FOLDER}/)"
+            elif state.get("deepspeed", {}).get("world_size") != dist.world_size:
+                why = f"{ckpt.path} was written by {written_by} process(es) and this run has {dist.world_size}"
+            if why is not None:
+                ds_dir = None
+                warnings.warn(
+                    f"--resume: {why}: training continues from its consolidated weights (model.safetensors) with the same "
+                    f"schedule and data order, but AdamW's moments restart from zero and the per-rank random streams (dropout) "
+                    f"restart, so the run does not continue bit for bit.",
+                    stacklevel=2,
+                )
+
+        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
+        with _quiet_deepspeed():
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        scheduler = engine.lr_scheduler
+        autocast = contextlib.nullcontext()  # DeepSpeed casts the model itself under bf16
+
+        if state is not None:
+            if ds_dir is not None:
+                with _quiet_deepspeed():
+                    path, _ = engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+                if path is None:
+                    raise SpecError(f"--resume: DeepSpeed could not read its state in {ds_dir}; resume from an earlier checkpoint.")
+            else:
+                scheduler.load_state_dict(state["scheduler"])
+            ranks = state.get("rng_ranks")
+            if ds_dir is not None and ranks is not None and len(ranks) == dist.world_size:
+                set_rng_state(ranks[dist.rank])
+            else:
+                set_rng_state(state["rng"])
+                if dist.rank:
+                    torch.manual_seed(spec.seed + dist.rank + start)
+
+        end = min(t.steps, job.stop_at or t.steps)
+        micro_steps = t.grad_accum // dist.world_size
+        tokens_per_step = t.batch_size * t.grad_accum * seq_len
+        saved, metrics_step = None, None
+        metrics: dict[str, float] = {}
+
+        def checkpoint(step: int) -> None:
+            nonlocal saved
+            staging = ckpts / f".ds-step-{step}"
+            dist.once(lambda: (ckpts.mkdir(parents=True, exist_ok=True), shutil.rmtree(staging, ignore_errors=True)))
+            with _quiet_deepspeed():
+                engine.save_checkpoint(str(staging), tag=DS_TAG, client_state={"aic_step": step})
+            dist.barrier()
+            weights = consolidated(engine, options.stage, dist.is_main)
+            trainer_state = {"rng": rng_state()}
+            if dist.is_main:
+                trainer_state.update(
+                    scheduler=scheduler.state_dict(), deepspeed={"stage": options.stage, "world_size": dist.world_size, "precision": "bf16" if bf16 else "fp32"}
+                )
+            final = job.save_checkpoint(step, weights, trainer_state, metrics if metrics_step == step else None)
+            dist.once(lambda: _move_in(staging, final))
+            saved = step
+
+        log = MetricsLog.for_run(job.run_dir, t, enabled=dist.is_main)
+        if start:
+            log.write(event="resume", step=start)
+        dist.once(lambda: _clean_staging(ckpts))
+        bar = Progress(end, start, enabled=dist.is_main)
+        engine.train()
+        tick, last_logged = time.perf_counter(), start
+        done = start
+        ctrl_c = CtrlC()
+        try:
+            ctrl_c.__enter__()
+            for step in range(start, end):
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(micro_steps):
+                    x, y = train_batch(job.train_data, spec, step, micro, seq_len, device, dist.rank, dist.world_size)
+                    loss = engine(x, y)
+                    engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps and averages over ranks
+                    loss_sum += loss.detach().float()
+                    lr = scheduler.get_last_lr()[0]
+                    engine.step()  # steps the optimizer and the schedule on the step's last micro-batch only
+                done = step + 1
+                if done % t.log_every == 0 or done == end:
+                    loss_value = dist.mean(loss_sum).item() / micro_steps
+                    now = time.perf_counter()
+                    tok_s = tokens_per_step * (done - last_logged) / max(now - tick, 1e-9)
+                    tick, last_logged = now, done
+                    log.write(step=done, loss=loss_value, lr=lr, tokens_per_s=round(tok_s, 1))
+                    bar.log(done, loss_value, lr, tok_s)
+                bar.update()
+                if spec.eval.every and done % spec.eval.every == 0 and done < t.steps:
+                    metrics, metrics_step = evaluate(engine.module, job.val_data, spec, seq_len, device, autocast, dist), done
+                    log.write(step=done, **metrics)
+                    bar.write(f"step {done}: val_loss {metrics['val_loss']:.4f}  val_bpb {metrics['val_bpb']:.4f}")
+                if t.checkpoint_every and done % t.checkpoint_every == 0 and done < end:
+                    checkpoint(done)
+                if ctrl_c.agreed(dist) and done < end:
+                    break
+            if ctrl_c.requested and done < end:
+                if done > start and saved != done:
+                    checkpoint(done)
+                if saved is not None:
+                    bar.write(f"interrupted after step {done}: saved checkpoint step-{saved}", file=sys.stderr)
+                raise KeyboardInterrupt
+            if end == t.steps:
+                # Under ZeRO-3 the module's forward gathers each layer's parameters, so this is the full model.
+                metrics, metrics_step = evaluate(engine.module, job.val_data, spec, seq_len, device, autocast, dist), end
+                log.write(step=end, **metrics)
+                bar.write(f"step {end}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  val_bpb {metrics['val_bpb']:.4f}")
+            if end > start or job.resume_from is None:
+                checkpoint(end)
+            if ctrl_c.requested:
+                raise KeyboardInterrupt
+        finally:
+            ctrl_c.__exit__()
+            bar.close()
+            log.close()
+        # The eval and generate stages use job.model as a plain module: give it back whole, in fp32.
+        full = consolidated(engine, options.stage, True)
+        engine.destroy()
+        _restore(job.model, full, device)
+
+
+def consolidated(engine, stage: int, keep: bool) -> dict[str, torch.Tensor] | None:
+    """The full fp32 weights as CPU tensors (on this rank if `keep`, else None). Every rank must call it: under
+    ZeRO-3 gathering each parameter is a collective. In fp32 these are exactly the trained weights."""
+    module = engine.module
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if keep else None
+    if not keep:
+        return None
+    return {k: v.float() for k, v in model_state(module).items()}
+
+
+def _restore(model: torch.nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Replace the model's (possibly ZeRO-3 partitioned) parameters by plain ones holding `full`; tied parameters
+    stay tied."""
+    new: dict[int, torch.nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in new:
+                key = f"{module_name}.{name}" if module_name else name
+                new[id(param)] = torch.nn.Parameter(full[key].to(device), requires_grad=param.requires_grad)
+            module._parameters[name] = new[id(param)]
+    model.load_state_dict(full)  # buffers too; checks that every tensor is there
+
+
+def _forget_groups() -> None:
+    """DeepSpeed caches the process groups it made (deepspeed.utils.groups) and its comm backend; after the group
+    of one this trainer started is destroyed, a later run in the same process must not reuse them."""
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.utils import groups
+
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.isupper() and ("_GROUP" in name or name.startswith("_MPU_")):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+    ds_comm.cdb = None
+
+
+def _find_ds_state(ckpt_path: Path, ckpts: Path) -> str | None:
+    """The checkpoint's complete DeepSpeed folder, moving in a complete staging folder a killed run left."""
+    inside = Path(ckpt_path) / DS_FOLDER
+    if (inside / "latest").is_file():
+        return str(inside)
+    staging = ckpts / f".ds-{Path(ckpt_path).name}"
+    if (staging / "latest").is_file() and not inside.exists():
+        os.replace(staging, inside)
+        return str(inside)
+    return None
+
+
+def _move_in(staging: Path, final: Path | None) -> None:
+    if final is None:
+        return
+    target = Path(final) / DS_FOLDER
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
+def _clean_staging(ckpts: Path) -> None:
+    """Staging folders of checkpoints that were never completed (a run killed while saving)."""
+    if ckpts.is_dir():
+        for d in ckpts.glob(".ds-step-*"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:600] or type(exc).__name__
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _quiet_deepspeed():
+    """DeepSpeed logs its config and each save at INFO; aic's output stays aic's."""
+    import logging
+
+    try:
+        from deepspeed.utils import logger
+    except ImportError:
+        yield
+        return
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@hookimpl
+def aic_register_trainers(register):
+    register(DeepSpeedTrainer)

@@ -1,0 +1,184 @@
+"""The `deepspeed` trainer on the CPU: 2 gloo processes under ZeRO stages 0-3 (fp32) train exactly as the `torch`
+trainer's one process, resume exactly, and write a consolidated model.safetensors that aic reads without DeepSpeed."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aic_core.cli import main
+from tests.conftest import tiny_spec, write_spec
+
+RTOL = 1e-5  # fp32; measured agreement is ~1e-7 (summation order of gloo's all-reduce vs one process)
+
+
+def ds_spec(corpus, run_dir, stage: int, **trainer) -> dict:
+    t = {"type": "deepspeed", "stage": stage, "device": "cpu", "precision": "fp32", **trainer}
+    return tiny_spec(
+        corpus, run_dir, model={"dropout": 0.0},
+        train={"trainer": t, "grad_accum": 2, "steps": 4, "checkpoint_every": 2}, eval={"batches": 2},
+    )
+
+
+def torch_spec(corpus, run_dir) -> dict:
+    spec = ds_spec(corpus, run_dir, 0)
+    spec["train"]["trainer"] = {"type": "torch", "device": "cpu", "precision": "fp32"}
+    return spec
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus):
+    """The torch trainer, one process: the losses and validation losses every stage must reproduce."""
+    run_dir = tmp_path_factory.mktemp("torch") / "run"
+    path = write_spec(run_dir.parent / "torch.json", torch_spec(corpus, run_dir))
+    assert main(["run", str(path), "--stage", "tokenizer,train"]) == 0
+    from tests.core.test_multiprocess import losses, records
+
+    return losses(run_dir), [r["val_loss"] for r in records(run_dir) if "val_loss" in r], run_dir
+
+
+def run_two(tmp_path, spec: dict, *args: str):
+    from tests.core.test_multiprocess import torchrun
+
+    path = write_spec(tmp_path / f"{spec['output_dir'].rsplit('/', 1)[-1]}.json", spec)
+    result = torchrun(path, "--stage", "tokenizer,train", *args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+# The tests that launch processes need DeepSpeed; the import and refusal tests below do not.
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason='DeepSpeed is not installed: pip install --no-cache-dir --no-build-isolation "aic[deepspeed]" (CI installs it)',
+)
+
+
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize("stages", [(0, 2), (1, 3)])
+def test_zero_stages_train_as_the_torch_trainer(tmp_path, corpus, reference, stages):
+    from tests.core.test_multiprocess import losses, records
+
+    want, want_val, _ = reference
+    for stage in stages:
+        run_dir = tmp_path / f"stage{stage}"
+        run_two(tmp_path, ds_spec(corpus, run_dir, stage))
+        got = losses(run_dir)
+        assert list(got) == list(want) == [1, 2, 3, 4]
+        assert got == pytest.approx(want, rel=RTOL), f"stage {stage}"
+        assert [r["val_loss"] for r in records(run_dir) if "val_loss" in r] == pytest.approx(want_val, rel=RTOL)
+        assert (run_dir / "checkpoints" / "step-4" / "deepspeed" / "latest").is_file()
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_stage3_resume_is_exact_and_weights_load_without_deepspeed(tmp_path, corpus, reference, capsys):
+    from tests.core.test_multiprocess import losses
+
+    want, _, torch_run = reference
+    run_dir = tmp_path / "resumed"
+    spec = ds_spec(corpus, run_dir, 3)
+    run_two(tmp_path, spec, "--stop-at", "2")
+    assert list(losses(run_dir)) == [1, 2]
+    assert not list((run_dir / "checkpoints").glob(".ds-*"))  # the staging folder moved into step-2
+    run_two(tmp_path, spec, "--resume")
+    got = losses(run_dir)
+    assert got == pytest.approx(want, rel=RTOL)
+
+    # The consolidated weights: full fp32 tensors equal to the torch trainer's at the same step, read by aic alone.
+    ds = load_file(str(run_dir / "checkpoints" / "step-4" / "model.safetensors"))
+    ref = load_file(str(torch_run / "checkpoints" / "step-4" / "model.safetensors"))
+    assert ds.keys() == ref.keys()
+    for name in ref:
+        assert ds[name].dtype == torch.float32 and ds[name].shape == ref[name].shape
+        torch.testing.assert_close(ds[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    blocked = {name: None for name in list(sys.modules) if name == "deepspeed" or name.startswith("deepspeed.")}
+    saved = {name: sys.modules[name] for name in blocked}
+    try:
+        sys.modules.update(blocked)  # `import deepspeed` now fails: generate must not need it
+        assert main(["generate", str(run_dir), "--prompt", "Anne", "--max-new-tokens", "5"]) == 0
+    finally:
+        sys.modules.update(saved)
+    assert capsys.readouterr().out.strip()
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_engine_weights_equal_the_consolidated_file(tmp_path, corpus):
+    """In one process (no launcher) under ZeRO-3: what the checkpoint holds is what the engine trained."""
+    run_dir = tmp_path / "one"
+    path = write_spec(tmp_path / "one.json", ds_spec(corpus, run_dir, 3))
+    import aic_plugins.trainers.deepspeed as plugin
+
+    captured = {}
+    original = plugin.consolidated
+
+    def spy(engine, stage, keep):
+        out = original(engine, stage, keep)
+        captured["engine"] = {k: v.clone() for k, v in out.items()}
+        return out
+
+    plugin.consolidated = spy
+    try:
+        assert main(["run", str(path), "--stage", "tokenizer,train"]) == 0
+    finally:
+        plugin.consolidated = original
+    saved = load_file(str(run_dir / "checkpoints" / "step-4" / "model.safetensors"))
+    assert saved.keys() == captured["engine"].keys()
+    for name, value in saved.items():
+        assert torch.equal(value, captured["engine"][name]), name
+
+
+def test_a_config_key_the_spec_owns_is_refused(tmp_path, corpus, capsys):
+    pytest.importorskip("deepspeed", reason='DeepSpeed is not installed: pip install --no-build-isolation "aic[deepspeed]"')
+    spec = ds_spec(corpus, tmp_path / "bad", 2, config={"train_micro_batch_size_per_gpu": 8})
+    assert main(["run", str(write_spec(tmp_path / "bad.json", spec))]) == 2
+    err = capsys.readouterr().err
+    assert "train.trainer.config.train_micro_batch_size_per_gpu" in err and "train.batch_size" in err
+    spec = ds_spec(corpus, tmp_path / "bad2", 2, config={"zero_optimization": {"stage": 3}})
+    assert main(["run", str(write_spec(tmp_path / "bad2.json", spec))]) == 2
+    assert "zero_optimization.stage" in (err := capsys.readouterr().err) and "train.trainer.stage" in err
+    spec = ds_spec(corpus, tmp_path / "bad3", 2, config={"zero_optimisation": {"stage": 2}})
+    assert main(["run", str(write_spec(tmp_path / "bad3.json", spec))]) == 2
+    assert "zero_optimisation" in (err := capsys.readouterr().err) and "zero_optimization" in err
+    spec = ds_spec(corpus, tmp_path / "bad4", 2, config={"zero_optimization": {"reduce_bucket_sise": 10}})
+    assert main(["run", str(write_spec(tmp_path / "bad4.json", spec))]) == 2
+    assert "reduce_bucket_sise" in capsys.readouterr().err
+    spec = ds_spec(corpus, tmp_path / "bad5", 2, offload_params=True)
+    assert main(["run", str(write_spec(tmp_path / "bad5.json", spec))]) == 2
+    assert "stage 3" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before any work
+
+
+def test_imports_and_explains_the_install_without_deepspeed(tmp_path, corpus, monkeypatch, capsys):
+    for name in [n for n in sys.modules if n == "deepspeed" or n.startswith("deepspeed.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` raises ImportError
+    monkeypatch.delitem(sys.modules, "aic_plugins.trainers.deepspeed", raising=False)
+    plugin = importlib.import_module("aic_plugins.trainers.deepspeed")
+    assert plugin.DeepSpeedTrainer.name == "deepspeed"
+    spec = ds_spec(corpus, tmp_path / "run", 2)
+    assert main(["run", str(write_spec(tmp_path / "run.json", spec))]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install --no-build-isolation "aic[deepspeed]"' in err and "--no-build-isolation" in err
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_stage2_checkpoint_resumes_at_world_size_1_from_the_consolidated_weights(tmp_path, corpus, reference):
+    from tests.core.test_multiprocess import losses
+
+    want, _, _ = reference
+    run_dir = tmp_path / "run"
+    spec = ds_spec(corpus, run_dir, 2)
+    run_two(tmp_path, spec, "--stop-at", "2")
+    with pytest.warns(UserWarning, match=r"written by 2 process\(es\) and this run has 1.*AdamW's moments restart"):
+        assert main(["run", str(tmp_path / "run.json"), "--stage", "tokenizer,train", "--resume"]) == 0
+    got = losses(run_dir)
+    assert list(got) == [1, 2, 3, 4] and {k: got[k] for k in (1, 2)} == {k: want[k] for k in (1, 2)}
+    assert got[3] == pytest.approx(want[3], rel=1e-5)  # the weights carry over exactly: step 3's loss is before any new update
+    assert got[4] != pytest.approx(want[4], rel=1e-7)  # after it, the fresh moments show
