@@ -74,17 +74,24 @@ RESUME_FREE = {
 }
 
 
+def _model_changes(spec_dict: dict[str, Any], old: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """The first of the model, tokenizer and adapter sections that differs from a checkpoint's, with its changes."""
+    for section in ("model", "tokenizer", "adapter"):
+        if changes := _diff(spec_dict.get(section), old.get(section), section):
+            return section, changes
+    return None
+
+
 def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint, echo: Callable[[str], None]) -> None:
     """--resume continues the run the checkpoint belongs to: the model, tokenizer, data, seed and every training
     setting that shapes the steps must be as they were; only train.steps may grow (and bookkeeping change)."""
     old = ckpt.state["spec"]
-    for section in ("model", "tokenizer", "adapter"):
-        changes = _diff(spec_dict.get(section), old.get(section), section)
-        if changes:
-            raise CheckpointError(
-                f"--resume: the spec's {section} section differs from checkpoint {ckpt.path} ({'; '.join(changes[:6])}). "
-                f"A run resumes with the model it was trained with: undo the change, or start a new run (a new name or output_dir)."
-            )
+    if changed := _model_changes(spec_dict, old):
+        section, changes = changed
+        raise CheckpointError(
+            f"--resume: the spec's {section} section differs from checkpoint {ckpt.path} ({'; '.join(changes[:6])}). "
+            f"A run resumes with the model it was trained with: undo the change, or start a new run (a new name or output_dir)."
+        )
     changes = [c for key in ("seed", "data", "train") for c in _diff(spec_dict.get(key), old.get(key), key)]
     changes = [c for c in changes if c.split(":")[0] not in RESUME_FREE and not c.startswith("data.cache_dir:")]
     steps = [c for c in changes if c.startswith("train.steps:")]
@@ -110,15 +117,13 @@ def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint, echo: Callable[[s
 
 def _check_same_model(spec_dict: dict[str, Any], ckpt: Checkpoint, stages: list[str]) -> None:
     """Stages that use a trained checkpoint (eval, generate) need the spec to describe its model."""
-    old = ckpt.state["spec"]
-    for section in ("model", "tokenizer", "adapter"):
-        changes = _diff(spec_dict.get(section), old.get(section), section)
-        if changes:
-            raise CheckpointError(
-                f"--stage {','.join(stages)}: the spec's {section} section differs from the model in {ckpt.path} "
-                f"({'; '.join(changes[:6])}), which these stages would use. Undo the change, or train it as a new run "
-                f"(a new name or output_dir)."
-            )
+    if changed := _model_changes(spec_dict, ckpt.state["spec"]):
+        section, changes = changed
+        raise CheckpointError(
+            f"--stage {','.join(stages)}: the spec's {section} section differs from the model in {ckpt.path} "
+            f"({'; '.join(changes[:6])}), which these stages would use. Undo the change, or train it as a new run "
+            f"(a new name or output_dir)."
+        )
 
 
 def _check_run_dir(run_dir: Path) -> None:

@@ -147,9 +147,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """A trainer's `device` option for this process: "auto" is the GPU of LOCAL_RANK when there is CUDA, else the
+    CPU; "cuda" is the GPU of LOCAL_RANK; "cpu" and "cuda:N" are themselves."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
     return torch.device(name)
 
 

@@ -45,6 +45,7 @@ from aic_core.training import (
     evaluate,
     lr_at,
     param_groups,
+    resolve_device,
     rng_state,
     set_rng_state,
     train_batch,
@@ -195,11 +196,7 @@ class DeepSpeedTrainer(TrainerPlugin):
             raise SpecError(f"train.trainer.config: DeepSpeed rejects the config: {_describe(exc)}") from None
 
     def device(self, options: DeepSpeedTrainerOptions, local_rank: int) -> torch.device:
-        if options.device == "auto":
-            return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        if options.device == "cuda":
-            return torch.device(f"cuda:{local_rank}")
-        return torch.device(options.device)
+        return resolve_device(options.device, local_rank)
 
     def train(self, options: DeepSpeedTrainerOptions, job: TrainJob) -> None:
         deepspeed = _deepspeed()

@@ -41,12 +41,7 @@ class TorchTrainer(TrainerPlugin):
             raise SpecError("train.trainer.precision: 'bf16' needs a CUDA device; on the CPU train in 'fp32' (or leave it 'auto').")
 
     def device(self, options: TorchTrainerOptions, local_rank: int) -> torch.device:
-        """`device` as the spec says; "auto" and "cuda" take this process's GPU (LOCAL_RANK) under a launcher."""
-        if options.device == "auto":
-            return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        if options.device == "cuda":
-            return torch.device(f"cuda:{local_rank}")
-        return torch.device(options.device)
+        return resolve_device(options.device, local_rank)
 
     def train(self, options: TorchTrainerOptions, job: TrainJob) -> None:
         spec, t, dist = job.spec, job.spec.train, job.dist
