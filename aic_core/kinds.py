@@ -8,6 +8,7 @@ one instance of each class and calls its methods with validated options.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -237,7 +238,9 @@ class TrainJob:
         }
         extra = None
         if self.adapter is not None:
-            tensors = self.adapter.adapter_state(self.model)
+            # The names from the model, the values from `weights`: a trainer that shards the model (ZeRO-3) passes
+            # the gathered weights, while its modules hold only shards.
+            tensors = {k: weights[k] for k in self.adapter.adapter_state(self.model)}
             if self._base_sha256 is None:  # the base is frozen: hash it once
                 self._base_sha256 = tensors_sha256({k: v for k, v in weights.items() if k not in tensors})
             extra = adapter_files(tensors, self.resolved_spec["adapter"], self._base_sha256, self.resolved_spec["model"].get("init_from"))
@@ -256,6 +259,12 @@ class TrainerPlugin(Plugin):
         """The device this process trains on; under a launcher, LOCAL_RANK picks the GPU. The core starts the
         process group for it (NCCL for CUDA, gloo for the CPU) before `train`."""
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+    def build_model(self, options: PluginOptions, spec: RunSpec, dist: Dist, build: Callable[[], Transformer]) -> Transformer:
+        """Build the model to train: `build()` is the core's recipe (model plugin, positional plugin, weights,
+        adapter). A trainer that shards parameters while they are created (DeepSpeed's ZeRO-3 `zero.Init`)
+        calls it inside its own context; the default just calls it."""
+        return build()
 
     @abstractmethod
     def train(self, options: PluginOptions, job: TrainJob) -> None:

@@ -96,6 +96,15 @@ def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint, echo: Callable[[s
     changes = [c for c in changes if c.split(":")[0] not in RESUME_FREE and not c.startswith("data.cache_dir:")]
     steps = [c for c in changes if c.startswith("train.steps:")]
     changes = [c for c in changes if not c.startswith("train.steps:")]
+    trainer = [c for c in changes if c.startswith("train.trainer.")]
+    if trainer:
+        raise CheckpointError(
+            f"--resume: the spec changes the trainer checkpoint {ckpt.path.name} was written by ({'; '.join(trainer[:4])}). "
+            f"Its optimizer state is in that trainer's layout (a ZeRO stage shards it differently), so the run cannot "
+            f"continue exactly under the new setting. Undo the change to resume; or, to go on from these weights with "
+            f"the new setting, start a new run with \"model\": {{\"init_from\": \"{ckpt.path}\"}} (the weights carry over; "
+            f"AdamW's moments and the learning-rate schedule start afresh)."
+        )
     if changes:
         raise CheckpointError(
             f"--resume: the spec changes what checkpoint {ckpt.path.name} was trained with ({'; '.join(changes[:6])}), so the "
@@ -317,7 +326,8 @@ def _pipeline(
     trained = None
     if "train" in stages:
         torch.manual_seed(spec.seed)  # the same seed gives the same initial weights, on every rank
-        model = build_model(spec, registry, tokenizer.vocab_size, init_weights=not resume)
+        trainer = registry.get("trainer", spec.train.trainer.type)
+        model = trainer.build_model(spec.train.trainer, spec, dist, lambda: build_model(spec, registry, tokenizer.vocab_size, init_weights=not resume))
         if dist.rank:  # dropout masks differ between ranks
             torch.manual_seed(spec.seed + dist.rank)
         if spec.model.init_from and not resume:
@@ -336,7 +346,6 @@ def _pipeline(
         total, trainable = model.num_params(), model.num_params(trainable_only=True)
         adapted = f"; {spec.adapter.type}: {trainable:,} trainable ({100 * trainable / total:.2f}%)" if spec.adapter else ""
         echo(f"model: {spec.model.type} + {spec.model.positional.type}, {total:,} parameters{adapted}")
-        trainer = registry.get("trainer", spec.train.trainer.type)
         adapter = registry.get("adapter", spec.adapter.type) if spec.adapter else None
         job = TrainJob(spec, resolved, model, train_data, val_data, run_dir, tok_path, tokenizer_hash, ckpt_dir if resume else None, stop_at, adapter, dist)
         t0 = time.perf_counter()

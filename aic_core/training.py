@@ -39,9 +39,10 @@ def lr_at(step: int, train: TrainSpec) -> float:
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices and embeddings; never biases or norm gains (1-D tensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    dims = {id(p): len(getattr(p, "ds_shape", p.shape)) for p in params}  # ds_shape: the whole shape of a ZeRO-3 shard
     return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if dims[id(p)] >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if dims[id(p)] < 2], "weight_decay": 0.0},
     ]
 
 

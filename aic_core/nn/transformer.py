@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -77,16 +79,30 @@ class Transformer(nn.Module):
         self.norm_f = make_norm(config.norm, config.n_embd, config.bias, config.norm_eps)
         # Tied embeddings use wte.weight directly, so the state dict holds no shared tensors.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.apply(self._init_weights)
+        self.init_weights()
+
+    def init_weights(self, gathered: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None) -> None:
+        """Fresh weights (as GPT-2). `gathered(params)` wraps each step that writes parameters: a trainer whose
+        parameters are sharded while the model is built (DeepSpeed's zero.Init) passes a context that makes
+        them whole for the step and shards the result again, so no process holds the whole model at once. The
+        random numbers are drawn in the same order either way, so a seed gives the same weights."""
+        gathered = gathered or (lambda params: nullcontext())
+        for module in _apply_order(self):  # nn.Module.apply's order: children first
+            own = list(module.parameters(recurse=False))
+            if own and isinstance(module, nn.Linear | nn.Embedding):
+                with gathered(own):
+                    self._init_weights(module)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                with gathered([p]):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
         # The rows that pad the vocabulary are never used; zero, they stay zero, so converted weights round-trip exactly.
         with torch.no_grad():
             for weight in (self.wte.weight, None if self.lm_head is None else self.lm_head.weight):
                 if weight is not None:
-                    weight[config.vocab_size :].zero_()
+                    with gathered([weight]):
+                        weight[self.config.vocab_size :].zero_()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -99,7 +115,8 @@ class Transformer(nn.Module):
 
     def num_params(self, trainable_only: bool = False) -> int:
         """Parameters, not counting the rows that pad the vocabulary (they never receive a gradient)."""
-        total = sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        # ds_numel: a parameter DeepSpeed's ZeRO-3 has sharded holds only its share; this is its whole size.
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters() if p.requires_grad or not trainable_only)
         c = self.config
         padding = (c.padded_vocab_size - c.vocab_size) * c.n_embd
         for weight in (self.wte.weight, None if self.lm_head is None else self.lm_head.weight):
@@ -202,3 +219,9 @@ class Transformer(nn.Module):
         if torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)
         return self.wte.weight.dtype
+
+
+def _apply_order(module: nn.Module) -> Iterator[nn.Module]:
+    for child in module.children():
+        yield from _apply_order(child)
+    yield module

@@ -21,6 +21,8 @@ import contextlib
 import difflib
 import importlib
 import os
+import pickle
+import re
 import shutil
 import socket
 import sys
@@ -68,8 +70,8 @@ SPEC_OWNED = {
     "gradient_clipping": "train.grad_clip",
     "optimizer": "train.lr, train.beta1, train.beta2 and train.weight_decay (the trainer passes AdamW itself)",
     "scheduler": "train.lr, train.warmup_steps, train.min_lr and train.steps (warmup + cosine, as every aic trainer)",
-    "bf16": "train.trainer.precision",
-    "fp16": "train.trainer.precision",
+    "bf16.enabled": "train.trainer.precision",
+    "fp16.enabled": "train.trainer.precision",
     "zero_optimization.stage": "train.trainer.stage",
     "zero_optimization.offload_optimizer": "train.trainer.offload_optimizer",
     "zero_optimization.offload_param": "train.trainer.offload_params",
@@ -80,10 +82,13 @@ class DeepSpeedTrainerOptions(PluginOptions):
     """Train with DeepSpeed ZeRO (stages 0-3) over the processes of a launch."""
 
     stage: int = Field(2, ge=0, le=3, description="ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters).")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on the CPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on CUDA, fp32 on the CPU. fp16 (CUDA only) uses DeepSpeed's dynamic loss scaling; tune it with config.fp16."
+    )
     offload_optimizer: bool = Field(False, description="Keep the optimizer states in CPU memory (stages 1-3).")
     offload_params: bool = Field(False, description="Keep the parameters in CPU memory (stage 3 only).")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
+    compile: bool = Field(False, description="torch.compile the model through DeepSpeed's engine.compile().")
     config: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config keys the spec does not model, merged into the generated config.")
 
 
@@ -146,6 +151,8 @@ def build_config(options: DeepSpeedTrainerOptions, spec: RunSpec, world: int, de
     zero: dict[str, Any] = {"stage": options.stage}
     if options.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
+    # Offloaded, the optimizer still is torch's AdamW (the same math as every aic trainer; fused on the CPU), not
+    # DeepSpeedCPUAdam, which needs a C++ build and differs in rounding: DeepSpeed asks for this key to allow it.
     if options.offload_params:
         zero["offload_param"] = {"device": "cpu"}
     config = {
@@ -155,7 +162,10 @@ def build_config(options: DeepSpeedTrainerOptions, spec: RunSpec, world: int, de
         "gradient_clipping": float(t.grad_clip),
         "zero_optimization": zero,
         "bf16": {"enabled": _precision(options, device) == "bf16"},
+        # fp16: dynamic loss scaling (loss_scale 0), starting at 2^16 and halving on overflow; config.fp16 may tune it.
+        "fp16": {"enabled": _precision(options, device) == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,  # torch.optim.AdamW, passed in
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,  # aic logs; DeepSpeed's own step lines would repeat them
         "wall_clock_breakdown": False,
     }
@@ -171,6 +181,17 @@ class DeepSpeedTrainer(TrainerPlugin):
             raise SpecError(f"train.trainer.offload_params: parameter offload needs ZeRO stage 3 (stage is {options.stage}); set stage 3 or offload_params false.")
         if options.offload_optimizer and options.stage == 0:
             raise SpecError("train.trainer.offload_optimizer: optimizer offload needs ZeRO stage 1, 2 or 3 (stage is 0).")
+        if options.compile and options.stage == 3:
+            raise SpecError(
+                "train.trainer.compile: DeepSpeed's engine.compile() cannot trace ZeRO-3's sharded parameters (torch.compile "
+                "sees each parameter's empty local shard, and the first step fails). Use compile with stage 0, 1 or 2, or "
+                "stage 3 with compile false."
+            )
+        if options.precision == "fp16" and self.device(options, 0).type != "cuda":
+            raise SpecError(
+                "train.trainer.precision: 'fp16' needs a CUDA device (DeepSpeed's fp16 optimizer and loss scaling run there); "
+                "on the CPU train in 'fp32' (or leave it 'auto'), or 'bf16'."
+            )
         if options.device.startswith("cuda") and not torch.cuda.is_available():
             raise SpecError(f"train.trainer.device: '{options.device}' was asked for, but no CUDA GPU is available here. Use \"auto\" or \"cpu\".")
         # Raw keys the spec owns, before DeepSpeed is needed: the refusal reads the same with or without it.
@@ -197,6 +218,26 @@ class DeepSpeedTrainer(TrainerPlugin):
 
     def device(self, options: DeepSpeedTrainerOptions, local_rank: int) -> torch.device:
         return resolve_device(options.device, local_rank)
+
+    def build_model(self, options: DeepSpeedTrainerOptions, spec: RunSpec, dist, build):
+        """Under ZeRO-3 with several processes, the model is built inside `deepspeed.zero.Init`: each parameter
+        is sharded as soon as its module is made, and the weights are then drawn one module at a time on a
+        gathered copy (`Transformer.init_weights`), so no process ever holds the whole model, and the seed gives
+        the same weights as a plain build. A model with an adapter or `model.init_from` weights is built whole
+        (on the CPU) and sharded by `deepspeed.initialize` instead: its weights come from elsewhere."""
+        if options.stage != 3 or dist.world_size == 1 or spec.adapter is not None or spec.model.init_from:
+            return build()
+        deepspeed = _deepspeed()
+        device = dist.device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        with _quiet_deepspeed():
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", dist_init_required=False)
+        config = build_config(options, spec, dist.world_size, device)
+        with _quiet_deepspeed(), deepspeed.zero.Init(config_dict_or_path=config, remote_device="cpu" if options.offload_params else None):
+            model = build()
+        model.init_weights(gathered=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+        return model
 
     def train(self, options: DeepSpeedTrainerOptions, job: TrainJob) -> None:
         deepspeed = _deepspeed()
@@ -232,7 +273,8 @@ class DeepSpeedTrainer(TrainerPlugin):
         spec, t, dist = job.spec, job.spec.train, job.dist
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        model = job.model.to(device)
+        built_sharded = _sharded(job.model)  # by zero.Init (build_model), before deepspeed.initialize
+        model = job.model if built_sharded else job.model.to(device)  # zero.Init placed its shards already
         model.activation_checkpointing = t.activation_checkpointing
         seq_len = t.seq_len or model.config.block_size
         config = build_config(options, spec, dist.world_size, device)
@@ -244,7 +286,7 @@ class DeepSpeedTrainer(TrainerPlugin):
         start, state, ds_dir = 0, None, None
         if job.resume_from is not None:
             ckpt = open_checkpoint(job.resume_from)
-            model.load_state_dict(ckpt.weights())
+            _load_whole(model, ckpt.weights())
             state = ckpt.trainer_state()
             start = ckpt.step
             ds_dir = dist.once(lambda: _find_ds_state(ckpt.path, ckpts)) if dist.active else _find_ds_state(ckpt.path, ckpts)
@@ -264,15 +306,20 @@ class DeepSpeedTrainer(TrainerPlugin):
                     stacklevel=2,
                 )
 
-        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
+        # DeepSpeed's ZeRO optimizers drop empty groups (LoRA trains no 1-D tensor), which the schedule must not count.
+        groups = [g for g in param_groups(model, t.weight_decay) if g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
         with _quiet_deepspeed():
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         scheduler = engine.lr_scheduler
+        if options.compile:
+            engine.compile()
         autocast = contextlib.nullcontext()  # DeepSpeed casts the model itself under bf16
 
         if state is not None:
             if ds_dir is not None:
+                engine.checkpoint_engine.load = _load_without_pickle
                 with _quiet_deepspeed():
                     path, _ = engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
                 if path is None:
@@ -304,7 +351,7 @@ class DeepSpeedTrainer(TrainerPlugin):
             trainer_state = {"rng": rng_state()}
             if dist.is_main:
                 trainer_state.update(
-                    scheduler=scheduler.state_dict(), deepspeed={"stage": options.stage, "world_size": dist.world_size, "precision": "bf16" if bf16 else "fp32"}
+                    scheduler=scheduler.state_dict(), deepspeed={"stage": options.stage, "world_size": dist.world_size, "precision": _precision(options, device)}
                 )
             final = job.save_checkpoint(step, weights, trainer_state, metrics if metrics_step == step else None)
             dist.once(lambda: _move_in(staging, final))
@@ -313,6 +360,15 @@ class DeepSpeedTrainer(TrainerPlugin):
         log = MetricsLog.for_run(job.run_dir, t, enabled=dist.is_main)
         if start:
             log.write(event="resume", step=start)
+        if options.stage == 3:
+            # What each process holds of the parameters: its shard (ds_tensor), about 1/N of each sharded tensor;
+            # parameters below stage3_param_persistence_threshold stay whole on every process.
+            held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
+            total = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+            shares = dist.gather(held) if dist.active else [held]
+            log.write(event="zero", stage=3, params=total, params_held=shares, built_sharded=built_sharded)
+            if dist.is_main:
+                print(f"zero-3: each of {len(shares)} process(es) holds {max(shares) / total:.1%} of the {total:,} parameters at most", file=sys.stderr)
         dist.once(lambda: _clean_staging(ckpts))
         bar = Progress(end, start, enabled=dist.is_main)
         engine.train()
@@ -366,10 +422,11 @@ class DeepSpeedTrainer(TrainerPlugin):
             ctrl_c.__exit__()
             bar.close()
             log.close()
-        # The eval and generate stages use job.model as a plain module: give it back whole, in fp32.
-        full = consolidated(engine, options.stage, True)
+        # The eval and generate stages (rank 0 only) use job.model as a plain module: give it back whole, in fp32.
+        full = consolidated(engine, options.stage, dist.is_main)
         engine.destroy()
-        _restore(job.model, full, device)
+        if full is not None:
+            _restore(job.model, full, device)
 
 
 def consolidated(engine, stage: int, keep: bool) -> dict[str, torch.Tensor] | None:
@@ -379,11 +436,79 @@ def consolidated(engine, stage: int, keep: bool) -> dict[str, torch.Tensor] | No
     if stage == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if keep else None
+        # One module's parameters at a time, so no process holds the whole model on its device.
+        out: dict[str, torch.Tensor] = {}
+        for prefix, sub in module.named_modules():
+            own = dict(sub.named_parameters(recurse=False))
+            if not own:
+                continue
+            with deepspeed.zero.GatheredParameters(list(own.values()), modifier_rank=None):
+                if keep:
+                    out.update({f"{prefix}.{n}" if prefix else n: p.detach().float().cpu().clone() for n, p in own.items()})
+        if not keep:
+            return None
+        state = module.state_dict()  # parameters here are the shards; only the buffers are taken from it
+        return {k: out[k] if k in out else state[k].detach().float().cpu().clone() for k in state}
     if not keep:
         return None
     return {k: v.float() for k, v in model_state(module).items()}
+
+
+# The only Python objects (beyond tensors and containers) in DeepSpeed 0.19's checkpoints, stages 0-3, fp32/bf16/fp16,
+# with and without offload: plain records whose constructors run no code of the file's choosing.
+DS_SAFE_GLOBALS = (
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+)
+
+
+def _load_without_pickle(path: str, map_location=None):
+    """DeepSpeed reads its checkpoint files with torch.load(weights_only=False), which runs whatever code a crafted
+    file holds. Resuming, aic reads them instead with weights_only=True and an allow-list of DeepSpeed's record
+    types, so a file that holds anything else is refused, not run."""
+    allowed = []
+    for name in DS_SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        with contextlib.suppress(ImportError, AttributeError):
+            allowed.append(getattr(importlib.import_module(module), attr))
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = found.group(1) if found else "objects other than tensors"
+        raise SpecError(
+            f"--resume: {path} holds {what}, which aic does not unpickle (it could run code). DeepSpeed writes no such "
+            f"object, so the file was changed after it was written. Resume from an earlier checkpoint, or start a new run "
+            f"with model.init_from set to this checkpoint folder (its model.safetensors holds no code)."
+        ) from None
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _load_whole(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """load_state_dict, for a model whose parameters zero.Init has sharded too (one module at a time)."""
+    if not _sharded(model):
+        model.load_state_dict(weights)
+        return
+    import deepspeed
+
+    missing = set(model.state_dict()) - set(weights)
+    if missing:
+        raise SpecError(f"--resume: the checkpoint's weights lack {', '.join(sorted(missing)[:5])}; it was written for another model.")
+    for prefix, sub in model.named_modules():
+        own = dict(sub.named_parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(list(own.values()), modifier_rank=0), torch.no_grad():
+            for name, p in own.items():
+                p.copy_(weights[f"{prefix}.{name}" if prefix else name])
+            for name, b in sub.named_buffers(recurse=False):
+                key = f"{prefix}.{name}" if prefix else name
+                if key in weights:
+                    b.copy_(weights[key])
 
 
 def _restore(model: torch.nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:

@@ -77,13 +77,20 @@ def test_zero_stages_train_as_the_torch_trainer(tmp_path, corpus, reference, sta
 @needs_deepspeed
 @pytest.mark.slow
 def test_stage3_resume_is_exact_and_weights_load_without_deepspeed(tmp_path, corpus, reference, capsys):
-    from tests.core.test_multiprocess import losses
+    from tests.core.test_multiprocess import losses, records
 
     want, _, torch_run = reference
     run_dir = tmp_path / "resumed"
-    spec = ds_spec(corpus, run_dir, 3)
+    # Threshold 0: every parameter is sharded, however small (by default tiny tensors stay whole on each rank).
+    spec = ds_spec(corpus, run_dir, 3, config={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     run_two(tmp_path, spec, "--stop-at", "2")
     assert list(losses(run_dir)) == [1, 2]
+    # ZeRO-3 really shards: the model was built sharded (zero.Init) and each of the 2 ranks holds about half.
+    zero = [r for r in records(run_dir) if r.get("event") == "zero"]
+    assert len(zero) == 1 and zero[0]["built_sharded"] is True
+    total, held = zero[0]["params"], zero[0]["params_held"]
+    assert total == sum(v.numel() for v in load_file(str(run_dir / "checkpoints" / "step-2" / "model.safetensors")).values())
+    assert len(held) == 2 and all(0.49 * total <= h <= 0.52 * total for h in held), (held, total)
     assert not list((run_dir / "checkpoints").glob(".ds-*"))  # the staging folder moved into step-2
     run_two(tmp_path, spec, "--resume")
     got = losses(run_dir)
@@ -151,6 +158,18 @@ def test_a_config_key_the_spec_owns_is_refused(tmp_path, corpus, capsys):
     spec = ds_spec(corpus, tmp_path / "bad5", 2, offload_params=True)
     assert main(["run", str(write_spec(tmp_path / "bad5.json", spec))]) == 2
     assert "stage 3" in capsys.readouterr().err
+    spec = ds_spec(corpus, tmp_path / "bad6", 2, precision="fp16")
+    assert main(["run", str(write_spec(tmp_path / "bad6.json", spec))]) == 2
+    assert "train.trainer.precision: 'fp16' needs a CUDA device" in capsys.readouterr().err
+    spec = ds_spec(corpus, tmp_path / "bad7", 3, compile=True)
+    assert main(["run", str(write_spec(tmp_path / "bad7.json", spec))]) == 2
+    assert "train.trainer.compile" in (err := capsys.readouterr().err) and "stage 0, 1 or 2" in err
+    spec = ds_spec(corpus, tmp_path / "bad8", 4)
+    assert main(["run", str(write_spec(tmp_path / "bad8.json", spec))]) == 2
+    assert "train.trainer.stage" in (err := capsys.readouterr().err) and "4" in err
+    spec = ds_spec(corpus, tmp_path / "bad9", 2, config={"fp16": {"enabled": True}})
+    assert main(["run", str(write_spec(tmp_path / "bad9.json", spec))]) == 2
+    assert "fp16.enabled" in (err := capsys.readouterr().err) and "train.trainer.precision" in err
     assert not (tmp_path / "bad").exists()  # refused before any work
 
 
@@ -182,3 +201,125 @@ def test_stage2_checkpoint_resumes_at_world_size_1_from_the_consolidated_weights
     assert list(got) == [1, 2, 3, 4] and {k: got[k] for k in (1, 2)} == {k: want[k] for k in (1, 2)}
     assert got[3] == pytest.approx(want[3], rel=1e-5)  # the weights carry over exactly: step 3's loss is before any new update
     assert got[4] != pytest.approx(want[4], rel=1e-7)  # after it, the fresh moments show
+
+
+@pytest.fixture(scope="module")
+def lora_base(tmp_path_factory, corpus):
+    root = tmp_path_factory.mktemp("lora-base")
+    spec = tiny_spec(corpus, root / "base", model={"dropout": 0.0, "tie_embeddings": False}, train={"steps": 6}, generate={"prompts": []})
+    assert main(["run", str(write_spec(root / "base.json", spec))]) == 0
+    return root / "base"
+
+
+def lora_spec(corpus, run_dir, base, trainer: dict) -> dict:
+    spec = tiny_spec(
+        corpus, run_dir, adapter={"type": "lora", "r": 4, "targets": ["attn.qkv", "mlp.fc"]},
+        train={"trainer": trainer, "grad_accum": 2, "steps": 4, "lr": 1e-2, "warmup_steps": 0}, eval={"batches": 2},
+    )
+    spec["model"] = {"init_from": str(base), "dropout": 0.0}
+    del spec["tokenizer"]
+    return spec
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_lora_under_zero_2_and_3_writes_the_torch_trainer_s_adapter(tmp_path, corpus, lora_base):
+    from tests.core.test_multiprocess import losses
+
+    ref_dir = tmp_path / "torch"
+    path = write_spec(tmp_path / "torch.json", lora_spec(corpus, ref_dir, lora_base, {"type": "torch", "device": "cpu", "precision": "fp32"}))
+    assert main(["run", str(path), "--stage", "tokenizer,train"]) == 0
+    want = load_file(str(ref_dir / "checkpoints" / "step-4" / "adapter.safetensors"))
+    base = load_file(str(ref_dir / "checkpoints" / "step-4" / "model.safetensors"))
+    assert want and all("lora_" in k for k in want)
+    for stage in (2, 3):
+        run_dir = tmp_path / f"zero{stage}"
+        run_two(tmp_path, lora_spec(corpus, run_dir, lora_base, {"type": "deepspeed", "stage": stage, "device": "cpu", "precision": "fp32"}))
+        assert losses(run_dir) == pytest.approx(losses(ref_dir), rel=RTOL)
+        ckpt = run_dir / "checkpoints" / "step-4"
+        got = load_file(str(ckpt / "adapter.safetensors"))
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=f"zero-{stage} {name}")
+        # Only the adapter trained: the base tensors are the ones the run started from, bit for bit.
+        weights = load_file(str(ckpt / "model.safetensors"))
+        assert all(torch.equal(weights[k], base[k]) for k in base if "lora_" not in k), f"zero-{stage}"
+
+
+@needs_deepspeed
+def test_a_checkpoint_of_another_stage_is_refused_at_resume_and_nothing_is_lost(tmp_path, corpus, capsys):
+    run_dir = tmp_path / "run"
+    spec = ds_spec(corpus, run_dir, 2)
+    spec["train"]["steps"] = 2
+    path = write_spec(tmp_path / "run.json", spec)
+    assert main(["run", str(path), "--stage", "tokenizer,train", "--stop-at", "1"]) == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    spec["train"]["trainer"]["stage"] = 3
+    write_spec(path, spec)
+    assert main(["run", str(path), "--stage", "tokenizer,train", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "train.trainer.stage: 2 -> 3" in err and "init_from" in err and "step-1" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_offload_bf16_checkpointing_and_compile_train_as_plain_zero(tmp_path, corpus, reference):
+    """One process: optimizer (and parameter) offload and activation checkpointing under every stage give the plain
+    fp32 losses; bf16 stays within bf16's rounding; engine.compile() (stage 2) gives them too."""
+    from tests.core.test_multiprocess import losses
+
+    want, _, _ = reference
+    cases = [
+        ("offload2", 2, {"offload_optimizer": True}, {}, RTOL),
+        ("offload3", 3, {"offload_optimizer": True, "offload_params": True}, {}, RTOL),
+        ("bf16", 2, {"precision": "bf16"}, {}, 1e-3),
+        ("compile2", 2, {"compile": True}, {}, RTOL),
+        *[(f"ckpt{stage}", stage, {}, {"activation_checkpointing": True}, RTOL) for stage in (0, 1, 2, 3)],
+    ]
+    for name, stage, trainer, train, tol in cases:
+        spec = ds_spec(corpus, tmp_path / name, stage, **trainer)
+        spec["train"].update(train)
+        assert main(["run", str(write_spec(tmp_path / f"{name}.json", spec)), "--stage", "tokenizer,train"]) == 0, name
+        assert losses(tmp_path / name) == pytest.approx(want, rel=tol), name
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@needs_deepspeed
+def test_resume_refuses_a_deepspeed_file_that_would_run_code(tmp_path, corpus, capsys):
+    run_dir = tmp_path / "run"
+    spec = ds_spec(corpus, run_dir, 1)
+    spec["train"]["steps"] = 2
+    path = write_spec(tmp_path / "run.json", spec)
+    assert main(["run", str(path), "--stage", "tokenizer,train", "--stop-at", "1"]) == 0
+    [optim] = (run_dir / "checkpoints" / "step-1" / "deepspeed" / "state").glob("*optim_states.pt")
+    state = torch.load(optim, weights_only=False)
+    state["payload"] = _Payload(str(tmp_path / "marker"))
+    torch.save(state, optim)
+    assert main(["run", str(path), "--stage", "tokenizer,train", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert optim.name in err and "does not unpickle" in err and "Traceback" not in err
+    assert not (tmp_path / "marker").exists()
+
+
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_resume_is_exact_for_each_stage(tmp_path, corpus, stage):
+    """One process: a run stopped after step 2 and resumed gives the straight run's losses bit for bit (the stage-3
+    case runs on 2 processes above)."""
+    from tests.core.test_multiprocess import losses
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["run", str(write_spec(tmp_path / "straight.json", ds_spec(corpus, straight, stage))), "--stage", "tokenizer,train"]) == 0
+    path = write_spec(tmp_path / "resumed.json", ds_spec(corpus, resumed, stage))
+    assert main(["run", str(path), "--stage", "tokenizer,train", "--stop-at", "2"]) == 0
+    assert main(["run", str(path), "--stage", "tokenizer,train", "--resume"]) == 0
+    assert losses(resumed) == losses(straight) and list(losses(straight)) == [1, 2, 3, 4]
