@@ -589,7 +589,9 @@ def _torch_strategy(s: _Shape, m: _Mode, acts: _Acts, N: int, world: int, micro_
     )
 
 
-def _zero_strategy(s: _Shape, m: _Mode, acts: _Acts, N: int, world: int, stage: int, ckpt: bool, offload: bool = False) -> Strategy:
+def _zero_strategy(
+    s: _Shape, m: _Mode, acts: _Acts, N: int, world: int, stage: int, ckpt: bool, offload: bool = False, micro_steps: float = 1
+) -> Strategy:
     c = s.model.config
     P, Pt = s.elements, s.trainable_elements
     mixed = m.a == 2
@@ -605,8 +607,13 @@ def _zero_strategy(s: _Shape, m: _Mode, acts: _Acts, N: int, world: int, stage: 
     workspace = CUDA_WORKSPACE if m.device == "cuda" else 0
     states = weights + grads + optimizer + buffers + workspace
     largest_block = max(acts.blocks) if acts.blocks else 0
-    without = states + acts.full + max(loss_fwd, loss_bwd)
-    with_ckpt = states + acts.checkpointed + max(loss_bwd, largest_block + acts.transient)
+    # Stages 1-2 allocate their gradient partition and reduce buckets during the backward pass (the first
+    # gradient hook), after the peak at its start, and drop them after the optimizer step; with several
+    # micro-batches per step the gradient partition stays from the first one on. Measured on an H100 at one
+    # process (bench/gpu_deepspeed.py), the peak is exactly the states without them.
+    early = states if stage >= 3 else weights + optimizer + workspace + (grads if micro_steps > 1 else 0)
+    without = max(early + acts.full + max(loss_fwd, loss_bwd), states)
+    with_ckpt = max(early + acts.checkpointed + max(loss_bwd, largest_block + acts.transient), states)
     name = f"zero-{stage}" + ("-offload" if offload else "")
     return Strategy(
         name=name,
@@ -747,7 +754,7 @@ def plan(
     ds_acts = _activations(s, ds_mode, B, T)
 
     strategies = [_torch_strategy(s, torch_mode, acts, N, world_size, micro_steps, ckpt)]
-    strategies += [_zero_strategy(s, ds_mode, ds_acts, N, world_size, stage, ckpt) for stage in (1, 2, 3)]
+    strategies += [_zero_strategy(s, ds_mode, ds_acts, N, world_size, stage, ckpt, micro_steps=micro_steps) for stage in (1, 2, 3)]
     spec_strategy = zero or strategies[0].name
     if spec.train.trainer.type not in ("torch", "deepspeed"):
         notes.append(f"trainer '{spec.train.trainer.type}' is planned as the torch trainer.")
@@ -870,7 +877,7 @@ def fit_advice(spec: Any, registry: Any, p: Plan, device: str | torch.device | N
         shape = _shape(build_meta_model(spec, registry, vocab_size))
         mode = _Mode(kind, 2 if precision == "bf16" else 4, 2 if precision == "bf16" else 4, False)
         acts = _activations(shape, mode, t.batch_size, p.seq_len)
-        off = _zero_strategy(shape, mode, acts, t.batch_size * p.seq_len, world_size, 3, True, offload=True)
+        off = _zero_strategy(shape, mode, acts, t.batch_size * p.seq_len, world_size, 3, True, offload=True, micro_steps=p.micro_steps)
         if off.total <= capacity:
             fixes.append(f"ZeRO stage 3 with the optimizer state offloaded to the CPU and activation checkpointing ({_gib(off.total)} on the device)")
     if not fixes:

@@ -308,7 +308,9 @@ class DeepSpeedTrainer(TrainerPlugin):
 
         # DeepSpeed's ZeRO optimizers drop empty groups (LoRA trains no 1-D tensor), which the schedule must not count.
         groups = [g for g in param_groups(model, t.weight_decay) if g["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+        # Fused on CUDA, as the torch trainer's; offloaded, the states live on the CPU, where the fused kernel runs too.
+        fused = device.type == "cuda" or options.offload_optimizer
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
         with _quiet_deepspeed():
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)

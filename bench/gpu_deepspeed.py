@@ -1,0 +1,172 @@
+"""The `torch` trainer against the `deepspeed` trainer (ZeRO stages 1, 2, 3) on one GPU: tokens/s, peak memory and
+`aic plan`'s prediction of that peak.
+
+Each configuration runs in its own process through the trainers' own `train` (the code `aic run` calls), on
+synthetic tokens (random ids, uniform over the vocabulary) with random initial weights: train.steps steps, the
+tokens/s that the trainer logs every `log_every` steps (the median after the first interval, which holds the
+warm-up), and torch.cuda.max_memory_allocated over the run (what the caching allocator handed out). Checkpoint
+writes are skipped (they do not touch the step, and tinyllama's would write 17 GB per configuration). Under
+DeepSpeed the process is a world of 1 (the trainer starts a group of one, as a plain `aic run` does).
+
+    python bench/gpu_deepspeed.py                         # gpt2-small 16x1024 and tinyllama-1.1b 4x2048
+    python bench/gpu_deepspeed.py --models gpt2-small --variants   # + DeepSpeed knobs for ZeRO-1/2
+    python bench/gpu_deepspeed.py --device cpu --quick     # smoke test on the CPU (tiny shapes, fp32)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GiB = 2**30
+MODELS = {
+    "gpt2-small": ({"type": "gpt2", "preset": "gpt2-small", "vocab_size": 50257}, 16, 1024),
+    "tinyllama-1.1b": ({"type": "llama", "preset": "tinyllama-1.1b", "vocab_size": 32000}, 4, 2048),
+    "tiny": ({"type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "vocab_size": 512}, 4, 64),
+}
+# DeepSpeed settings tried beside the defaults (train.trainer.config), for the ZeRO-1/2 overhead at one GPU.
+VARIANTS = {
+    "overlap": {"zero_optimization": {"overlap_comm": True}},
+    "big-buckets": {"zero_optimization": {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000, "overlap_comm": True}},
+}
+
+
+def make_spec(model: dict, batch: int, seq_len: int, trainer: dict, steps: int, log_every: int):
+    from aic_core.registry import get_registry
+    from aic_core.spec import parse_spec
+
+    raw = {
+        "name": "gpu-deepspeed",
+        "seed": 0,
+        "data": {"train": ["unused.txt"]},
+        "tokenizer": {"type": "sentencepiece", "vocab_size": model["vocab_size"]},
+        "model": {**model, "dropout": 0.0},
+        "train": {"trainer": trainer, "steps": steps, "batch_size": batch, "seq_len": seq_len, "grad_accum": 1,
+                  "lr": 3e-4, "warmup_steps": 2, "log_every": log_every, "checkpoint_every": 0},
+        "eval": {"batches": 1, "every": 0},
+    }
+    return parse_spec(raw, get_registry(), check=False)
+
+
+def run_one(cfg: dict) -> dict:
+    from aic_core.data import TokenData
+    from aic_core.distributed import Dist
+    from aic_core.kinds import TrainJob
+    from aic_core.loading import build_model
+    from aic_core.memory import plan
+    from aic_core.registry import get_registry
+
+    model, batch, seq_len = MODELS[cfg["model"]]
+    device = cfg["device"]
+    trainer_section = {"type": cfg["trainer"], "device": device}
+    if cfg["trainer"] == "deepspeed":
+        trainer_section.update(stage=cfg["stage"], config=VARIANTS.get(cfg.get("variant"), {}))
+    if device == "cpu":
+        trainer_section["precision"] = "fp32"
+    spec = make_spec(model, batch, seq_len, trainer_section, cfg["steps"], cfg["log_every"])
+    registry = get_registry()
+    predicted = plan(spec, registry, device=device).strategy()
+    trainer = registry.get("trainer", cfg["trainer"])
+    options = spec.train.trainer
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    net = trainer.build_model(options, spec, Dist(), lambda: build_model(spec, registry, model["vocab_size"]))
+    rng = np.random.default_rng(0)
+    tokens = TokenData(rng.integers(0, model["vocab_size"], size=4_000_000, dtype=np.uint32 if model["vocab_size"] > 65535 else np.uint16), 4_000_000 * 4)
+    with tempfile.TemporaryDirectory(prefix="aic-bench-") as tmp:
+        run_dir = Path(tmp)
+        (run_dir / "tokenizer.model").write_bytes(b"unused")
+        job = TrainJob(spec, {}, net, tokens, tokens, run_dir, run_dir / "tokenizer.model", "0" * 64)
+        job.save_checkpoint = lambda *args, **kwargs: None  # no disk writes: see the module docstring
+        if cfg["trainer"] == "deepspeed":
+            import deepspeed
+
+            deepspeed.DeepSpeedEngine.save_checkpoint = lambda self, *args, **kwargs: True
+        if cfg.get("profile"):
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=activities) as prof:
+                trainer.train(options, job)
+            sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60), flush=True)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), flush=True)
+        else:
+            trainer.train(options, job)
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # the first interval holds the warm-up
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    name = cfg["trainer"] if cfg["trainer"] == "torch" else f"zero-{cfg['stage']}" + (f" {cfg['variant']}" if cfg.get("variant") else "")
+    return {
+        "model": cfg["model"], "name": name, "tokens_per_s": statistics.median(rates) if rates else None,
+        "peak": peak, "planned": predicted.total, "planned_strategy": predicted.name, "losses": [r["loss"] for r in records if "loss" in r],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["gpt2-small", "tinyllama-1.1b"], choices=sorted(MODELS))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--variants", action="store_true", help="also ZeRO-1/2 with the DeepSpeed settings in VARIANTS")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 6 steps (a smoke test)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators for each configuration")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a configuration, as JSON: run it in this process
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
+        return
+    if args.quick:
+        args.models, args.steps, args.log_every = ["tiny"], 6, 2
+    configs = []
+    for model in args.models:
+        configs.append({"model": model, "trainer": "torch"})
+        for stage in args.stages:
+            configs.append({"model": model, "trainer": "deepspeed", "stage": stage})
+            if args.variants and stage in (1, 2):
+                configs += [{"model": model, "trainer": "deepspeed", "stage": stage, "variant": v} for v in VARIANTS]
+    rows = []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    for cfg in configs:
+        cfg.update(device=args.device, steps=args.steps, log_every=args.log_every, profile=args.profile)
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True, env=env)
+        if args.profile:
+            print(f"## {cfg}\n" + "\n".join(x for x in proc.stdout.splitlines() if not x.startswith("RESULT ")), flush=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"{cfg}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(line[len("RESULT "):]))
+        print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else args.device
+    print(f"\ndevice: {device}; torch {torch.__version__}; {args.steps} steps, tokens/s = median of the logged intervals after the first\n")
+    print("| model | trainer | tokens/s | vs torch | peak GiB | plan GiB | plan / peak |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    base = {r["model"]: r["tokens_per_s"] for r in rows if r["name"] == "torch"}
+    for r in rows:
+        ratio = f"{r['tokens_per_s'] / base[r['model']]:.3f}" if r["tokens_per_s"] and base.get(r["model"]) else "-"
+        peak = f"{r['peak'] / GiB:.2f}" if r["peak"] else "-"
+        fit = f"{r['planned'] / r['peak']:.3f}" if r["peak"] else "-"
+        rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
+        print(f"| {r['model']} | {r['name']} | {rate} | {ratio} | {peak} | {r['planned'] / GiB:.2f} | {fit} |")
+    print("\nlosses (first steps; same seed, same data):")
+    for r in rows:
+        print(f"  {r['model']:15s} {r['name']:18s} {' '.join(f'{x:.4f}' for x in r['losses'][:4])}")
+
+
+if __name__ == "__main__":
+    main()
