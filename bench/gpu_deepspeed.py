@@ -10,6 +10,7 @@ DeepSpeed the process is a world of 1 (the trainer starts a group of one, as a p
 
     python bench/gpu_deepspeed.py                         # gpt2-small 16x1024 and tinyllama-1.1b 4x2048
     python bench/gpu_deepspeed.py --models gpt2-small --variants   # + DeepSpeed knobs for ZeRO-1/2
+    python bench/gpu_deepspeed.py --world-size 2          # + DDP and ZeRO-1/2/3 on 2 GPUs (torchrun), against 1 GPU
     python bench/gpu_deepspeed.py --device cpu --quick     # smoke test on the CPU (tiny shapes, fp32)
 """
 
@@ -40,7 +41,7 @@ VARIANTS = {
 }
 
 
-def make_spec(model: dict, batch: int, seq_len: int, trainer: dict, steps: int, log_every: int):
+def make_spec(model: dict, batch: int, seq_len: int, trainer: dict, steps: int, log_every: int, world: int = 1):
     from aic_core.registry import get_registry
     from aic_core.spec import parse_spec
 
@@ -50,7 +51,8 @@ def make_spec(model: dict, batch: int, seq_len: int, trainer: dict, steps: int, 
         "data": {"train": ["unused.txt"]},
         "tokenizer": {"type": "sentencepiece", "vocab_size": model["vocab_size"]},
         "model": {**model, "dropout": 0.0},
-        "train": {"trainer": trainer, "steps": steps, "batch_size": batch, "seq_len": seq_len, "grad_accum": 1,
+        # grad_accum = world: each process runs one micro-batch of `batch` a step, as the one-GPU run does.
+        "train": {"trainer": trainer, "steps": steps, "batch_size": batch, "seq_len": seq_len, "grad_accum": world,
                   "lr": 3e-4, "warmup_steps": 2, "log_every": log_every, "checkpoint_every": 0},
         "eval": {"batches": 1, "every": 0},
     }
@@ -59,7 +61,7 @@ def make_spec(model: dict, batch: int, seq_len: int, trainer: dict, steps: int, 
 
 def run_one(cfg: dict) -> dict:
     from aic_core.data import TokenData
-    from aic_core.distributed import Dist
+    from aic_core.distributed import launcher_world, setup, teardown
     from aic_core.kinds import TrainJob
     from aic_core.loading import build_model
     from aic_core.memory import plan
@@ -72,22 +74,25 @@ def run_one(cfg: dict) -> dict:
         trainer_section.update(stage=cfg["stage"], config=VARIANTS.get(cfg.get("variant"), {}))
     if device == "cpu":
         trainer_section["precision"] = "fp32"
-    spec = make_spec(model, batch, seq_len, trainer_section, cfg["steps"], cfg["log_every"])
+    world = launcher_world()  # (rank, world size, local rank, local world): one process unless under torchrun
+    spec = make_spec(model, batch, seq_len, trainer_section, cfg["steps"], cfg["log_every"], world[1])
     registry = get_registry()
-    predicted = plan(spec, registry, device=device).strategy()
+    predicted = plan(spec, registry, world_size=world[1], device=device).strategy()
     trainer = registry.get("trainer", cfg["trainer"])
     options = spec.train.trainer
+    dist = setup(trainer.device(options, world[2]), world)
     cuda = device.startswith("cuda")
     if cuda:
+        torch.cuda.set_device(dist.device if dist.active else torch.device("cuda"))
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    net = trainer.build_model(options, spec, Dist(), lambda: build_model(spec, registry, model["vocab_size"]))
+    net = trainer.build_model(options, spec, dist, lambda: build_model(spec, registry, model["vocab_size"]))
     rng = np.random.default_rng(0)
     tokens = TokenData(rng.integers(0, model["vocab_size"], size=4_000_000, dtype=np.uint32 if model["vocab_size"] > 65535 else np.uint16), 4_000_000 * 4)
     with tempfile.TemporaryDirectory(prefix="aic-bench-") as tmp:
         run_dir = Path(tmp)
         (run_dir / "tokenizer.model").write_bytes(b"unused")
-        job = TrainJob(spec, {}, net, tokens, tokens, run_dir, run_dir / "tokenizer.model", "0" * 64)
+        job = TrainJob(spec, {}, net, tokens, tokens, run_dir, run_dir / "tokenizer.model", "0" * 64, dist=dist)
         job.save_checkpoint = lambda *args, **kwargs: None  # no disk writes: see the module docstring
         if cfg["trainer"] == "deepspeed":
             import deepspeed
@@ -104,13 +109,18 @@ def run_one(cfg: dict) -> dict:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), flush=True)
         else:
             trainer.train(options, job)
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        log = run_dir / "metrics.jsonl"  # rank 0 writes it
+        records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # the first interval holds the warm-up
-    peak = torch.cuda.max_memory_allocated() if cuda else 0
-    name = cfg["trainer"] if cfg["trainer"] == "torch" else f"zero-{cfg['stage']}" + (f" {cfg['variant']}" if cfg.get("variant") else "")
+    peaks = dist.gather(torch.cuda.max_memory_allocated() if cuda else 0)  # every process's own peak
+    teardown()
+    if not dist.is_main:
+        return None
+    name = ("ddp" if world[1] > 1 else "torch") if cfg["trainer"] == "torch" else f"zero-{cfg['stage']}"
+    name += f" {cfg['variant']}" if cfg.get("variant") else ""
     return {
-        "model": cfg["model"], "name": name, "tokens_per_s": statistics.median(rates) if rates else None,
-        "peak": peak, "planned": predicted.total, "planned_strategy": predicted.name, "losses": [r["loss"] for r in records if "loss" in r],
+        "model": cfg["model"], "name": name, "world": world[1], "tokens_per_s": statistics.median(rates) if rates else None,
+        "peak": max(peaks), "planned": predicted.total, "planned_strategy": predicted.name, "losses": [r["loss"] for r in records if "loss" in r],
     }
 
 
@@ -123,26 +133,35 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--variants", action="store_true", help="also ZeRO-1/2 with the DeepSpeed settings in VARIANTS")
     parser.add_argument("--quick", action="store_true", help="tiny model, 6 steps (a smoke test)")
+    parser.add_argument("--world-size", type=int, default=1, help="processes (GPUs) per configuration, launched by torchrun")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators for each configuration")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a configuration, as JSON: run it in this process
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
-        return
+        result = run_one(json.loads(args.one))
+        if result is not None:
+            print("RESULT " + json.dumps(result), flush=True)
+        sys.stdout.flush()
+        os._exit(0)  # past gloo's exit-time abort (../shared/deepspeed.md): the result is out
     if args.quick:
         args.models, args.steps, args.log_every = ["tiny"], 6, 2
     configs = []
     for model in args.models:
-        configs.append({"model": model, "trainer": "torch"})
+        if args.world_size > 1:
+            configs.append({"model": model, "trainer": "torch", "world": 1})  # the one-GPU baseline
+        configs.append({"model": model, "trainer": "torch", "world": args.world_size})
         for stage in args.stages:
-            configs.append({"model": model, "trainer": "deepspeed", "stage": stage})
+            configs.append({"model": model, "trainer": "deepspeed", "stage": stage, "world": args.world_size})
             if args.variants and stage in (1, 2):
-                configs += [{"model": model, "trainer": "deepspeed", "stage": stage, "variant": v} for v in VARIANTS]
+                configs += [{"model": model, "trainer": "deepspeed", "stage": stage, "variant": v, "world": args.world_size} for v in VARIANTS]
     rows = []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     for cfg in configs:
         cfg.update(device=args.device, steps=args.steps, log_every=args.log_every, profile=args.profile)
-        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True, env=env)
+        launch = [sys.executable]
+        if cfg["world"] > 1:
+            launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg["world"])]
+        proc = subprocess.run([*launch, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True, env=env, check=False)
         if args.profile:
             print(f"## {cfg}\n" + "\n".join(x for x in proc.stdout.splitlines() if not x.startswith("RESULT ")), flush=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -153,20 +172,22 @@ def main() -> None:
         print(f"# {rows[-1]}", file=sys.stderr, flush=True)
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else args.device
-    print(f"\ndevice: {device}; torch {torch.__version__}; {args.steps} steps, tokens/s = median of the logged intervals after the first\n")
-    print("| model | trainer | tokens/s | vs torch | peak GiB | plan GiB | plan / peak |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    base = {r["model"]: r["tokens_per_s"] for r in rows if r["name"] == "torch"}
+    print(f"\ndevice: {device}; torch {torch.__version__}; {args.steps} steps, tokens/s = median of the logged intervals after the first")
+    print("per GPU: tokens/s divided by the processes; scaling: that over the one-process torch trainer's; peak: the largest of the processes'\n")
+    print("| model | trainer | processes | tokens/s | per GPU | scaling | peak GiB | plan GiB | plan / peak |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    base = {r["model"]: r["tokens_per_s"] for r in rows if r["name"] == "torch" and r["world"] == 1}
     for r in rows:
-        ratio = f"{r['tokens_per_s'] / base[r['model']]:.3f}" if r["tokens_per_s"] and base.get(r["model"]) else "-"
+        rate = r["tokens_per_s"]
+        per = rate / r["world"] if rate else None
+        scaling = f"{per / base[r['model']]:.3f}" if per and base.get(r["model"]) else "-"
         peak = f"{r['peak'] / GiB:.2f}" if r["peak"] else "-"
         fit = f"{r['planned'] / r['peak']:.3f}" if r["peak"] else "-"
-        rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
-        print(f"| {r['model']} | {r['name']} | {rate} | {ratio} | {peak} | {r['planned'] / GiB:.2f} | {fit} |")
+        print(f"| {r['model']} | {r['name']} | {r['world']} | {f'{rate:,.0f}' if rate else '-'} | {f'{per:,.0f}' if per else '-'} | {scaling} | "
+              f"{peak} | {r['planned'] / GiB:.2f} | {fit} |")
     print("\nlosses (first steps; same seed, same data):")
     for r in rows:
-        print(f"  {r['model']:15s} {r['name']:18s} {' '.join(f'{x:.4f}' for x in r['losses'][:4])}")
-
+        print(f"  {r['model']:15s} {r['name']:18s} x{r['world']} {' '.join(f'{x:.4f}' for x in r['losses'][:4])}")
 
 if __name__ == "__main__":
     main()

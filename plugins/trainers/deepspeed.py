@@ -278,7 +278,6 @@ class DeepSpeedTrainer(TrainerPlugin):
         model.activation_checkpointing = t.activation_checkpointing
         seq_len = t.seq_len or model.config.block_size
         config = build_config(options, spec, dist.world_size, device)
-        bf16 = config["bf16"]["enabled"]
         ckpts = Path(job.run_dir) / "checkpoints"
 
         # Resume: the consolidated weights always load first (a fresh optimizer starts from them if DeepSpeed's
