@@ -109,7 +109,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if loaded.spec.adapter is not None:
             raise AicError(f"--adapter: {args.run} already holds a '{loaded.spec.adapter.type}' adapter; pass its plain base model instead.")
         load_adapter(loaded.model, Path(args.adapter))
-    loaded.model.to(device).eval()
+    loaded.model.to(device=device, dtype=_generate_dtype(args.dtype, device)).eval()
     g = loaded.spec.generate
     overrides = {
         k: v
@@ -142,6 +142,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         sys.stdout.write("\n")
     return 0
+
+
+def _generate_dtype(name: str, device):
+    """--dtype as a torch dtype. auto: bfloat16 on a CUDA device that has it (a decode step reads every weight,
+    so half the bytes is nearly twice the tokens per second), else float32."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
 
 
 def _device(name: str):
@@ -289,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sampling seed (default: generate.seed, else the spec's seed)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step instead of using the KV cache")
     p.add_argument("--device", default="auto", help="auto (CUDA if there is a GPU, else the CPU), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+        help="precision of the weights and the KV cache: auto is bfloat16 on a CUDA GPU that supports it, else float32 (default: auto)",
+    )
     p.add_argument("--adapter", metavar="CKPT", help="put this adapter (a checkpoint of an adapter run) onto the model first (default: none)")
     p.set_defaults(func=_cmd_generate)
 

@@ -4,11 +4,20 @@ Prompts of different lengths are left-padded into one batch: slot s of every row
 loop, so one KV-cache write index serves the whole batch. Padding slots are masked out of attention and
 every real token gets its absolute position (0 at its prompt's first real token), so a prompt decodes
 the same alone as inside a batch.
+
+With the KV cache the prompt is one forward pass and every later token one call of the static decode
+step (Transformer.decode, then the sampler chain): fixed shapes, the slot, the tokens and the sampling
+state kept on the device, so on CUDA the step is captured once in a CUDA graph and replayed. The host
+reads the new tokens once per block of steps and makes text incrementally, decoding a window of recent
+tokens rather than the whole text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -25,7 +34,7 @@ def process_logits(
 ) -> torch.Tensor:
     """logits (B, V), prev_ids (B, T) long, prev_mask (B, T) bool or None (all real) -> float32 logits
     (B, V) after repetition penalty, temperature, top-k, top-p and min-p. Filtered tokens get -inf."""
-    logits = logits.float().clone()  # float32: the penalties and cumulative sums need the precision
+    logits = logits.to(torch.float32, copy=True)  # float32: the penalties and cumulative sums need the precision
     neg_inf = float("-inf")
 
     # Repetition penalty (CTRL / HF): make every token already seen less likely, whatever its sign.
@@ -68,16 +77,35 @@ def sample_next(
     prev_mask: torch.Tensor | None,
     sampler: SamplerSpec,
     generator: torch.Generator | None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) -> the next token of each row (B,) long. Temperature 0 is greedy (argmax)."""
+    """logits (B, V) -> the next token of each row (B,) long. Temperature 0 is greedy (argmax).
+
+    Otherwise a draw from the filtered distribution as torch.multinomial(probs, 1, generator) makes it:
+    argmax(probs / noise) with noise ~ Exp(1) (B, V) float32, drawn here from `generator` unless given.
+    Given, it lets a captured decode step take its random numbers from a buffer filled outside the graph,
+    in the same order, so a seed gives the same tokens on every path."""
     logits = process_logits(logits, prev_ids, prev_mask, sampler)
     if sampler.temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+    return probs.div(noise).argmax(dim=-1)
 
 
 # --- decoding ------------------------------------------------------------------------------------
+
+# How the cached path runs its one-token step (Transformer.decode, then the sampler chain):
+#   eager    called from Python at every step (any device)
+#   graph    captured once in a CUDA graph and replayed: one launch per step
+#   compile  torch.compile'd (fused kernels; inductor without CUDA graphs of its own), then captured
+#   auto     on CUDA: CUDA_STEP, falling back (with a warning) to the simpler ones if capture fails, as it
+#            does for a positional plugin that syncs with the host; elsewhere: eager
+DECODE_STEPS = ("auto", "eager", "graph", "compile")
+CUDA_STEP = "graph"  # the first call takes about a second; "compile" adds a compilation of tens of seconds
+SYNC_EVERY = 16  # on an accelerator: decode steps between two reads of the new tokens
+CACHE_MULTIPLE = 64  # the cache length is rounded up to this: aligned attention masks, fewer distinct shapes
 
 
 def generate(
@@ -89,10 +117,11 @@ def generate(
     stop: Sequence[str] = (),
     seed: int = 0,
     use_cache: bool = True,
+    decode_step: str = "auto",
 ) -> list[str]:
     """The generated text of each prompt (without the prompt). See `stream`."""
     texts = [""] * len(prompts)
-    for deltas in stream(model, tokenizer, prompts, max_new_tokens, sampler, stop, seed, use_cache):
+    for deltas in stream(model, tokenizer, prompts, max_new_tokens, sampler, stop, seed, use_cache, decode_step):
         texts = [t + d for t, d in zip(texts, deltas)]
     return texts
 
@@ -106,15 +135,44 @@ def stream(
     stop: Sequence[str] = (),
     seed: int = 0,
     use_cache: bool = True,
+    decode_step: str = "auto",
 ) -> Iterator[list[str]]:
     """Yield, for each decoding step, one text delta per prompt ("" when it has nothing new).
 
     A sequence ends at eos (not emitted), when its generated text contains a stop string (the text is
     cut before it), or after max_new_tokens. The model is expected in eval mode. Bad requests raise
     GenerationError here, before any work, not at the first step.
+
+    use_cache=False recomputes the whole sequence at every step (the reference). With the cache, the
+    prompt is one forward pass and every later token one static decode step run as `decode_step` says
+    (DECODE_STEPS). On an accelerator the device runs up to SYNC_EVERY steps ahead: the deltas come in
+    bursts, one list per step all the same, and a seed gives the same tokens on every path.
     """
     prompt_ids = _encode_prompts(model, tokenizer, prompts, max_new_tokens)
-    return _decode(model, tokenizer, prompt_ids, max_new_tokens, sampler, [s for s in stop if s], seed, use_cache)
+    step_modes = _step_modes(decode_step, use_cache, model.wte.weight.device)
+    return _decode(model, tokenizer, prompt_ids, max_new_tokens, sampler, [s for s in stop if s], seed, use_cache, step_modes)
+
+
+def _step_modes(decode_step: str, use_cache: bool, device: torch.device) -> tuple[str, ...]:
+    """The ways to run the decode step to try, in order (see DECODE_STEPS)."""
+    if decode_step not in DECODE_STEPS:
+        raise GenerationError(f"decode_step is {decode_step!r}; use one of {', '.join(map(repr, DECODE_STEPS))}.")
+    if decode_step == "auto":
+        if device.type != "cuda":
+            return ("eager",)
+        simpler = ("compile", "graph", "eager")
+        return simpler[simpler.index(CUDA_STEP) :]
+    if not use_cache:
+        raise GenerationError(
+            f"decode_step is {decode_step!r} but use_cache is false: without the KV cache every step recomputes the whole "
+            "sequence and there is no decode step to run. Leave decode_step at 'auto', or set use_cache to true."
+        )
+    if decode_step in ("graph", "compile") and device.type != "cuda":
+        raise GenerationError(
+            f"decode_step {decode_step!r} captures the step in a CUDA graph, but the model is on {device.type}. "
+            "Use decode_step 'eager' (or 'auto'), or move the model to a CUDA device."
+        )
+    return (decode_step,)
 
 
 def _encode_prompts(model: Transformer, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
@@ -158,70 +216,292 @@ def _decode(
     stop: list[str],
     seed: int,
     use_cache: bool,
+    step_modes: tuple[str, ...],
 ) -> Iterator[list[str]]:
     device = model.wte.weight.device
     generator = torch.Generator(device).manual_seed(seed)
-    B, L = len(prompt_ids), max(len(ids) for ids in prompt_ids)
-    total = L + max_new_tokens
+    if use_cache:
+        steps: _CachedSteps | _RecomputeSteps = _CachedSteps.for_call(model, prompt_ids, max_new_tokens, sampler, step_modes)
+    else:
+        steps = _RecomputeSteps(len(prompt_ids), max(map(len, prompt_ids)) + max_new_tokens, sampler, device)
+    batch = steps.batch
+    batch.fill(prompt_ids)
+    texts = [_TextStream(tokenizer, stop) for _ in prompt_ids]
+    # With blocks of several steps, the next block is queued before the host turns the last one into text,
+    # so the device does not wait for the host. On the CPU the host is the device: one step at a time.
+    block = _sync_every(device)
+    ahead = block > 1
 
-    # The whole batch, prompt and generated slots: tokens, real-token mask and absolute positions (B, total).
-    tokens = torch.zeros(B, total, dtype=torch.long, device=device)  # padding id 0: never attended to
-    valid = torch.zeros(B, total, dtype=torch.bool, device=device)
-    lengths = torch.tensor([len(ids) for ids in prompt_ids], device=device)  # (B,)
-    for b, ids in enumerate(prompt_ids):
-        tokens[b, L - len(ids) : L] = torch.tensor(ids, device=device)
-        valid[b, L - len(ids) : L] = True
-    # Slot s of row b holds position s - (L - length_b); padding slots get 0 (a valid, masked, position).
-    positions = (torch.arange(total, device=device)[None, :] - (L - lengths)[:, None]).clamp(min=0)  # (B, total)
-    # Without padding, no mask at all lets attention take its fast causal path.
-    padded = bool((lengths < L).any())
+    steps.in_use = True
+    try:
+        steps.first(model, generator)  # the prompt, and the first new token
+        read, queued = 0, 1  # decoding steps whose tokens the host has read / that are queued on the device
+        while read < max_new_tokens:
+            new_ids = batch.generated(read, queued)  # (B, queued - read) on the host: waits for those steps
+            start, read = read, queued
+            next_block = min(block, max_new_tokens - queued)
+            # Not before the first token: it goes out before the step is captured (or compiled).
+            run_ahead = ahead and start > 0
+            if run_ahead:
+                queued += steps.run(model, next_block)
+            for step in range(start, read):
+                last = step == max_new_tokens - 1
+                yield [text.push(row[step - start], last) for text, row in zip(texts, new_ids)]
+                if all(text.finished for text in texts):
+                    return
+            if not run_ahead:
+                queued += steps.run(model, next_block)
+    finally:
+        steps.in_use = False  # a kept capture is free for the next call (not while another stream decodes in it)
 
-    cache = model.new_cache(B, total) if use_cache else None
-    eos = tokenizer.eos_id
-    generated: list[list[int]] = [[] for _ in range(B)]
-    emitted = [""] * B
-    finished = [False] * B
 
-    for step in range(max_new_tokens):
-        end = L + step  # slots [0, end) are known
-        # With a cache, feed only what it does not hold yet: the prompt at step 0, then one token.
-        # Without one, recompute the whole sequence (the reference path).
-        first = cache.length if cache is not None else 0
-        logits = model(
-            tokens[:, first:end],
-            positions=positions[:, first:end],
-            attention_mask=valid[:, first:end] if padded else None,
-            cache=cache,
-            last_only=True,
-        )[:, -1]  # (B, V)
-        nxt = sample_next(logits, tokens[:, :end], valid[:, :end], sampler, generator)  # (B,)
-        tokens[:, end], valid[:, end] = nxt, True
+def _sync_every(device: torch.device) -> int:
+    return 1 if device.type == "cpu" else SYNC_EVERY
 
-        deltas = [""] * B
-        for b, token in enumerate(nxt.tolist()):
-            if finished[b]:
+
+class _Batch:
+    """The slots of a left-padded batch on the device: tokens, real-token mask, absolute positions (B, slots).
+
+    The prompts end at slot L (the longest prompt's length), the generated tokens follow. `fill` writes a
+    new batch into the same tensors, so that a captured decode step can read it.
+    """
+
+    def __init__(self, batch_size: int, slots: int, device: torch.device) -> None:
+        self.tokens = torch.zeros(batch_size, slots, dtype=torch.long, device=device)  # padding id 0: never attended to
+        self.valid = torch.zeros(batch_size, slots, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch_size, slots, dtype=torch.long, device=device)
+        self.slot_ids = torch.arange(slots, device=device)  # (slots,)
+        self.prompt_len = 0
+        self.padded = False
+
+    def fill(self, prompt_ids: list[list[int]]) -> None:
+        device = self.tokens.device
+        L = self.prompt_len = max(len(ids) for ids in prompt_ids)
+        tokens = torch.zeros(len(prompt_ids), L, dtype=torch.long)
+        for b, ids in enumerate(prompt_ids):
+            tokens[b, L - len(ids) :] = torch.tensor(ids)
+        self.tokens[:, :L] = tokens.to(device)
+        lengths = torch.tensor([len(ids) for ids in prompt_ids], device=device)  # (B,)
+        # Slot s of row b holds position s - (L - length_b); padding slots get 0 (a valid, masked, position).
+        pads = (L - lengths)[:, None]
+        self.positions.copy_((self.slot_ids[None, :] - pads).clamp(min=0))
+        self.valid.copy_(self.slot_ids[None, :] >= pads)  # every generated token is real too
+        # Without padding, no mask at all lets attention take its fast causal path.
+        self.padded = any(len(ids) < L for ids in prompt_ids)
+
+    def mask(self, end: int) -> torch.Tensor | None:
+        """The attention mask of slots [0, end) for a forward pass, None when nothing is padded."""
+        return self.valid[:, :end] if self.padded else None
+
+    def generated(self, start: int, stop: int) -> list[list[int]]:
+        """The tokens of decoding steps [start, stop), one list per row, on the host."""
+        L = self.prompt_len
+        return self.tokens[:, L + start : L + stop].tolist()
+
+
+class _RecomputeSteps:
+    """Decoding without a cache: every step runs the whole sequence again. The reference path."""
+
+    def __init__(self, batch_size: int, slots: int, sampler: SamplerSpec, device: torch.device) -> None:
+        self.batch, self.sampler = _Batch(batch_size, slots, device), sampler
+        self.in_use = False
+
+    def first(self, model: Transformer, generator: torch.Generator) -> None:
+        self.generator, self.end = generator, self.batch.prompt_len  # slots [0, end) are known
+        self._step(model)
+
+    def run(self, model: Transformer, n: int) -> int:
+        for _ in range(n):
+            self._step(model)
+        return n
+
+    def _step(self, model: Transformer) -> None:
+        b, end = self.batch, self.end
+        logits = model(b.tokens[:, :end], positions=b.positions[:, :end], attention_mask=b.mask(end), last_only=True)[:, -1]
+        b.tokens[:, end] = sample_next(logits, b.tokens[:, :end], b.valid[:, :end], self.sampler, self.generator)
+        self.end = end + 1
+
+
+# The last captured decode step of each model, for the next call with the same shapes: capture costs a
+# few eager steps, a large share of a short generation. Weak keys: it goes when the model goes.
+_CAPTURED: weakref.WeakKeyDictionary[Transformer, _CachedSteps] = weakref.WeakKeyDictionary()
+
+
+class _CachedSteps:
+    """Decoding with the KV cache: the prompt in one forward pass (the prefill), then the static one-token
+    step: Transformer.decode and the sampler chain, reading and writing only fixed device buffers, the
+    slot included, so that one CUDA graph replays it at every step.
+
+    The batch has one slot more than the cache: the scratch slot, where a graph's warm-up and capture
+    write (the cache's last slot and the token after it), which decoding never reads. Holds no reference
+    to the model: a kept capture must not keep the model alive.
+    """
+
+    def __init__(self, model: Transformer, batch_size: int, cache_len: int, sampler: SamplerSpec, step_modes: tuple[str, ...], key: tuple) -> None:
+        device = model.wte.weight.device
+        self.sampler, self.step_modes, self.key = sampler, step_modes, key
+        self.batch = _Batch(batch_size, cache_len + 1, device)
+        self.cache = model.new_cache(batch_size, cache_len)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the slot of the token the next step feeds
+        # The step's random numbers, drawn from the generator outside the step (see sample_next).
+        self.noise = torch.ones(batch_size, model.config.vocab_size, device=device) if sampler.temperature > 0 else None
+        self._run: Callable[[Transformer], object] | None = None  # the step as it runs: built at the first step
+        self.in_use = False
+
+    @classmethod
+    def for_call(cls, model: Transformer, prompt_ids: list[list[int]], max_new_tokens: int, sampler: SamplerSpec, step_modes: tuple[str, ...]) -> _CachedSteps:
+        """The kept capture when it fits this call and this model as it is now, else new steps."""
+        cache_len = -(-(max(map(len, prompt_ids)) + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+        device = model.wte.weight.device
+        # Everything a captured step depends on: the shapes, the sampler, and the model's modules and the
+        # memory of its tensors (a graph reads them where they were at capture).
+        key = (
+            len(prompt_ids), cache_len, repr(sampler), step_modes, model.training, torch.is_autocast_enabled(device.type),
+            tuple(map(id, model.modules())),
+            tuple((t.data_ptr(), t.dtype, t.shape) for t in (*model.parameters(), *model.buffers())),
+        )
+        kept = _CAPTURED.get(model)
+        if kept is not None and kept.key == key and not kept.in_use:
+            return kept
+        return cls(model, len(prompt_ids), cache_len, sampler, step_modes, key)
+
+    def first(self, model: Transformer, generator: torch.Generator) -> None:
+        b, L = self.batch, self.batch.prompt_len
+        self.generator = generator
+        self.cache.reset()
+        logits = model(b.tokens[:, :L], positions=b.positions[:, :L], attention_mask=b.mask(L), cache=self.cache, last_only=True)[:, -1]
+        b.tokens[:, L] = sample_next(logits, b.tokens[:, :L], b.valid[:, :L], self.sampler, generator, self._draw())
+        self.slot.fill_(L)
+        self.fed = L  # the host's count of `slot`, for an eager step's window
+
+    def run(self, model: Transformer, n: int) -> int:
+        if self._run is None and n > 0:
+            self._run = self._build(model)
+        for _ in range(n):
+            self._draw()
+            self._run(model)
+        return n
+
+    def _draw(self) -> torch.Tensor | None:
+        return None if self.noise is None else self.noise.exponential_(generator=self.generator)
+
+    def _step(self, model: Transformer, window: int | None = None) -> None:
+        """Feed the token at `slot`, sample the next one into slot + 1, advance `slot`: device tensors only.
+        `window` (eager steps): look at the first `window` slots only, those up to `slot`."""
+        b, s, W = self.batch, self.slot, window
+        logits = model.decode(b.tokens.index_select(1, s), b.positions.index_select(1, s), self.cache, s, W)  # (B, V)
+        known = (b.valid & (b.slot_ids <= s))[:, :W]  # (B, W): the tokens so far, for the repetition penalty
+        nxt = sample_next(logits, b.tokens[:, :W], known, self.sampler, None, self.noise)  # (B,)
+        b.tokens.index_copy_(1, s + 1, nxt[:, None])
+        s.add_(1)
+
+    def _eager_step(self, model: Transformer) -> None:
+        # On the CPU, attention over the empty slots would cost as much as over full ones; elsewhere the
+        # eager step is the very computation a graph replays, so the two give the same tokens.
+        self._step(model, window=self.fed + 1 if self.slot.device.type == "cpu" else None)
+        self.fed += 1
+
+    def _build(self, model: Transformer) -> Callable[[Transformer], object]:
+        for i, mode in enumerate(self.step_modes):
+            if mode == "eager":
+                return self._eager_step
+            try:
+                step = self._step if mode == "graph" else torch.compile(self._step, dynamic=False)
+                replay = _capture(functools.partial(step, model), self.slot, self.cache.max_len - 1)
+            except Exception as exc:  # any failure to compile or capture; re-raised when nothing is left to try
+                if i == len(self.step_modes) - 1:
+                    raise
+                warnings.warn(
+                    f"The decode step could not run as {mode!r} ({type(exc).__name__}: {exc}); trying {self.step_modes[i + 1]!r}, "
+                    f"which is slower. Pass decode_step={self.step_modes[i + 1]!r} to skip the attempt.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 continue
-            if token == eos:
-                finished[b] = True
-            else:
-                generated[b].append(token)
-            text, hit = _cut_at_stop(tokenizer.decode(generated[b]), stop)
-            finished[b] = finished[b] or hit or step == max_new_tokens - 1
-            if not finished[b]:
-                text = _hold_back(text, stop)
-            # Emit only what extends the emitted text (earlier text is never taken back).
-            if len(text) > len(emitted[b]) and text.startswith(emitted[b]):
-                deltas[b] = text[len(emitted[b]) :]
-                emitted[b] = text
-        yield deltas
-        if all(finished):
-            return
+            _CAPTURED[model] = self
+            return lambda model: replay()
+        raise AssertionError("step_modes ends with a mode that cannot fail")
 
 
-def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    """The text before the earliest stop string, and whether one was found."""
+def _capture(step: Callable[[], None], slot: torch.Tensor, scratch: int) -> Callable[[], None]:
+    """`step` captured in a CUDA graph; the result replays it. The warm-up runs (where torch.compile
+    compiles) and the capture feed the scratch slot, which decoding never attends to, so they leave the
+    live cache and tokens as they were; `slot` is restored after."""
+    live = slot.clone()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                slot.fill_(scratch)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        slot.fill_(scratch)
+        with torch.cuda.graph(graph):
+            step()
+    finally:
+        slot.copy_(live)
+    return graph.replay
+
+
+class _TextStream:
+    """One row's generated text, made token by token without decoding the whole text again.
+
+    Only a window of recent tokens is decoded (prefix offsets, as HF's TextStreamer and vLLM do): the
+    text of ids[prefix:read] is known, so the window's text past it is the text of the new tokens, with
+    the context the tokenizer needs for spaces and multi-byte characters. That text is confirmed once it
+    does not end in '\ufffd' (a byte-fallback character whose other bytes are still to come). A new stop
+    string can reach back at most longest - 1 characters into the confirmed text, and what was emitted
+    never ends before that, so only those characters are kept: each token costs the same, however long
+    the text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
+        self.tokenizer, self.stop, self.eos = tokenizer, stop, tokenizer.eos_id
+        self.reach = max((len(s) for s in stop), default=1) - 1  # how far back a stop string can start
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+        self.prefix_text = ""  # decode(ids[prefix:read])
+        self.confirmed = 0  # the length of the confirmed text, that of ids[:read]
+        self.recent = ""  # its last `reach` characters
+        self.emitted = 0  # characters given out so far
+        self.finished = False
+
+    def push(self, token: int, last: bool) -> str:
+        """Take the next token (last: the final step); return the new text safe to emit, maybe ""."""
+        if self.finished:
+            return ""
+        if token == self.eos:
+            self.finished = True
+        else:
+            self.ids.append(token)
+        pending = self.tokenizer.decode(self.ids[self.prefix :])[len(self.prefix_text) :] if self.read < len(self.ids) else ""
+        base = self.confirmed - len(self.recent)
+        window = self.recent + pending  # the text from character `base` on
+        cut = _find_stop(window, self.stop)
+        if cut is not None:
+            self.finished = True
+            end = base + cut
+        elif self.finished or last:
+            self.finished = True
+            end = base + len(window)
+        else:
+            end = base + len(_hold_back(window, self.stop))
+        delta = window[self.emitted - base : end - base] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        if pending and not pending.endswith("\ufffd"):
+            self.confirmed += len(pending)
+            self.recent = window[len(window) - self.reach :] if self.reach else ""
+            self.prefix, self.read = self.read, len(self.ids)
+            self.prefix_text = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        return delta
+
+
+def _find_stop(text: str, stop: list[str]) -> int | None:
+    """Where the earliest stop string in `text` starts, or None."""
     cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return (text[: min(cuts)], True) if cuts else (text, False)
+    return min(cuts) if cuts else None
 
 
 def _hold_back(text: str, stop: list[str]) -> str:

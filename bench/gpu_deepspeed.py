@@ -98,15 +98,16 @@ def run_one(cfg: dict) -> dict:
             import deepspeed
 
             deepspeed.DeepSpeedEngine.save_checkpoint = lambda self, *args, **kwargs: True
-        if cfg.get("profile"):
-            from torch.profiler import ProfilerActivity, profile
+        if cfg.get("profile"):  # where the host's time goes (the GPU waits on it when the step is launch-bound)
+            import cProfile
+            import pstats
 
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-            with profile(activities=activities) as prof:
-                trainer.train(options, job)
-            sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-            print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60), flush=True)
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), flush=True)
+            profiler = cProfile.Profile()
+            profiler.enable()
+            trainer.train(options, job)
+            profiler.disable()
+            if dist.is_main:
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         else:
             trainer.train(options, job)
         log = run_dir / "metrics.jsonl"  # rank 0 writes it
@@ -134,7 +135,7 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="also ZeRO-1/2 with the DeepSpeed settings in VARIANTS")
     parser.add_argument("--quick", action="store_true", help="tiny model, 6 steps (a smoke test)")
     parser.add_argument("--world-size", type=int, default=1, help="processes (GPUs) per configuration, launched by torchrun")
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators for each configuration")
+    parser.add_argument("--profile", action="store_true", help="print cProfile's top functions (host time) for each configuration")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a configuration, as JSON: run it in this process
     args = parser.parse_args()
     if args.one:

@@ -58,3 +58,36 @@ class CausalSelfAttention(nn.Module):
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, q_size)
         return self.resid_dropout(self.proj(y))
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        positional: Positional,
+        mask: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        slot: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token per row, x (B, 1, C), attending over the cache: the same shapes at every step.
+        mask (B|1, 1|H, 1, S): additive, -inf on the slots this token must not see (padding, later slots),
+        over the first S slots of the cache (all of them but for an eager caller's window); slot (1,) long
+        on the device: where this token's k, v go."""
+        B = x.shape[0]
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, 1, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, 1, D)
+        k = k.view(B, 1, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, 1, D)
+        v = v.view(B, 1, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = positional.rotate(q, k, positions)
+        k, v = cache.update_at(layer, slot, k, v)  # (B, Hkv, max_len, D)
+        S = mask.shape[-1]
+        k, v = k[:, :, :S], v[:, :, :S]  # (B, Hkv, S, D)
+        # The G query heads that share a KV head attend as G queries of that head: grouped-query attention
+        # without enable_gqa (the masked SDPA kernels do not take it) and without repeating K and V.
+        G = self.n_head // self.n_kv_head
+        q = q.reshape(B, self.n_kv_head, G, self.head_dim)  # (B, Hkv, G, D)
+        if mask.shape[1] > 1:  # one bias per query head (ALiBi): (B, H, 1, S) -> (B, Hkv, G, S)
+            mask = mask.reshape(mask.shape[0], self.n_kv_head, G, mask.shape[-1])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, G, D)
+        return self.proj(y.reshape(B, 1, q_size))

@@ -38,3 +38,17 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), positions, positional, mask, causal, cache, layer, start)
         return x + self.mlp(self.norm2(x))
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        positional: Positional,
+        mask: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        slot: torch.Tensor,
+    ) -> torch.Tensor:
+        """`forward` for one token per row against the whole cache (see CausalSelfAttention.decode)."""
+        x = x + self.attn.decode(self.norm1(x), positions, positional, mask, cache, layer, slot)
+        return x + self.mlp(self.norm2(x))

@@ -3,6 +3,10 @@
 Slot s of every sequence holds token s of the (left-padded) batch, so one write index serves the whole
 batch; `valid` marks which slots hold real tokens and `positions` their absolute positions. Only the KV
 heads are stored (grouped-query attention keeps n_kv_head <= n_head).
+
+Two ways to write: `append` + `update` take a Python start slot and return the filled prefix (the prompt,
+and any forward pass); `update_at` takes the slot as a tensor on the device and returns the whole buffer,
+so a one-token decode step has the same shapes at every step and a CUDA graph can capture it.
 """
 
 from __future__ import annotations
@@ -26,9 +30,16 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.layer_ids = torch.arange(n_layer, device=device)  # (n_layer,): for update_at's whole-buffer writes
+        self.slots = torch.arange(max_len, device=device)  # (max_len,): slot numbers, for masks built on the device
         self.max_len = max_len
         self.length = 0  # slots filled so far
         self.has_padding = False  # some slot is left padding, so attention needs an explicit mask
+
+    def reset(self) -> None:
+        """Start over, empty: the buffers keep their old values, which later writes overwrite before any read."""
+        self.length = 0
+        self.has_padding = False
 
     def append(self, positions: torch.Tensor, valid: torch.Tensor) -> int:
         """Reserve slots for T new tokens (positions, valid: (B, T)); return the first slot."""
@@ -40,9 +51,28 @@ class KVCache:
         self.length = start + T
         return start
 
+    def append_at(self, slot: torch.Tensor, positions: torch.Tensor) -> None:
+        """Record one real token per row at `slot` ((1,) long, on the cache's device); positions (B, 1)."""
+        self.positions.index_copy_(1, slot, positions)
+        self.valid.index_fill_(1, slot, True)
+
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, T, D) at `start`; return all keys and values so far (B, Hkv, start+T, D)."""
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def update_at(self, layer: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one token's k, v (B, Hkv, 1, D) at `slot` ((1,) long, on the cache's device); return the whole
+        buffers (B, Hkv, max_len, D). Slots past `slot` hold stale values: the caller masks them out."""
+        if torch.compiler.is_compiling():
+            # One index_put_ on the whole buffer: torch.compile turns a write through a per-layer view of its
+            # input into a copy of the whole cache, but does this one in place.
+            where = (self.layer_ids[layer : layer + 1], slice(None), slice(None), slot)
+            self.k[where] = k.permute(2, 0, 1, 3)  # (1, B, Hkv, D): the indexed dims first
+            self.v[where] = v.permute(2, 0, 1, 3)
+        else:  # the cheaper kernel when run eagerly (or captured as it is)
+            self.k[layer].index_copy_(2, slot, k)
+            self.v[layer].index_copy_(2, slot, v)
+        return self.k[layer], self.v[layer]

@@ -129,6 +129,30 @@ class Transformer(nn.Module):
         weight = self.wte.weight
         return KVCache(c.n_layer, batch_size, c.kv_heads, max_len, c.head_dim, dtype or weight.dtype, weight.device)
 
+    def decode(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """The one-token decode step: idx, positions (B, 1) -> logits (B, vocab_size) of the next token.
+
+        The token goes to cache slot `slot`, a (1,) long tensor on the device, and attends over the whole
+        preallocated cache with a mask of the real slots up to its own. Every shape is the same at every
+        step and nothing goes back to the host, so a CUDA graph can capture the step and replay it. The
+        cache holds the slots before `slot` already (a prefill through `forward`, then earlier steps);
+        `cache.length` is not advanced. A caller that runs the step eagerly and knows the slot may pass
+        `window` (> slot) to attend over the first `window` slots only: on the CPU, attention over
+        empty slots costs as much as over full ones.
+        """
+        cache.append_at(slot, positions)
+        S = cache.max_len if window is None else window
+        allowed = (cache.valid[:, :S] & (cache.slots[:S] <= slot))[:, None, None, :]  # (B, 1, 1, S)
+        # Built once per step in the dtype attention computes in, as `_mask` does for the prefill; the bias
+        # is masked in float32 first, so its values equal those of the forward pass.
+        bias = self.positional.attn_bias(positions, cache.positions[:, :S])  # (B, H, 1, S) or None
+        mask = torch.where(allowed, 0.0 if bias is None else bias, float("-inf")).to(self._compute_dtype(idx.device))
+        x = self.positional.embed(self.wte(idx), positions)  # (B, 1, C)
+        for i, block in enumerate(self.blocks):
+            x = block.decode(x, positions, self.positional, mask, cache, i, slot)
+        weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm_f(x[:, 0]), weight)[:, : self.config.vocab_size]
+
     def forward(
         self,
         idx: torch.Tensor,

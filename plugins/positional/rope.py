@@ -58,8 +58,9 @@ class RotaryPositions(Positional):
         cached = self._cached
         if cached is not None and cached[0] is positions and not torch.compiler.is_compiling():
             return cached[1], cached[2]
-        inv_freq = self.inv_freq.to(positions.device)
-        angles = positions[..., None].float() * inv_freq  # (B, T, rotary_dim/2)
+        if self.inv_freq.device != positions.device:  # moved once, not copied from the host at every call (which a CUDA graph cannot capture)
+            self.inv_freq = self.inv_freq.to(positions.device)
+        angles = positions[..., None].float() * self.inv_freq  # (B, T, rotary_dim/2)
         cos, sin = angles.cos()[:, None], angles.sin()[:, None]
         if not torch.compiler.is_compiling():
             self._cached = (positions, cos, sin)
