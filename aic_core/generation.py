@@ -225,7 +225,7 @@ def _decode(
     else:
         steps = _RecomputeSteps(len(prompt_ids), max(map(len, prompt_ids)) + max_new_tokens, sampler, device)
     batch = steps.batch
-    batch.fill(prompt_ids)
+    batch.fill(prompt_ids, model.positional.max_positions)
     texts = [_TextStream(tokenizer, stop) for _ in prompt_ids]
     # With blocks of several steps, the next block is queued before the host turns the last one into text,
     # so the device does not wait for the host. On the CPU the host is the device: one step at a time.
@@ -274,7 +274,7 @@ class _Batch:
         self.prompt_len = 0
         self.padded = False
 
-    def fill(self, prompt_ids: list[list[int]]) -> None:
+    def fill(self, prompt_ids: list[list[int]], max_positions: int | None = None) -> None:
         device = self.tokens.device
         L = self.prompt_len = max(len(ids) for ids in prompt_ids)
         tokens = torch.zeros(len(prompt_ids), L, dtype=torch.long)
@@ -284,7 +284,10 @@ class _Batch:
         lengths = torch.tensor([len(ids) for ids in prompt_ids], device=device)  # (B,)
         # Slot s of row b holds position s - (L - length_b); padding slots get 0 (a valid, masked, position).
         pads = (L - lengths)[:, None]
-        self.positions.copy_((self.slot_ids[None, :] - pads).clamp(min=0))
+        # Slots past the last generated token (the cache rounds its length up, and a graph's scratch slot) are
+        # never attended to, but a captured step still looks up their positions: keep them in range for an
+        # encoding that has a last position (learned embeddings would index past their table).
+        self.positions.copy_((self.slot_ids[None, :] - pads).clamp(min=0, max=None if max_positions is None else max_positions - 1))
         self.valid.copy_(self.slot_ids[None, :] >= pads)  # every generated token is real too
         # Without padding, no mask at all lets attention take its fast causal path.
         self.padded = any(len(ids) < L for ids in prompt_ids)
