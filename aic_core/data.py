@@ -1,4 +1,9 @@
-"""Corpus -> token ids, encoded once into a memory-mapped array cached by content hash; batches.
+"""Corpus -> token ids, encoded once into a memory-mapped token file; batches.
+
+The inputs (`data_inputs`: files, folders, globs; text, JSONL, Parquet) are streamed through the tokenizer by
+worker processes (`data_encode`) straight into a uint16/uint32 file in the cache folder. A cache is named by a key
+made without reading the corpus (see `cache_key`), so a cache hit costs a stat per file; it is written to a temporary
+name and renamed into place, array first, then its metadata, so an interrupted run never leaves a usable half.
 
 Batches are random contiguous windows drawn from a generator seeded by (seed, step, micro-step), so a
 batch depends only on the step: the data cursor of a checkpoint is its step, and a resumed run sees
@@ -7,23 +12,34 @@ exactly the batches it would have seen.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import os
-import stat
+import socket
+import tempfile
+import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from aic_core import data_encode
+from aic_core.data_encode import FileRecord, Progress, Summary, encode_into, refused_message, row_name, rows, tasks
+from aic_core.data_inputs import DataFile, ReadOptions, available_cpus, check_data_file, check_data_files, expand, utf8_error, where_not_utf8
 from aic_core.errors import DataError
 from aic_core.kinds import Tokenizer
 
-_CHUNK_CHARS = 1 << 16  # encode in chunks of whole lines: bounded memory and tokenizer work per call
-_TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")  # what a folder given as a data file is searched for
+__all__ = [
+    "ReadOptions", "TokenData", "check_data_files", "encode_files", "file_sha256", "load_splits", "token_cache_dir",
+    "tokenizer_corpus", "utf8_error", "where_not_utf8",
+]
+
+CACHE_VERSION = 2  # of the cache key and metadata; caches of another version are never read
+RACY_NS = 2_000_000_000  # a file modified this close to the start of its encoding is checked by content (see cache_key)
 
 
 @dataclass
@@ -63,155 +79,97 @@ def token_cache_dir(configured: str | None) -> Path:
     return Path(os.environ.get("AIC_CACHE_DIR") or Path.home() / ".cache" / "aic") / "tokens"
 
 
-def check_data_files(data, fields: tuple[str, ...] = ("train", "val")) -> None:  # noqa: ANN001 (a DataSpec)
-    """Refuse a data file that is missing, a folder, unreadable or empty, naming its spec field
-    (`data.train[0]: ...`). Cheap (a stat and one small read per file), for `aic validate` and the
-    start of `aic run`; the text itself (UTF-8, only whitespace) is checked when it is read."""
-    for key in fields:
-        for i, name in enumerate(getattr(data, key, None) or []):
-            check_data_file(name, f"data.{key}[{i}]")
+def cache_key(files: list[DataFile], records: list[FileRecord], read: ReadOptions, tokenizer_hash: str) -> str:
+    """The cache's name: a hash of the tokenizer file's hash, what decides the ids (text field, separator, how long
+    texts are cut) and, for each input in order, its absolute path, format, size, modification and change times
+    (st_mtime_ns, st_ctime_ns). Made from a stat per file, so every rank computes it without reading the corpus.
+
+    Still safe: any write changes the size or the times (and `touch -d` or a restore that sets the modification time
+    back still moves the change time, which no program can set). The one gap, a file rewritten with the same size
+    within one tick of the filesystem's clock, is closed as git closes it: a file modified less than RACY_NS before
+    its encoding began is checked against the content hash taken while it was encoded, each time the cache is opened."""
+    key = {
+        "version": CACHE_VERSION,
+        "tokenizer": tokenizer_hash,
+        "text_field": read.text_field,
+        "separator": read.separator,
+        "cuts": [data_encode.CHUNK_CHARS, data_encode.TASK_BYTES, data_encode.MAX_CARRY],
+        "files": [[str(Path(r.path).resolve()), f.format, r.size, r.mtime_ns, r.ctime_ns] for f, r in zip(files, records)],
+    }
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
 
-def check_data_file(name: str | os.PathLike, field: str) -> Path:
-    """One data file: it exists, is a regular file (not a folder), can be read and is not empty."""
-    path = Path(name)
-    hint = "Check the path (relative paths are taken from the spec file's folder)."
-    try:
-        st = path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        raise DataError(f"{field}: file not found: {path}. {hint}") from None
-    except OSError as exc:
-        raise DataError(f"{field}: {path} cannot be read ({exc.strerror or exc}). Check the path and the permissions of its folders.") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise DataError(f"{field}: {path} is a folder, not a text file. {_folder_hint(path)}")
-    if not stat.S_ISREG(st.st_mode):
-        raise DataError(f"{field}: {path} is not a regular file (a device, pipe or socket). List UTF-8 text files.")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1 << 16)
-    except OSError as exc:
-        raise DataError(f"{field}: {path} cannot be read ({exc.strerror or exc}). Check its permissions (e.g. `chmod a+r {path}`).") from None
-    if not head.strip() and st.st_size <= len(head):
-        what = "empty (0 bytes)" if not head else "empty (only whitespace)"
-        raise DataError(f"{field}: {path} is {what}. Give it some text or remove it from the list.")
-    return path
-
-
-def _folder_hint(folder: Path) -> str:
-    try:
-        entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
-    except OSError as exc:
-        return f"List the text files in it one by one (the folder cannot be listed: {exc.strerror or exc})."
-    texts = [p for p in entries if p.suffix.lower() in _TEXT_SUFFIXES]
-    if not entries:
-        return "It holds no files; list UTF-8 text files one by one."
-    shown = texts or entries
-    names = ", ".join(f'"{p}"' for p in shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
-    if texts:
-        return f"List the text files in it one by one instead; it holds {len(texts)} text files ({', '.join(_TEXT_SUFFIXES)}): {names}."
-    return f"List its text files one by one instead; it holds no {', '.join(_TEXT_SUFFIXES)} files, but {len(entries)} others: {names}."
-
-
-def utf8_error(path: str | os.PathLike, block_size: int = 1 << 20) -> str | None:
-    """Where a file stops being UTF-8, as "invalid start byte 0xe9 at byte 1572870 (line 30012)",
-    with the byte offset counted from the start of the FILE; None if the whole file decodes.
-    Streams the file in blocks through an incremental decoder, so any file size is fine."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    read = 0  # bytes of the file fed to the decoder before this block
-    lines = 1  # line number at the start of this block
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(block_size)
-            pending = decoder.getstate()[0]  # an incomplete sequence carried over from the last block
-            try:
-                decoder.decode(block, final=not block)
-            except UnicodeDecodeError as exc:  # exc.start counts from the start of pending + block
-                offset = read - len(pending) + exc.start
-                line = lines + block.count(b"\n", 0, max(0, exc.start - len(pending)))
-                bad = " ".join(f"0x{b:02x}" for b in exc.object[exc.start : exc.end])
-                return f"{exc.reason} {bad} at byte {offset} (line {line})"
-            if not block:
-                return None
-            read += len(block)
-            lines += block.count(b"\n")
-
-
-def where_not_utf8(path: str | os.PathLike) -> str:
-    """`utf8_error` for a message, after a decode already failed: never raises."""
-    try:
-        return utf8_error(path) or "it does not decode"
-    except OSError as exc:
-        return f"it does not decode, and cannot be read again ({exc.strerror or exc})"
-
-
-def _not_utf8(field: str, path: Path) -> DataError:
-    return DataError(f"{field}: {path} is not UTF-8 text: {where_not_utf8(path)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or remove it from the list.")
-
-
-def read_corpus(files: list[str], field: str) -> list[tuple[Path, str]]:
-    """Read text files, refusing missing, unreadable or empty ones with the spec field named."""
-    if not files:
-        raise DataError(f"{field}: no files given; list at least one UTF-8 text file.")
-    texts = []
-    for i, name in enumerate(files):
-        path = check_data_file(name, f"{field}[{i}]")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise _not_utf8(f"{field}[{i}]", path) from None
-        except OSError as exc:
-            raise DataError(f"{field}[{i}]: {path} cannot be read ({exc.strerror or exc}). Check the file and its permissions.") from None
-        if not text.strip():
-            raise DataError(f"{field}[{i}]: {path} is empty (only whitespace). Give it some text or remove it from the list.")
-        texts.append((path, text))
-    return texts
-
-
-def _encode_text(text: str, tokenizer: Tokenizer) -> list[int]:
-    ids: list[int] = []
-    lines = text.splitlines(keepends=True)
-    chunk: list[str] = []
-    size = 0
-    for line in lines:
-        chunk.append(line)
-        size += len(line)
-        if size >= _CHUNK_CHARS:
-            ids.extend(tokenizer.encode("".join(chunk)))
-            chunk, size = [], 0
-    if chunk:
-        ids.extend(tokenizer.encode("".join(chunk)))
-    return ids
-
-
-def encode_files(files: list[str], field: str, tokenizer: Tokenizer, tokenizer_hash: str, cache_dir: Path) -> TokenData:
-    """Encode the files (documents separated by the end-of-text token) into a cached memmap."""
-    texts = read_corpus(files, field)
-    key = hashlib.sha256(tokenizer_hash.encode())
-    for _, text in texts:
-        key.update(hashlib.sha256(text.encode("utf-8")).digest())
-    digest = key.hexdigest()[:32]
+def encode_files(
+    files: list[str],
+    field: str,
+    tokenizer: Tokenizer,
+    tokenizer_hash: str,
+    cache_dir: Path,
+    read: ReadOptions | None = None,
+    echo: Callable[[str], None] | None = None,
+    may_encode: bool = True,
+) -> TokenData:
+    """The tokens of the inputs listed in `field` (documents separated by the end-of-text token), from the cache or
+    encoded into it. With `may_encode` False (ranks that wait while another encodes) a missing cache is an error."""
+    read = read or ReadOptions()
+    inputs = expand(files, field, read)
+    for f in inputs:
+        check_data_file(f, read)
+    records = [FileRecord.of(f.path) for f in inputs]
+    digest = cache_key(inputs, records, read, tokenizer_hash)
     bin_path, meta_path = cache_dir / f"{digest}.bin", cache_dir / f"{digest}.json"
     cached = _open_cache(bin_path, meta_path)
     if cached is not None:
-        return cached
+        data, meta = cached
+        _report_bad_rows(field, inputs, meta, read)
+        if echo:
+            echo(f"{field}: {len(data):,} tokens from the cache ({bin_path})")
+        return data
+    if not may_encode:
+        raise DataError(f"{field}: the token cache {bin_path} is missing, though another process was to write it. Check that data.cache_dir is one folder all processes of a machine share.")
+    workers = read.workers or available_cpus()
+    started_ns = time.time_ns()
+    summary = _write_cache(bin_path, meta_path, inputs, records, tokenizer, read, workers, field, started_ns)
+    _report_bad_rows(field, inputs, _meta(summary, tokenizer, records, started_ns), read)
+    if echo:
+        rate = summary.input_bytes / max(summary.seconds, 1e-9)
+        echo(
+            f"{field}: encoded {len(inputs):,} file{'s' if len(inputs) != 1 else ''} ({summary.input_bytes / 1e6:,.1f} MB, {summary.n_docs:,} documents) "
+            f"into {summary.n_tokens:,} tokens in {summary.seconds:.1f}s ({rate / 1e6:.1f} MB/s, {summary.n_tokens / max(summary.seconds, 1e-9):,.0f} tokens/s, "
+            f"{summary.workers} worker{'s' if summary.workers != 1 else ''})"
+        )
+    return TokenData(np.memmap(bin_path, dtype=_dtype(tokenizer), mode="r", shape=(summary.n_tokens,)), summary.n_bytes)
 
-    all_ids: list[int] = []
-    for _, text in texts:
-        all_ids.extend(_encode_text(text, tokenizer))
-        if tokenizer.eos_id is not None:
-            all_ids.append(tokenizer.eos_id)
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    array = np.asarray(all_ids, dtype=dtype)
-    n_bytes = sum(len(text.encode("utf-8")) for _, text in texts)
-    _write_cache(bin_path, meta_path, array, n_bytes)
-    ids = np.memmap(bin_path, dtype=dtype, mode="r", shape=(len(array),))
-    return TokenData(ids, n_bytes)
+
+def _dtype(tokenizer: Tokenizer) -> np.dtype:
+    return np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
 
 
-def _open_cache(bin_path: Path, meta_path: Path) -> TokenData | None:
-    """The cached tokens, or None if there are none. A cache whose metadata does not parse or whose
-    array is not exactly n_tokens * itemsize bytes (a crash, a copy cut short) is reported with a
-    warning, deleted, and None is returned so that it is rebuilt."""
+def _meta(summary: Summary, tokenizer: Tokenizer, records: list[FileRecord], started_ns: int) -> dict:
+    return {
+        "version": CACHE_VERSION, "dtype": _dtype(tokenizer).name, "n_tokens": summary.n_tokens, "n_bytes": summary.n_bytes,
+        "n_docs": summary.n_docs, "n_bad": summary.n_bad, "bad": summary.bad, "started_ns": started_ns, "files": [asdict(r) for r in records],
+    }
+
+
+def _report_bad_rows(field: str, inputs: list[DataFile], meta: dict, read: ReadOptions) -> None:
+    n_bad = meta.get("n_bad", 0)
+    if not n_bad:
+        return
+    if read.bad_rows == "refuse":  # a cache written under "skip", read under "refuse"
+        summary = Summary(n_bad=n_bad, bad=meta["bad"])
+        raise DataError(refused_message(field, inputs[0].field, summary, sum(r["size"] for r in meta["files"])))
+    warnings.warn(
+        f"{field}: left out {n_bad:,} bad row{'s' if n_bad != 1 else ''} (data.bad_rows is \"skip\"), kept {meta['n_docs']:,} documents: "
+        f"{'; '.join(meta['bad'])}{' ...' if n_bad > len(meta['bad']) else ''}"
+    )
+
+
+def _open_cache(bin_path: Path, meta_path: Path) -> tuple[TokenData, dict] | None:
+    """The cached tokens and their metadata, or None if there are none. A cache whose metadata does not parse, whose
+    array is not exactly n_tokens * itemsize bytes (a crash, a copy cut short), or whose recently modified inputs no
+    longer have the content they were encoded from, is reported with a warning, deleted, and None is returned so
+    that it is rebuilt."""
     if not (bin_path.is_file() and meta_path.is_file()):
         return None  # never written, or its writer stopped before the metadata (written last)
     problem = None
@@ -220,14 +178,18 @@ def _open_cache(bin_path: Path, meta_path: Path) -> TokenData | None:
         dtype, n_tokens, n_bytes = np.dtype(meta["dtype"]), meta["n_tokens"], meta["n_bytes"]
         if dtype not in (np.uint16, np.uint32) or type(n_tokens) is not int or type(n_bytes) is not int or n_tokens <= 0:
             raise ValueError(f"unexpected values {meta!r}")
+        if meta.get("version") != CACHE_VERSION or not isinstance(meta.get("files"), list):
+            raise ValueError(f"not a version {CACHE_VERSION} token cache")
     except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         problem = f"{meta_path} does not parse ({exc})"
     else:
         size, expected = bin_path.stat().st_size, n_tokens * dtype.itemsize
         if size != expected:
             problem = f"{bin_path} is {size:,} bytes, but {meta_path.name} describes {n_tokens:,} {dtype.name} tokens ({expected:,} bytes): it is truncated or damaged"
+        else:
+            problem = _changed_since(meta)
     if problem is None:
-        return TokenData(np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)), n_bytes)
+        return TokenData(np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)), n_bytes), meta
     warnings.warn(f"token cache: {problem}; deleting it and encoding the corpus again.")
     try:
         meta_path.unlink(missing_ok=True)  # the metadata first: a reader never sees it without its array
@@ -237,20 +199,50 @@ def _open_cache(bin_path: Path, meta_path: Path) -> TokenData | None:
     return None
 
 
-def _write_cache(bin_path: Path, meta_path: Path, array: np.ndarray, n_bytes: int) -> None:
-    """Array, then metadata, each written to a temporary file and renamed into place: a reader sees
-    a complete pair or no metadata at all (and so no cache), never a half-written array."""
-    pid = os.getpid()
-    tmp, tmp_meta = bin_path.with_name(f".{bin_path.name}.{pid}.tmp"), meta_path.with_name(f".{meta_path.name}.{pid}.tmp")
+def _changed_since(meta: dict) -> str | None:
+    """The racy check of `cache_key`: a file modified less than RACY_NS before its encoding began may have been
+    rewritten with the same size and times since; its content hash says whether it was."""
+    for record in meta["files"]:
+        if max(record["mtime_ns"], record["ctime_ns"]) > meta["started_ns"] - RACY_NS:
+            try:
+                same = file_sha256(Path(record["path"])) == record["sha256"]
+            except OSError:
+                same = False
+            if not same:
+                return f"{record['path']} changed just after it was encoded (same size and times, other content)"
+    return None
+
+
+def _write_cache(
+    bin_path: Path,
+    meta_path: Path,
+    inputs: list[DataFile],
+    records: list[FileRecord],
+    tokenizer: Tokenizer,
+    read: ReadOptions,
+    workers: int,
+    field: str,
+    started_ns: int,
+) -> Summary:
+    """Stream the tokens into a temporary file beside the cache, then rename it into place, then write the metadata
+    the same way: a reader sees a complete pair or no metadata at all (and so no cache), never a half-written
+    array. Temporary files that a killed run left (same machine, process gone) are deleted first."""
+    tag = f"{socket.gethostname()}.{os.getpid()}"
+    tmp, tmp_meta = bin_path.with_name(f".{bin_path.name}.{tag}.tmp"), meta_path.with_name(f".{meta_path.name}.{tag}.tmp")
+    progress = Progress(sum(r.size for r in records), field)
     try:
         bin_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            array.tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
+        _remove_stale(bin_path.parent)
+        with open(tmp, "wb") as out:
+            summary = encode_into(out, inputs, records, tokenizer, read, workers, field, progress)
+            out.flush()
+            os.fsync(out.fileno())
+        if summary.n_tokens == 0:
+            skipped = f" ({summary.n_bad:,} bad rows were left out)" if summary.n_bad else ""
+            raise DataError(f"{field}: no documents to encode{skipped}: every row is empty or bad. Check data.text_field and the files.")
         os.replace(tmp, bin_path)
         with open(tmp_meta, "w") as f:
-            f.write(json.dumps({"dtype": array.dtype.name, "n_tokens": len(array), "n_bytes": n_bytes}))
+            f.write(json.dumps(_meta(summary, tokenizer, records, started_ns)))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_meta, meta_path)
@@ -260,8 +252,74 @@ def _write_cache(bin_path: Path, meta_path: Path, array: np.ndarray, n_bytes: in
             "Free some space there, or set data.cache_dir (or $AIC_CACHE_DIR) to a writable folder."
         ) from None
     finally:
+        progress.close()
         tmp.unlink(missing_ok=True)
         tmp_meta.unlink(missing_ok=True)
+    return summary
+
+
+def _remove_stale(folder: Path) -> None:
+    """Delete `.NAME.HOST.PID.tmp` files of this machine whose process is gone (a run killed while it wrote)."""
+    host = socket.gethostname()
+    for path in folder.glob(".*.tmp"):
+        head, _, pid = path.name[: -len(".tmp")].rpartition(".")
+        if not pid.isdigit() or not head.endswith(f".{host}"):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
+# --- the tokenizer's training text ------------------------------------------------------------------
+
+
+@contextmanager
+def tokenizer_corpus(entries: list[str], read: ReadOptions, folder: Path) -> Iterator[tuple[list[Path], str]]:
+    """Plain text files for a tokenizer plugin to train on, and a line saying what they are: text files without a
+    separator as they are; the documents of the others (JSONL, Parquet, separated text) streamed into text files in
+    a temporary folder under `folder`, one blank line between documents, deleted afterwards. Memory stays bounded;
+    the temporary files take about the size of those documents' text."""
+    inputs = expand(entries, "data.train", read)
+    for f in inputs:
+        check_data_file(f, read)
+    direct = [f for f in inputs if f.format == "text" and not read.separator]
+    size = sum(f.path.stat().st_size for f in inputs)
+    described = f"{len(inputs):,} file{'s' if len(inputs) != 1 else ''} of data.train ({size / 1e6:,.1f} MB)"
+    if len(direct) == len(inputs):
+        yield [f.path for f in inputs], described
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tokenizer-text-", dir=folder) as tmp:
+        paths: list[Path] = []
+        summary = Summary()
+        for i, f in enumerate(inputs):
+            if f in direct:
+                paths.append(f.path)
+                continue
+            paths.append(Path(tmp) / f"{i:05d}.txt")
+            with open(paths[-1], "w", encoding="utf-8", newline="") as out:
+                for task, _ in tasks([f], [FileRecord.of(f.path)], read):
+                    for text, _, ends, k, problem in rows(task, read.text_field):
+                        if k == -1:
+                            raise DataError(f"{f.where} is not UTF-8 text: {where_not_utf8(f.path)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or remove it from the list.")
+                        if problem is not None:
+                            summary.n_bad += 1
+                            summary.bad += [f"{row_name(f, task[2] + k)}: {problem}"][: data_encode.SHOWN_BAD_ROWS - len(summary.bad)]
+                            if read.bad_rows == "refuse":
+                                raise DataError(refused_message("data.train", f.field, summary, f.path.stat().st_size))
+                            continue
+                        out.write(text)
+                        summary.n_docs += ends
+                        if ends:
+                            out.write("\n\n")  # a paragraph break: no training sentence spans two documents
+        skipped = f", {summary.n_bad:,} bad rows left out" if summary.n_bad else ""
+        yield paths, f"{described}, {summary.n_docs:,} documents as text{skipped}"
+
+
+# --- splits ----------------------------------------------------------------------------------------
 
 
 def load_splits(
@@ -272,13 +330,17 @@ def load_splits(
     tokenizer_hash: str,
     cache_dir: Path,
     seq_len: int,
+    read: ReadOptions | None = None,
+    echo: Callable[[str], None] | None = None,
+    may_encode: bool = True,
 ) -> tuple[TokenData, TokenData]:
     """Training and validation tokens: the val files, or the last `val_fraction` of the training tokens
     (at least `seq_len + 2`, the least a split can be: a window of seq_len + 1 tokens and a start to draw)."""
+    read = read or ReadOptions()
     need = seq_len + 2
-    train = encode_files(train_files, "data.train", tokenizer, tokenizer_hash, cache_dir)
+    train = encode_files(train_files, "data.train", tokenizer, tokenizer_hash, cache_dir, read, echo, may_encode)
     if val_files:
-        val = encode_files(val_files, "data.val", tokenizer, tokenizer_hash, cache_dir)
+        val = encode_files(val_files, "data.val", tokenizer, tokenizer_hash, cache_dir, read, echo, may_encode)
     else:
         if len(train) < 2 * need:
             raise DataError(
@@ -298,8 +360,7 @@ def load_splits(
             )
         cut = len(train) - n_val
         val_ids = train.ids[cut:]
-        # Bytes of the held-out tail, measured on its decoded text, so bits per byte is exact.
-        val_bytes = len(tokenizer.decode([int(i) for i in val_ids]).encode("utf-8"))
+        val_bytes = decoded_bytes(tokenizer, val_ids)  # of the held-out tail's decoded text, so bits per byte is exact
         val = TokenData(val_ids, val_bytes)
         train = TokenData(train.ids[:cut], train.n_bytes - val_bytes)
     for data, field, files in ((train, "data.train", train_files), (val, "data.val", val_files)):
@@ -311,6 +372,32 @@ def load_splits(
                 f"or lower train.seq_len (default: model.block_size)."
             )
     return train, val
+
+
+def decoded_bytes(tokenizer: Tokenizer, ids: np.ndarray, group: int = 1 << 20) -> int:
+    """UTF-8 bytes of decode(ids), decoded a group of about `group` tokens at a time so that memory stays bounded.
+    Groups end just after an end-of-text token, where no character's bytes (byte-fallback pieces) are split."""
+    if tokenizer.eos_id is None or len(ids) <= group:
+        return len(tokenizer.decode([int(i) for i in ids]).encode("utf-8"))
+    total, start = 0, 0
+    while start < len(ids):
+        end = min(start + group, len(ids))
+        if end < len(ids):
+            ends = np.flatnonzero(ids[start:end] == tokenizer.eos_id)
+            end = start + int(ends[-1]) + 1 if len(ends) else _next_eos(ids, end, tokenizer.eos_id)
+        total += len(tokenizer.decode(ids[start:end].tolist()).encode("utf-8"))
+        start = end
+    return total
+
+
+def _next_eos(ids: np.ndarray, start: int, eos: int) -> int:
+    """Just after the first eos at or after `start`, or the end."""
+    step = 1 << 20
+    for lo in range(start, len(ids), step):
+        found = np.flatnonzero(ids[lo : lo + step] == eos)
+        if len(found):
+            return lo + int(found[0]) + 1
+    return len(ids)
 
 
 def _names(files: list[str]) -> str:

@@ -27,7 +27,7 @@ from aic_core.checkpoint import (
     write_atomic,
     write_json,
 )
-from aic_core.data import check_data_files, file_sha256, load_splits, token_cache_dir
+from aic_core.data import ReadOptions, check_data_files, file_sha256, load_splits, token_cache_dir, tokenizer_corpus
 from aic_core.distributed import Dist, launcher_world, setup
 from aic_core.errors import (
     AicError,
@@ -93,7 +93,7 @@ def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint, echo: Callable[[s
             f"A run resumes with the model it was trained with: undo the change, or start a new run (a new name or output_dir)."
         )
     changes = [c for key in ("seed", "data", "train") for c in _diff(spec_dict.get(key), old.get(key), key)]
-    changes = [c for c in changes if c.split(":")[0] not in RESUME_FREE and not c.startswith("data.cache_dir:")]
+    changes = [c for c in changes if c.split(":")[0] not in RESUME_FREE and not c.startswith(("data.cache_dir:", "data.workers:"))]
     steps = [c for c in changes if c.startswith("train.steps:")]
     changes = [c for c in changes if not c.startswith("train.steps:")]
     trainer = [c for c in changes if c.startswith("train.trainer.")]
@@ -337,11 +337,12 @@ def _pipeline(
             raise SpecError(f"train.seq_len: {seq_len} is longer than the model's context (block_size {model.config.block_size}). Lower train.seq_len or raise model.block_size.")
         t0 = time.perf_counter()
 
-        def splits():
-            return load_splits(spec.data.train, spec.data.val, spec.data.val_fraction, tokenizer, tokenizer_hash, token_cache_dir(spec.data.cache_dir), seq_len)
+        def splits(may_encode: bool = True):
+            cache = token_cache_dir(spec.data.cache_dir)
+            return load_splits(spec.data.train, spec.data.val, spec.data.val_fraction, tokenizer, tokenizer_hash, cache, seq_len, ReadOptions.of(spec.data), echo, may_encode)
 
         built = dist.once(splits, local=True)  # each machine encodes the corpus once; the other ranks then map the cache
-        train_data, val_data = dist.each(lambda: built or splits())
+        train_data, val_data = dist.each(lambda: built or splits(may_encode=False))
         echo(f"data: {len(train_data):,} training and {len(val_data):,} validation tokens ({time.perf_counter() - t0:.1f}s)")
         total, trainable = model.num_params(), model.num_params(trainable_only=True)
         adapted = f"; {spec.adapter.type}: {trainable:,} trainable ({100 * trainable / total:.2f}%)" if spec.adapter else ""
@@ -388,8 +389,10 @@ def _tokenizer_stage(spec: RunSpec, registry: Registry, tok_path: Path, has_chec
         t0 = time.perf_counter()
         plugin = registry.get("tokenizer", spec.tokenizer.type)
         if plugin.trains:
-            plugin.train(spec.tokenizer, [Path(p) for p in spec.data.train], tok_path)
-            echo(f"tokenizer: trained {spec.tokenizer.type} in {time.perf_counter() - t0:.1f}s -> {tok_path}")
+            with tokenizer_corpus(spec.data.train, ReadOptions.of(spec.data), tok_path.parent) as (files, corpus):
+                trained = plugin.train(spec.tokenizer, files, tok_path)
+            sample = getattr(trained, "training_sample", None)  # what the plugin sampled from the corpus, if it says
+            echo(f"tokenizer: trained {spec.tokenizer.type} in {time.perf_counter() - t0:.1f}s on {corpus}{f'; {sample}' if sample else ''} -> {tok_path}")
         else:  # nothing to learn from the corpus; the plugin still writes its file
             plugin.train(spec.tokenizer, [], tok_path)
             echo(f"tokenizer: {spec.tokenizer.type} needs no training; wrote {tok_path}")
@@ -415,7 +418,8 @@ def _eval_stage(run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable
         seq_len = spec.train.seq_len or loaded.model.config.block_size
         tok_hash = loaded.checkpoint.state["tokenizer_hash"]
         _, val = load_splits(
-            spec.data.train, spec.data.val, spec.data.val_fraction, loaded.tokenizer, tok_hash, token_cache_dir(spec.data.cache_dir), seq_len
+            spec.data.train, spec.data.val, spec.data.val_fraction, loaded.tokenizer, tok_hash, token_cache_dir(spec.data.cache_dir), seq_len,
+            ReadOptions.of(spec.data),
         )
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
         metrics = evaluate(loaded.model, val, spec, seq_len, device, autocast)

@@ -58,10 +58,34 @@ class TrainerSection(PluginSection):
     pass
 
 
+DataPath = Annotated[str, Field(min_length=1)]
+
+
 class DataSpec(Section):
-    train: list[str] = Field(min_length=1, description="Text files to train on (paths relative to the spec file).")
-    val: list[str] = Field(default_factory=list, description="Validation text files; if empty, the tail of the training data.")
+    train: list[DataPath] = Field(
+        min_length=1,
+        description="What to train on: files, folders (their data files by suffix, recursively) and glob patterns "
+        "('shards/*.jsonl', '**' for any depth), relative to the spec file. Files are read in order, each sorted by path.",
+    )
+    val: list[DataPath] = Field(default_factory=list, description="Validation data, as data.train; if empty, the tail of the training data.")
     val_fraction: float = Field(0.05, gt=0, lt=0.5, description="Fraction of the training tokens held out when `val` is empty.")
+    format: Literal["auto", "text", "jsonl", "parquet"] = Field(
+        "auto",
+        description="How files are read: 'text' (UTF-8), 'jsonl' (one JSON object a line), 'parquet' (needs pip install "
+        "\"aic[parquet]\"); 'auto' goes by suffix: .jsonl/.ndjson, .parquet/.pq, anything else text.",
+    )
+    text_field: str = Field("text", min_length=1, description="The JSONL field, or Parquet column, that holds each document's text.")
+    separator: str | None = Field(
+        None, min_length=1,
+        description="In text files, the string between documents (e.g. '<|endoftext|>'), replaced by the end-of-text token; "
+        "null: each text file is one document.",
+    )
+    bad_rows: Literal["refuse", "skip"] = Field(
+        "refuse",
+        description="JSONL/Parquet rows that are not JSON, lack text_field, hold a non-string or invalid UTF-8: 'refuse' stops "
+        "and names the first few (file and line); 'skip' leaves them out and reports how many.",
+    )
+    workers: int | None = Field(None, gt=0, description="Processes that encode the corpus (default: the CPUs available). The tokens are the same for any number.")
     cache_dir: str | None = Field(None, description="Where encoded token arrays are cached (default: $AIC_CACHE_DIR or ~/.cache/aic).")
 
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import sentencepiece as spm
 from pydantic import Field, field_validator
 
+from aic_core.data_inputs import where_not_utf8
 from aic_core.errors import DataError, SpecError
 from aic_core.hookspecs import hookimpl
 from aic_core.kinds import PluginOptions, Tokenizer, TokenizerPlugin
@@ -59,11 +60,13 @@ _LOCATION = re.compile(r"^[A-Z_]+: \S+\(\d+\) \[[^\]]*\]\s*")  # "INTERNAL: src/
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A loaded SentencePiece model: `encode` gives ids without bos/eos, `decode` inverts it exactly."""
+    """A loaded SentencePiece model: `encode` gives ids without bos/eos, `decode` inverts it exactly. It pickles as
+    its model's bytes (for the data stage's encoding workers)."""
 
     def __init__(self, processor: spm.SentencePieceProcessor, path: Path | None = None) -> None:
         self.processor = processor
         self.path = path
+        self.training_sample: str | None = None  # set by `train`: how many paragraphs SentencePiece saw, for the run log
         self.vocab_size = processor.get_piece_size()
         self.bos_id = processor.bos_id() if processor.bos_id() >= 0 else None
         self.eos_id = processor.eos_id() if processor.eos_id() >= 0 else None
@@ -99,6 +102,15 @@ class SentencePieceTokenizer(Tokenizer):
     def piece(self, token_id: int) -> str:
         return self.processor.id_to_piece(token_id)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"model": self.processor.serialized_model_proto(), "path": self.path, "training_sample": self.training_sample}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        processor = spm.SentencePieceProcessor()
+        processor.LoadFromSerializedProto(state["model"])
+        self.__init__(processor, state["path"])
+        self.training_sample = state["training_sample"]
+
 
 class SentencePiece(TokenizerPlugin):
     """SentencePiece BPE or unigram, trained on the run's corpus; exact round trip of whitespace and Unicode."""
@@ -115,8 +127,18 @@ class SentencePiece(TokenizerPlugin):
         character_coverage: float = Field(1.0, gt=0, le=1, description="Share of the corpus's characters that get their own piece; the rarest others go to byte pieces (or unk).")
         byte_fallback: bool = Field(True, description="Spell characters outside the vocabulary as UTF-8 byte pieces, so every text round-trips; costs 256 ids.")
         special_tokens: list[str] = Field(default_factory=list, description="Strings that always encode as one piece of their own (user-defined symbols), e.g. '<|sep|>'.")
-        input_sentence_size: int = Field(2_000_000, ge=0, description="Paragraphs sampled from the corpus for training (0: all).")
+        input_sentence_size: int = Field(
+            2_000_000, ge=0, description="Paragraphs SentencePiece samples from the whole corpus as it streams by (reservoir sampling), "
+            "which bounds its memory: at most this many paragraphs of at most 4,096 characters. 0: all of them.",
+        )
         num_threads: int | None = Field(None, gt=0, description="Training threads (default: the CPUs this process may use, at most 16).")
+
+        @field_validator("input_sentence_size")
+        @classmethod
+        def _input_sentence_size(cls, size: int) -> int:
+            if 0 < size <= 100:
+                raise ValueError("SentencePiece samples more than 100 paragraphs or all of them; set it above 100, or to 0 for all (memory grows with it)")
+            return size
 
         @field_validator("special_tokens")
         @classmethod
@@ -212,6 +234,7 @@ class SentencePiece(TokenizerPlugin):
             tokenizer = _load(tmp)  # refuse to install a model that does not load
             os.replace(tmp, path)
             tokenizer.path = path
+            tokenizer.training_sample = reader.sample(options.input_sentence_size)
             return tokenizer
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -285,8 +308,6 @@ def _check_text(files: list[Path]) -> None:
                 for block in iter(lambda: fh.read(1 << 20), ""):
                     has_text = has_text or not block.isspace()
         except UnicodeDecodeError:
-            from aic_core.data import where_not_utf8  # the FILE's byte offset, not the block's
-
             raise DataError(f"{f}: not UTF-8 text: {where_not_utf8(f)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
         except OSError as exc:
             raise DataError(f"{f}: cannot be read ({exc.strerror or exc}). Check the file and its permissions.") from None
@@ -304,14 +325,23 @@ class _CorpusReader:
         self.files = files
         self.error: DataError | None = None
         self.has_text = False
+        self.paragraphs = 0  # yielded so far, and their characters: what SentencePiece sampled from
+        self.chars = 0
+
+    def sample(self, input_sentence_size: int) -> str:
+        """What SentencePiece trained on, for the run log. It keeps a uniform sample of `input_sentence_size`
+        paragraphs (reservoir sampling, seeded) as they stream by, so memory is bounded by that many paragraphs of at
+        most MAX_SENTENCE_CHARS each, never by the corpus."""
+        read = f"{self.paragraphs:,} paragraphs, {self.chars / 1e6:,.1f}M characters"
+        if input_sentence_size and self.paragraphs > input_sentence_size:
+            return f"SentencePiece sampled {input_sentence_size:,} (tokenizer.input_sentence_size) of {read}"
+        return f"SentencePiece read all {read}" + (f" (within tokenizer.input_sentence_size {input_sentence_size:,})" if input_sentence_size else "")
 
     def __iter__(self) -> Iterator[str]:
         for f in self.files:
             try:
                 yield from self._paragraphs(f)
             except UnicodeDecodeError:
-                from aic_core.data import where_not_utf8  # the FILE's byte offset, not the block's
-
                 self.error = DataError(f"{f}: not UTF-8 text: {where_not_utf8(f)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`).")
                 return
             except OSError as exc:
@@ -341,6 +371,8 @@ class _CorpusReader:
 
     def _emit(self, lines: list[str]) -> str:
         text = "".join(lines)
+        self.paragraphs += 1
+        self.chars += len(text)
         if not self.has_text and text.strip():
             self.has_text = True
         return text

@@ -1,9 +1,9 @@
 """aic_core.data: data files checked with the spec field named, UTF-8 errors at the file's byte offset,
 a damaged token cache rebuilt, and honest messages and warnings for a corpus too small to split.
 
-Token ids are compared with SentencePiece itself (the tokenizer file loaded by `sentencepiece`): the
-60 KB test corpus is shorter than one encoding chunk, so its ids are exactly the reference's encoding
-of the whole text, then the end-of-text id."""
+Token ids are compared with SentencePiece itself (the tokenizer file loaded by `sentencepiece`): the ids
+of a text file are the reference's encoding of the whole text, then the end-of-text id. (Formats, folders,
+globs, workers and bad rows: test_data_formats.py.)"""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import pytest
 import sentencepiece as spm
 
 import aic_core.data as data_mod
+import aic_core.data_inputs as inputs_mod
 from aic_core.cli import _format_warning, main
-from aic_core.data import _CHUNK_CHARS, check_data_files, encode_files, load_splits, read_corpus, utf8_error
+from aic_core.data import check_data_files, encode_files, load_splits, utf8_error
 from aic_core.errors import DataError
 from aic_plugins.tokenizers.sentencepiece import SentencePiece, _CorpusReader
 from tests.conftest import tiny_spec, write_spec
@@ -49,7 +50,7 @@ def reference_ids(ref: spm.SentencePieceProcessor, *files: Path) -> list[int]:
     ids: list[int] = []
     for f in files:
         text = f.read_text(encoding="utf-8")
-        assert len(text) < _CHUNK_CHARS and "\u2581" not in text  # one chunk, no special handling: a plain encode
+        assert "\u2581" not in text  # no special handling: a plain encode
         ids += ref.encode(text) + [ref.eos_id()]
     return ids
 
@@ -66,20 +67,18 @@ def test_check_data_files_names_the_field_and_index(tmp_path, corpus):
         check_data_files(SimpleNamespace(train=[str(corpus)], val=[str(tmp_path / "nope" / "v.txt")]))
 
 
-def test_a_folder_is_named_as_a_folder_and_its_text_files_listed(tmp_path, corpus):
+def test_a_folder_without_data_files_is_named_and_its_files_listed(tmp_path, corpus):
     folder = tmp_path / "novels"
     folder.mkdir()
-    for name in ("b.txt", "a.txt", "notes.md", "image.png", ".hidden.txt"):
+    for name in ("image.png", "notes", ".hidden.txt"):
         (folder / name).write_text("text\n")
     with pytest.raises(DataError) as info:
         check_data_files(SimpleNamespace(train=[str(folder)], val=[]))
     msg = str(info.value)
-    assert msg.startswith(f"data.train[0]: {folder} is a folder, not a text file") and "not found" not in msg
-    assert f'"{folder / "a.txt"}", "{folder / "b.txt"}", "{folder / "notes.md"}"' in msg
-    assert "image.png" not in msg and ".hidden" not in msg
-    (folder / "a.txt").unlink(), (folder / "b.txt").unlink(), (folder / "notes.md").unlink()
-    with pytest.raises(DataError, match=r"no \.txt.* files, but 1 others: .*image\.png"):
-        check_data_files(SimpleNamespace(train=[str(folder)], val=[]))
+    assert msg.startswith(f"data.train[0]: the folder {folder} holds no data files") and "not found" not in msg
+    assert ".txt" in msg and ".jsonl" in msg and ".parquet" in msg  # what a folder gives
+    assert f'"{folder / "image.png"}", "{folder / "notes"}"' in msg and ".hidden" not in msg
+    assert f'"{folder}/*.png"' in msg  # a glob reads any suffix
 
 
 @pytest.mark.parametrize("content", [b"", b" \n\t\n"])
@@ -96,7 +95,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(data_mod, "open", denied, raising=False)  # root reads any file; refuse like a chmod 000 would
+    monkeypatch.setattr(inputs_mod, "open", denied, raising=False)  # root reads any file; refuse like a chmod 000 would
     with pytest.raises(DataError, match=r"^data\.train\[0\]: .*secret\.txt cannot be read \(Permission denied\).*permissions"):
         check_data_files(SimpleNamespace(train=[str(path)], val=[]))
 
@@ -110,15 +109,11 @@ def test_unreadable_file_for_real(tmp_path):
         check_data_files(SimpleNamespace(train=[str(path)], val=[]))
 
 
-# Until run.py calls check_data_files (instead of its own not-found loop) and `aic validate` does too,
-# these two fail; strict, so that they are noticed (and the marks removed) once the calls are in.
-
-
-def test_run_names_a_folder_as_a_folder(tmp_path, capsys, corpus):
+def test_run_names_a_folder_without_data_files(tmp_path, capsys, corpus):
     (tmp_path / "texts").mkdir()
-    shutil.copy(corpus, tmp_path / "texts" / "novel.txt")
+    shutil.copy(corpus, tmp_path / "texts" / "novel.txt.bak")
     spec = tiny_spec(corpus, tmp_path / "run", data={"train": [str(tmp_path / "texts")]})
-    err = fails(capsys, ["run", str(write_spec(tmp_path / "s.json", spec))], "data.train[0]", "is a folder", "novel.txt")
+    err = fails(capsys, ["run", str(write_spec(tmp_path / "s.json", spec))], "data.train[0]", "holds no data files", "novel.txt.bak")
     assert "not found" not in err
 
 
@@ -168,10 +163,12 @@ def test_utf8_error_across_block_boundaries(tmp_path):
     assert utf8_error(path, block_size=1) is None
 
 
-def test_read_corpus_gives_the_file_offset(late_bad_byte):
+def test_encoding_gives_the_file_offset(late_bad_byte, tokenizer, tmp_path):
     path, offset, line = late_bad_byte
+    tok, _, tok_hash = tokenizer
     with pytest.raises(DataError, match=rf"^data\.train\[0\]: .*late\.txt is not UTF-8 text: invalid start byte 0xff at byte {offset} \(line {line}\)"):
-        read_corpus([str(path)], "data.train")
+        encode_files([str(path)], "data.train", tok, tok_hash, tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir())  # nothing left behind
 
 
 def test_tokenizer_training_gives_the_file_offset(late_bad_byte, tmp_path):
