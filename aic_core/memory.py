@@ -34,14 +34,15 @@ bytes, r = residual-stream bytes):
   norm and the LM head's input, RoPE's cos/sin tables, ALiBi's (1, H, T, T) bias, all once.
   With activation checkpointing (per block): only each block's input (r*C) is kept; during the backward
   pass one block's activations are recomputed at a time.
-- Logits/loss buffer: `Transformer.forward` upcasts the logits to fp32 for the loss; the log-probabilities
-  (4*N*V) are saved, and the backward pass of cross-entropy holds them, the gradient of nll_loss and that
-  of log_softmax at once: 12*N*V bytes at the start of the backward pass.
+- LM head and loss (aic_core.nn.loss): computed a chunk of rows at a time, so the logits of the whole batch
+  never exist. The forward pass keeps the gradients of the hidden states (a*N*C) and, when the head trains,
+  of the head weight (fp32, 4*Vp*C); one chunk's logits (rows x Vp, in the compute dtype and in fp32) are its
+  transient; the backward pass scales the two kept gradients into new tensors (twice the kept bytes).
 - An op saves a tensor only when a gradient needs it: under LoRA, layers before the first adapter save
   nothing, and a frozen linear keeps its input only for its adapter.
 - On CUDA, + 64 MiB of cuBLAS/cuBLASLt workspaces, which the caching allocator hands out.
 - The peak is the largest of: end of forward (+ autocast's cache of bf16 copies of every trainable weight,
-  + the fp32 logits), start of backward (+ 12*N*V), the backward of the first (and, checkpointed, the last)
+  + one chunk's logits), start of backward (+ twice the loss's kept gradients), the backward of the first (and, checkpointed, the last)
   block, and the optimizer step (weights + gradients + optimizer state). Gradients are not alive during
   forward/backward with one micro-batch per step (set_to_none); with more micro-steps per rank they are.
   Measured on an H100 (bench/gpu_plan.py, bench/RESULTS.md): within 0.4 % of max_memory_allocated.
@@ -66,6 +67,7 @@ from torch import nn
 
 from aic_core.errors import SpecError
 from aic_core.nn.attention import CausalSelfAttention
+from aic_core.nn.loss import chunk_rows
 from aic_core.nn.mlp import MLP, SwiGLU
 from aic_core.nn.norm import RMSNorm
 from aic_core.nn.transformer import Transformer
@@ -127,6 +129,7 @@ class Plan:
     activation_checkpointing: bool
     activations: int  # saved activations without checkpointing (torch trainer's dtypes)
     activations_checkpointed: int
+    loss_saved: int  # what the LM head + loss keeps for the backward pass (torch trainer's dtypes)
     kv_cache: int
     kv_cache_shape: str
     spec_strategy: str
@@ -515,10 +518,16 @@ def _activations(s: _Shape, m: _Mode, B: int, T: int) -> _Acts:
 # --- strategies -------------------------------------------------------------------------------------
 
 
-def _loss(N: int, V: int, Vp: int, a: int) -> tuple[int, int]:
-    """(peak in the forward pass, peak at the start of the backward pass) of the logits and the loss."""
-    fwd = 4 * N * Vp + 4 * N * V if a == 4 else max(a * N * Vp + 4 * N * V, 8 * N * V)
-    return fwd, 12 * N * V
+def _loss(s: _Shape, N: int, a: int, device: str) -> tuple[int, int, int]:
+    """(saved, peak in the forward pass, peak at the start of the backward pass) of the LM head and the loss,
+    computed a chunk of rows at a time (aic_core.nn.loss): the forward pass keeps the gradients of the hidden
+    states (a*N*C) and, when the head trains, of the head weight (fp32, 4*Vp*C); one chunk's logits exist at a
+    time, in the compute dtype and in fp32; the backward pass scales the two gradients into new tensors."""
+    c = s.model.config
+    Vp, C = c.padded_vocab_size, c.n_embd
+    saved = a * N * C + (4 * Vp * C if s.head.trainable else 0)
+    rows = min(N, chunk_rows(Vp, torch.device(device)))
+    return saved, saved + rows * Vp * (a + 4), 2 * saved
 
 
 def _torch_strategy(s: _Shape, m: _Mode, acts: _Acts, N: int, world: int, micro_steps: float, ckpt: bool) -> Strategy:
@@ -533,7 +542,7 @@ def _torch_strategy(s: _Shape, m: _Mode, acts: _Acts, N: int, world: int, micro_
     buckets = grads if world > 1 else 0
     workspace = CUDA_WORKSPACE if m.device == "cuda" else 0
     accumulating = grads if micro_steps > 1 else 0
-    loss_fwd, loss_bwd = _loss(N, c.vocab_size, c.padded_vocab_size, m.a)
+    _, loss_fwd, loss_bwd = _loss(s, N, m.a, m.device)
     base = weights + optimizer + buckets + workspace + accumulating
     head_copy = 2 * acts.head_copies if m.autocast else 0
     L = max(1, len(s.blocks))
@@ -603,7 +612,7 @@ def _zero_strategy(
         buffers = w_bytes * min(P, ZERO3_MAX_LIVE) + g_bytes * min(Pt, ZERO_REDUCE_BUCKET)
     else:
         buffers = g_bytes * min(Pt, ZERO_REDUCE_BUCKET) + w_bytes * min(P, ZERO_REDUCE_BUCKET)
-    loss_fwd, loss_bwd = _loss(N, c.vocab_size, c.padded_vocab_size, m.a)
+    _, loss_fwd, loss_bwd = _loss(s, N, m.a, m.device)
     workspace = CUDA_WORKSPACE if m.device == "cuda" else 0
     states = weights + grads + optimizer + buffers + workspace
     largest_block = max(acts.blocks) if acts.blocks else 0
@@ -802,6 +811,7 @@ def plan(
         activation_checkpointing=ckpt,
         activations=acts.full,
         activations_checkpointed=acts.checkpointed,
+        loss_saved=_loss(s, N, torch_mode.a, kind)[0],
         kv_cache=kv,
         kv_cache_shape=kv_shape,
         spec_strategy=spec_strategy,

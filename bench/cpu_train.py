@@ -1,25 +1,40 @@
-"""CPU training-step throughput: aic's gpt2 against transformers' GPT2LMHeadModel of the same shape.
+"""CPU training-step throughput: aic's gpt2 against nanoGPT's model.py and transformers' GPT2LMHeadModel.
 
-One step = forward + backward + AdamW step, fp32. Shape: 4 layers, 4 heads, 256 wide, context 256,
-batch 8, vocab 4096 (a multiple of 64, so aic's vocab padding adds nothing and both have the same
-parameters). The two models alternate step by step (who goes first alternates too); warm-up steps are
-dropped and the median step time is reported.
+One step = forward + backward + gradient clipping at 1.0 + AdamW step, fp32, each model stepped as its own
+users step it: aic as its torch trainer does (aic_core.training.adamw: AdamW over param_groups, fused),
+nanoGPT as its train.py does (its configure_optimizers: AdamW, not fused on the CPU), transformers as its
+Trainer does (torch AdamW, max_grad_norm 1.0). Shape: 4 layers, 4 heads, 256 wide, context 256, batch 8,
+vocab 4096 (a multiple of 64, so aic's vocab padding adds nothing), biases and tied embeddings in all three
+(nanoGPT's default config is GPT-2's), dropout 0.
 
-    python bench/cpu_train.py --steps 20 --warmup 3 --threads 4
+Protocol, for a machine that is shared: after warm-up steps, `--rounds` rounds (default 4); in each round
+every model is timed twice over `--steps` steps and keeps the better mean (best of two), and the order of
+the models alternates between rounds (forward, then reversed). Printed: each model's best round and the
+ratios, as of the best rounds and their range over the rounds (each round's ratio, min-max).
+
+    python bench/cpu_train.py                  # the issue's shape, 2 threads
+    python bench/cpu_train.py --compile        # plus aic under torch.compile (the trainer's `compile` option)
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
 from aic_core.registry import Registry
+from aic_core.spec import TrainSpec
+from aic_core.training import adamw
+
+sys.path.insert(0, str(Path(__file__).parent))
+from nanogpt_model import GPT, GPTConfig  # noqa: E402
 
 LAYERS, HEADS, WIDTH, CONTEXT, BATCH, VOCAB = 4, 4, 256, 256, 8, 4096
+TRAIN = TrainSpec(trainer={"type": "torch"}, steps=1, lr=1e-4)  # the spec's AdamW defaults: betas (0.9, 0.95), weight decay 0.1
 
 
 def aic_gpt2() -> torch.nn.Module:
@@ -40,50 +55,85 @@ def hf_gpt2() -> torch.nn.Module:
     return model
 
 
+def nanogpt() -> torch.nn.Module:
+    return GPT(GPTConfig(block_size=CONTEXT, vocab_size=VOCAB, n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH, dropout=0.0, bias=True))
+
+
+class Runner:
+    """One model with its optimizer and its way of computing the loss; `step()` is one timed training step."""
+
+    def __init__(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss) -> None:  # noqa: ANN001
+        self.name, self.model, self.optimizer, self.loss = name, model.train(), optimizer, loss
+        self.rounds: list[float] = []
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        self.loss().backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    def measure(self, steps: int) -> None:
+        self.rounds.append(min(sum(self.step() for _ in range(steps)) / steps for _ in range(2)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
+    parser.add_argument("--rounds", type=int, default=4, help="measurements per model, in alternating order")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timing (each measurement is the best of two timings)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--compile", action="store_true", help="also aic under torch.compile, its compile time reported")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    cpu = torch.device("cpu")
 
     x = torch.randint(0, VOCAB, (BATCH, CONTEXT + 1))
-    inputs, targets = x[:, :-1], x[:, 1:]
-    models = {"aic gpt2": aic_gpt2(), "HF GPT2LMHeadModel (sdpa)": hf_gpt2()}
-    loss_fns = {
-        "aic gpt2": lambda m: m(inputs, targets=targets),
-        "HF GPT2LMHeadModel (sdpa)": lambda m: m(input_ids=inputs, labels=inputs).loss,  # HF shifts labels itself
-    }
-    optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
+    inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    aic, nano, hf = aic_gpt2(), nanogpt(), hf_gpt2()
+    runners = [
+        Runner("aic gpt2", aic, adamw(aic, TRAIN, cpu), lambda: aic(inputs, targets)),
+        Runner("nanoGPT model.py", nano, nano.configure_optimizers(TRAIN.weight_decay, TRAIN.lr, (TRAIN.beta1, TRAIN.beta2), "cpu"),
+               lambda: nano(inputs, targets)[1]),
+        Runner("HF GPT2LMHeadModel (sdpa)", hf, torch.optim.AdamW(hf.parameters(), lr=TRAIN.lr), lambda: hf(input_ids=inputs, labels=inputs).loss),
+    ]
+    compile_s = None
+    if args.compile:
+        compiled_model = aic_gpt2()
+        compiled = torch.compile(compiled_model)
+        runner = Runner("aic gpt2, torch.compile", compiled_model, adamw(compiled_model, TRAIN, cpu), lambda: compiled(inputs, targets))
+        first = runner.step()
+        compile_s = first - min(runner.step() for _ in range(3))
+        runners.append(runner)
 
-    for step in range(args.warmup + args.steps):
-        order = list(models) if step % 2 == 0 else list(reversed(models))
-        for name in order:
-            model, opt = models[name], optims[name]
-            model.train()
-            t0 = time.perf_counter()
-            loss = loss_fns[name](model)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - t0
-            if step >= args.warmup:
-                times[name].append(elapsed)
+    for runner in runners:
+        for _ in range(args.warmup):
+            runner.step()
+    for r in range(args.rounds):
+        for runner in runners if r % 2 == 0 else reversed(runners):
+            runner.measure(args.steps)
 
     tokens = BATCH * CONTEXT
-    print(f"CPU, {args.threads} threads, fp32; {LAYERS} layers, {HEADS} heads, width {WIDTH}, context {CONTEXT}, "
-          f"batch {BATCH}, vocab {VOCAB}; median of {args.steps} steps after {args.warmup} warm-up\n")
-    print("| model | params | ms/step | tokens/s | ratio aic/HF |")
-    print("|---|---:|---:|---:|---:|")
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    hf_tps = tokens / medians["HF GPT2LMHeadModel (sdpa)"]
-    for name, model in models.items():
-        params = sum(p.numel() for p in model.parameters())  # HF ties wte/lm_head: parameters() counts it once
-        tps = tokens / medians[name]
-        print(f"| {name} | {params:,} | {medians[name] * 1e3:.1f} | {tps:,.0f} | {tps / hf_tps:.2f} |")
+    nano_r, hf_r = runners[1], runners[2]
+    print(f"CPU ({args.threads} threads), fp32, torch {torch.__version__}, transformers {transformers.__version__}; {LAYERS} layers, "
+          f"{HEADS} heads, width {WIDTH}, context {CONTEXT}, batch {BATCH}, vocab {VOCAB}; {args.rounds} rounds, each the best of "
+          f"two timings of {args.steps} steps, alternating order, after {args.warmup} warm-up steps\n")
+    print("| model | params | ms/step (best round) | tokens/s | vs nanoGPT | vs HF | vs nanoGPT, each round | vs HF, each round |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+
+    def spread(a: Runner, b: Runner) -> str:
+        ratios = [tb / ta for ta, tb in zip(a.rounds, b.rounds)]
+        return f"{min(ratios):.2f}-{max(ratios):.2f}"
+
+    for runner in runners:
+        best = min(runner.rounds)
+        params = sum(p.numel() for p in runner.model.parameters())  # tied weights count once
+        print(f"| {runner.name} | {params:,} | {best * 1e3:.1f} | {tokens / best:,.0f} | {min(nano_r.rounds) / best:.2f} | "
+              f"{min(hf_r.rounds) / best:.2f} | {spread(runner, nano_r)} | {spread(runner, hf_r)} |")
+    if compile_s is not None:
+        print(f"\naic under torch.compile: first step {compile_s:.1f} s longer than a compiled step (the compile).")
 
 
 if __name__ == "__main__":

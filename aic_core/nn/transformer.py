@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from aic_core.nn.positional import Positional
 from aic_core.nn.block import Block
 from aic_core.nn.kv_cache import KVCache
+from aic_core.nn.loss import lm_head_loss
 from aic_core.nn.norm import make_norm
 
 
@@ -203,11 +204,10 @@ class Transformer(nn.Module):
             x = x[:, -1:, :]
         x = self.norm_f(x)
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, weight)[..., : self.config.vocab_size]
         if targets is None:
-            return logits
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: loss in fp32
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return F.linear(x, weight)[..., : self.config.vocab_size]
+        # Head and cross-entropy chunk by chunk: the logits of the whole batch never exist (aic_core.nn.loss).
+        return lm_head_loss(x, weight, targets, self.config.vocab_size)
 
     def _mask(
         self,

@@ -18,7 +18,7 @@ from aic_core.errors import SpecError
 from aic_core.hookspecs import hookimpl
 from aic_core.kinds import PluginOptions, TrainerPlugin, TrainJob
 from aic_core.spec import RunSpec
-from aic_core.training import CtrlC, MetricsLog, Progress, evaluate, lr_at, param_groups, resolve_device, rng_state, set_rng_state, train_batch
+from aic_core.training import CtrlC, MetricsLog, Progress, adamw, evaluate, lr_at, resolve_device, rng_state, set_rng_state, train_batch
 
 
 class TorchTrainerOptions(PluginOptions):
@@ -55,9 +55,7 @@ class TorchTrainer(TrainerPlugin):
         model = job.model.to(device)
         model.activation_checkpointing = t.activation_checkpointing  # per-block recompute (aic_core.nn.transformer)
         seq_len = t.seq_len or model.config.block_size
-        optimizer = torch.optim.AdamW(
-            param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda"
-        )
+        optimizer = adamw(model, t, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
         start = 0
         if job.resume_from is not None:
