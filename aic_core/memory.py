@@ -527,7 +527,11 @@ def _loss(s: _Shape, N: int, a: int, device: str) -> tuple[int, int, int]:
     Vp, C = c.padded_vocab_size, c.n_embd
     saved = a * N * C + (4 * Vp * C if s.head.trainable else 0)
     rows = min(N, chunk_rows(Vp, torch.device(device)))
-    return saved, saved + rows * Vp * (a + 4), 2 * saved
+    # A chunk: its logits (a), log-probabilities (fp32) and their gradient cast back (a); the next chunk's are
+    # allocated before the last one's are freed, so two chunks at the peak. In 16 bits, the head weight and the
+    # hidden states are cast once (a*Vp*C, a*N*C) and each chunk's share of the head's gradient is a*Vp*C.
+    transient = 2 * rows * Vp * (2 * a + 4) + (2 * a * Vp * C + a * N * C if a < 4 else 0)
+    return saved, saved + transient, 2 * saved
 
 
 def _torch_strategy(s: _Shape, m: _Mode, acts: _Acts, N: int, world: int, micro_steps: float, ckpt: bool) -> Strategy:

@@ -83,7 +83,7 @@ def run_one(cfg: dict) -> dict:
     dist = setup(trainer.device(options, world[2]), world)
     cuda = device.startswith("cuda")
     if cuda:
-        torch.cuda.set_device(dist.device if dist.active else torch.device("cuda"))
+        torch.cuda.set_device(dist.device if dist.device.type == "cuda" and dist.device.index is not None else 0)
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     net = trainer.build_model(options, spec, dist, lambda: build_model(spec, registry, model["vocab_size"]))
