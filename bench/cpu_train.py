@@ -14,6 +14,7 @@ ratios, as of the best rounds and their range over the rounds (each round's rati
 
     python bench/cpu_train.py                  # the issue's shape, 2 threads
     python bench/cpu_train.py --compile        # plus aic under torch.compile (the trainer's `compile` option)
+    python bench/cpu_train.py --floor          # plus the floor: the step's GEMMs and attention timed alone
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from aic_core.spec import TrainSpec
 from aic_core.training import adamw
 
 sys.path.insert(0, str(Path(__file__).parent))
-from nanogpt_model import GPT, GPTConfig  # noqa: E402
+from nanogpt_model import GPT, GPTConfig
 
 LAYERS, HEADS, WIDTH, CONTEXT, BATCH, VOCAB = 4, 4, 256, 256, 8, 4096
 TRAIN = TrainSpec(trainer={"type": "torch"}, steps=1, lr=1e-4)  # the spec's AdamW defaults: betas (0.9, 0.95), weight decay 0.1
@@ -59,10 +60,52 @@ def nanogpt() -> torch.nn.Module:
     return GPT(GPTConfig(block_size=CONTEXT, vocab_size=VOCAB, n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH, dropout=0.0, bias=True))
 
 
+def floor(threads: int) -> None:
+    """Print the time one step's matmuls and attention take when each runs alone, at the step's shapes: per
+    linear layer the forward (x @ W.T), the input gradient (g @ W) and the weight gradient (g.T @ x), the
+    unchunked LM head's three, and SDPA's causal forward + backward per layer. No step can be faster than this
+    sum unless it moves other work into the matmuls' kernels."""
+    torch.set_num_threads(threads)
+
+    def best(fn, n: int = 10) -> float:
+        for _ in range(3):
+            fn()
+        return min(_timed(fn, n) for _ in range(5))
+
+    def _timed(fn, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
+
+    def gemm(m: int, k: int, n: int, ta: bool = False, tb: bool = False) -> tuple[float, int]:
+        a = torch.randn(k, m).t() if ta else torch.randn(m, k)
+        b = torch.randn(n, k).t() if tb else torch.randn(k, n)
+        out = torch.empty(m, n)
+        return best(lambda: torch.mm(a, b, out=out)), 2 * m * k * n
+
+    rows, seconds, flops = BATCH * CONTEXT, 0.0, 0
+    for fan_in, fan_out, count in ((WIDTH, 3 * WIDTH, LAYERS), (WIDTH, WIDTH, LAYERS), (WIDTH, 4 * WIDTH, LAYERS),
+                                   (4 * WIDTH, WIDTH, LAYERS), (WIDTH, VOCAB, 1)):
+        for t, f in (gemm(rows, fan_in, fan_out, tb=True), gemm(rows, fan_out, fan_in), gemm(fan_out, rows, fan_in, ta=True)):
+            seconds, flops = seconds + count * t, flops + count * f
+    q, k, v = (torch.randn(BATCH, HEADS, CONTEXT, WIDTH // HEADS, requires_grad=True) for _ in range(3))
+
+    def attention() -> None:
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y.backward(torch.ones_like(y))
+
+    attn = LAYERS * best(attention)
+    big = gemm(2048, 2048, 2048)
+    print(f"\nFloor: the step's GEMMs alone {seconds * 1e3:.1f} ms ({flops / 1e9:.1f} GFLOP at {flops / seconds / 1e9:.0f} "
+          f"GFLOP/s; a 2048^3 GEMM runs at {big[1] / big[0] / 1e9:.0f}), attention forward + backward alone "
+          f"{attn * 1e3:.1f} ms: {(seconds + attn) * 1e3:.1f} ms together.")
+
+
 class Runner:
     """One model with its optimizer and its way of computing the loss; `step()` is one timed training step."""
 
-    def __init__(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss) -> None:  # noqa: ANN001
+    def __init__(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss) -> None:
         self.name, self.model, self.optimizer, self.loss = name, model.train(), optimizer, loss
         self.rounds: list[float] = []
 
@@ -85,6 +128,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true", help="also aic under torch.compile, its compile time reported")
+    parser.add_argument("--floor", action="store_true", help="also time the step's matmuls and attention alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -134,6 +178,8 @@ def main() -> None:
               f"{min(hf_r.rounds) / best:.2f} | {spread(runner, nano_r)} | {spread(runner, hf_r)} |")
     if compile_s is not None:
         print(f"\naic under torch.compile: first step {compile_s:.1f} s longer than a compiled step (the compile).")
+    if args.floor:
+        floor(args.threads)
 
 
 if __name__ == "__main__":
