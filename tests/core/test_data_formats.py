@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -117,6 +119,49 @@ def test_one_worker_and_two_workers_write_the_same_bytes(bpe, docs, tmp_path, mo
     (one,), (two,) = (list((tmp_path / f"cache{w}").glob("*.bin")) for w in (1, 2))
     assert one.name == two.name and one.read_bytes() == two.read_bytes()
     assert np.fromfile(two, dtype=np.uint16).tolist() == reference(ref, order)
+
+
+PROGRAM = """
+import json, pickle, sys
+import torch  # the `aic` console script imports the CLI, and with it torch, before anything else
+from aic_core.data_encode import Settings, _start_pool
+from aic_plugins.tokenizers.sentencepiece import SentencePieceTokenizer
+
+class OwnTokenizer(SentencePieceTokenizer):  # a tokenizer class defined in the program itself
+    pass
+
+PROBE = ("(sorted(__import__('sys').modules), hasattr(__import__('sys').modules['__main__'], 'OwnTokenizer'), "
+         "[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+
+if __name__ == "__main__":
+    tok = pickle.loads(open(sys.argv[1], "rb").read())
+    report = {}
+    for name, tokenizer in (("plugin", tok), ("own", pickle.loads(pickle.dumps(tok)))):
+        if name == "own":
+            tokenizer.__class__ = OwnTokenizer
+        pool = _start_pool(tokenizer, Settings("text", "uint16", tok.eos_id, 1024), 2, name)
+        modules, ran_again, hwm_kb = pool.submit(eval, PROBE).result()
+        report[name] = {"torch": "torch" in modules, "cli": "aic_core.cli" in modules, "ran_again": ran_again,
+                        "encodes": pool.submit(tokenizer.encode, "a test").result() == tok.encode("a test"), "mb": int(hwm_kb) // 1024}
+        pool.shutdown()
+    print(json.dumps(report))
+"""
+
+
+def test_workers_start_without_the_parent_program_or_torch(bpe, tmp_path):
+    """A worker runs the encoder and unpickles the tokenizer from its plugin module; it does not run the program that
+    started it again (multiprocessing's spawn would, and `aic`'s console script imports torch): the built-in
+    SentencePiece tokenizer needs no torch, so a worker starts in well under a second and holds tens of MB, not the
+    ~230 MB of a torch import. A tokenizer class defined in the program itself still reaches the workers."""
+    (tmp_path / "tok.pkl").write_bytes(pickle.dumps(bpe[0]))
+    (tmp_path / "program.py").write_text(textwrap.dedent(PROGRAM))
+    out = subprocess.run([sys.executable, str(tmp_path / "program.py"), str(tmp_path / "tok.pkl")], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["plugin"] == {"torch": False, "cli": False, "ran_again": False, "encodes": True, "mb": report["plugin"]["mb"]}
+    assert report["plugin"]["mb"] < 120, report
+    assert report["own"]["ran_again"] and report["own"]["encodes"], report  # the program ran again, to find its class
 
 
 @pytest.mark.parametrize("text", ["word " * 3000, "x" * 50_000 + " tail", "  lead " + " " * 700 + "run\n" * 30 + "end   "])
