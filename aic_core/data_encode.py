@@ -446,7 +446,7 @@ def refused_message(label: str, field: str, summary: Summary, read: int) -> str:
 
 
 def _size(n: int) -> str:
-    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} KB"
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} KB" if n >= 1e3 else f"{n} bytes"
 
 
 def _picklable(obj: Any) -> bool:
