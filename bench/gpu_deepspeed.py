@@ -12,17 +12,22 @@ DeepSpeed the process is a world of 1 (the trainer starts a group of one, as a p
     python bench/gpu_deepspeed.py --models gpt2-small --variants   # + DeepSpeed knobs for ZeRO-1/2
     python bench/gpu_deepspeed.py --world-size 2          # + DDP and ZeRO-1/2/3 on 2 GPUs (torchrun), against 1 GPU
     python bench/gpu_deepspeed.py --device cpu --quick     # smoke test on the CPU (tiny shapes, fp32)
+    python bench/gpu_deepspeed.py --device cpu --models narrow --steps 200 --log-every 20 --stages 0 1 2 3   # host cost per step
+    python bench/gpu_deepspeed.py --models gpt2-small --host-reads    # where each trainer makes the host wait for the GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import importlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +38,9 @@ MODELS = {
     "gpt2-small": ({"type": "gpt2", "preset": "gpt2-small", "vocab_size": 50257}, 16, 1024),
     "tinyllama-1.1b": ({"type": "llama", "preset": "tinyllama-1.1b", "vocab_size": 32000}, 4, 2048),
     "tiny": ({"type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "vocab_size": 512}, 4, 64),
+    # GPT-2 small's 12 layers (its 148 parameter tensors) at a width where the arithmetic is nothing: the step time is
+    # the trainer's own host work (Python, hooks, per-tensor ops). On the CPU it shows the fixed cost a trainer adds.
+    "narrow": ({"type": "gpt2", "n_layer": 12, "n_head": 2, "n_embd": 64, "block_size": 64, "vocab_size": 512}, 2, 64),
 }
 # DeepSpeed settings tried beside the defaults (train.trainer.config), for the ZeRO-1/2 overhead at one GPU.
 VARIANTS = {
@@ -57,6 +65,38 @@ def make_spec(model: dict, batch: int, seq_len: int, trainer: dict, steps: int, 
         "eval": {"batches": 1, "every": 0},
     }
     return parse_spec(raw, get_registry(), check=False)
+
+
+HOST_READS = ("item", "__bool__", "tolist", "__float__", "__int__")  # each waits for the GPU on CUDA
+
+
+def count_host_reads(trainer_module: str, warmup: int) -> tuple[collections.Counter, list[int]]:
+    """Count, by caller, the reads of a tensor's value by the host (on CUDA each one waits until the GPU has caught
+    up, so the host cannot queue the next kernels meanwhile) in the training steps after `warmup`; the steps are
+    counted through the trainer's train_batch calls (one per micro-batch)."""
+    counts: collections.Counter = collections.Counter()
+    calls = [0]
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, _original=original, _name=name, **kwargs):
+            if calls[0] > warmup:
+                frames = traceback.extract_stack(limit=16)[:-1]
+                caller = next((f for f in reversed(frames) if "/torch/" not in f.filename or "/torch/optim/" in f.filename), frames[-1])
+                where = caller.filename.split("site-packages/")[-1].replace(str(Path(__file__).resolve().parents[1]) + "/", "")
+                counts[f"{_name} in {caller.name} ({where}:{caller.lineno})"] += 1
+            return _original(self, *args, **kwargs)
+
+        setattr(torch.Tensor, name, read)
+    module = importlib.import_module(trainer_module)
+    train_batch = module.train_batch
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return train_batch(*args, **kwargs)
+
+    module.train_batch = counted
+    return counts, calls
 
 
 def run_one(cfg: dict) -> dict:
@@ -87,6 +127,7 @@ def run_one(cfg: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     net = trainer.build_model(options, spec, dist, lambda: build_model(spec, registry, model["vocab_size"]))
+    host_reads = count_host_reads(f"aic_plugins.trainers.{cfg['trainer']}", 3) if cfg.get("host_reads") else None
     rng = np.random.default_rng(0)
     tokens = TokenData(rng.integers(0, model["vocab_size"], size=4_000_000, dtype=np.uint32 if model["vocab_size"] > 65535 else np.uint16), 4_000_000 * 4)
     with tempfile.TemporaryDirectory(prefix="aic-bench-") as tmp:
@@ -122,6 +163,7 @@ def run_one(cfg: dict) -> dict:
     return {
         "model": cfg["model"], "name": name, "world": world[1], "tokens_per_s": statistics.median(rates) if rates else None,
         "peak": max(peaks), "planned": predicted.total, "planned_strategy": predicted.name, "losses": [r["loss"] for r in records if "loss" in r],
+        "host_reads": None if host_reads is None else {"steps": host_reads[1][0] - 3, "by_caller": dict(host_reads[0].most_common())},
     }
 
 
@@ -136,6 +178,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, 6 steps (a smoke test)")
     parser.add_argument("--world-size", type=int, default=1, help="processes (GPUs) per configuration, launched by torchrun")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions (host time) for each configuration")
+    parser.add_argument("--host-reads", action="store_true", help="count the host's reads of tensor values (GPU syncs) per step, by caller")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a configuration, as JSON: run it in this process
     args = parser.parse_args()
     if args.one:
@@ -158,7 +201,7 @@ def main() -> None:
     rows = []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     for cfg in configs:
-        cfg.update(device=args.device, steps=args.steps, log_every=args.log_every, profile=args.profile)
+        cfg.update(device=args.device, steps=args.steps, log_every=args.log_every, profile=args.profile, host_reads=args.host_reads)
         launch = [sys.executable]
         if cfg["world"] > 1:
             launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg["world"])]
@@ -186,6 +229,15 @@ def main() -> None:
         fit = f"{r['planned'] / r['peak']:.3f}" if r["peak"] else "-"
         print(f"| {r['model']} | {r['name']} | {r['world']} | {f'{rate:,.0f}' if rate else '-'} | {f'{per:,.0f}' if per else '-'} | {scaling} | "
               f"{peak} | {r['planned'] / GiB:.2f} | {fit} |")
+    if args.host_reads:
+        print(f"\nhost reads of tensor values per step (each a GPU sync on CUDA), steps 4-{args.steps}, log and evaluation steps included"
+              " (counting them slows every read: take tokens/s from a run without --host-reads):")
+        for r in rows:
+            reads = r["host_reads"]
+            per_step = sum(reads["by_caller"].values()) / max(reads["steps"], 1)
+            print(f"  {r['model']} {r['name']}: {per_step:.1f} a step")
+            for caller, n in reads["by_caller"].items():
+                print(f"      {n / max(reads['steps'], 1):5.2f}  {caller}")
     print("\nlosses (first steps; same seed, same data):")
     for r in rows:
         print(f"  {r['model']:15s} {r['name']:18s} x{r['world']} {' '.join(f'{x:.4f}' for x in r['losses'][:4])}")

@@ -307,8 +307,9 @@ class DeepSpeedTrainer(TrainerPlugin):
 
         # DeepSpeed's ZeRO optimizers drop empty groups (LoRA trains no 1-D tensor), which the schedule must not count.
         groups = [g for g in param_groups(model, t.weight_decay) if g["params"]]
-        # Fused on CUDA, as the torch trainer's; offloaded, the states live on the CPU, where the fused kernel runs too.
-        fused = device.type == "cuda" or options.offload_optimizer
+        # Fused, as the torch trainer's (training.adamw): one kernel for every tensor, on CUDA and on the CPU (also when
+        # offloaded, where the states live on the CPU), and no host read of each tensor's step count.
+        fused = device.type in ("cuda", "cpu") or options.offload_optimizer
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
         with _quiet_deepspeed():
