@@ -27,6 +27,7 @@ import pickle
 import signal
 import sys
 import time
+import types
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -464,8 +465,6 @@ def _main_hidden() -> Iterator[None]:
     needs is defined there; aic's are not (the workers run this module's functions and unpickle the tokenizer from
     its plugin module), and `aic`'s console script imports the whole CLI and torch: about 200 MB and 1-2 s a worker
     for nothing. Not used when the tokenizer's class is defined in `__main__` (a script that defines its own)."""
-    import types
-
     main = sys.modules["__main__"]
     bare = types.ModuleType("__main__")  # no __file__, no __spec__: multiprocessing leaves the child's main alone
     sys.modules["__main__"] = bare

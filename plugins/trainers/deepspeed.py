@@ -44,6 +44,7 @@ from aic_core.training import (
     CtrlC,
     MetricsLog,
     Progress,
+    adamw,
     evaluate,
     lr_at,
     param_groups,
@@ -307,10 +308,8 @@ class DeepSpeedTrainer(TrainerPlugin):
 
         # DeepSpeed's ZeRO optimizers drop empty groups (LoRA trains no 1-D tensor), which the schedule must not count.
         groups = [g for g in param_groups(model, t.weight_decay) if g["params"]]
-        # Fused, as the torch trainer's (training.adamw): one kernel for every tensor, on CUDA and on the CPU (also when
-        # offloaded, where the states live on the CPU), and no host read of each tensor's step count.
-        fused = device.type in ("cuda", "cpu") or options.offload_optimizer
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+        # The torch trainer's AdamW (fused; offloaded, its states live on the CPU, where the fused kernel runs too).
+        optimizer = adamw(model, t, device, groups)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
         with _quiet_deepspeed():
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
