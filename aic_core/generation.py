@@ -85,6 +85,8 @@ def sample_next(
     argmax(probs / noise) with noise ~ Exp(1) (B, V) float32, drawn here from `generator` unless given.
     Given, it lets a captured decode step take its random numbers from a buffer filled outside the graph,
     in the same order, so a seed gives the same tokens on every path."""
+    if sampler.temperature == 0 and not _filters(sampler):
+        return logits.argmax(dim=-1)  # nothing to process: bf16 -> float32 is exact, so the argmax is the same
     logits = process_logits(logits, prev_ids, prev_mask, sampler)
     if sampler.temperature == 0:
         return logits.argmax(dim=-1)
@@ -92,6 +94,11 @@ def sample_next(
     if noise is None:
         noise = torch.empty_like(probs).exponential_(generator=generator)
     return probs.div(noise).argmax(dim=-1)
+
+
+def _filters(sampler: SamplerSpec) -> bool:
+    """Whether process_logits changes anything but the temperature."""
+    return sampler.repetition_penalty != 1.0 or sampler.top_k is not None or (sampler.top_p is not None and sampler.top_p < 1.0) or bool(sampler.min_p)
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -393,7 +400,8 @@ class _CachedSteps:
         `window` (eager steps): look at the first `window` slots only, those up to `slot`."""
         b, s, W = self.batch, self.slot, window
         logits = model.decode(b.tokens.index_select(1, s), b.positions.index_select(1, s), self.cache, s, W)  # (B, V)
-        known = (b.valid & (b.slot_ids <= s))[:, :W]  # (B, W): the tokens so far, for the repetition penalty
+        # (B, W): the tokens so far, for the repetition penalty (none without it: fewer kernels a step)
+        known = (b.valid & (b.slot_ids <= s))[:, :W] if self.sampler.repetition_penalty != 1.0 else None
         nxt = sample_next(logits, b.tokens[:, :W], known, self.sampler, None, self.noise)  # (B,)
         b.tokens.index_copy_(1, s + 1, nxt[:, None])
         s.add_(1)

@@ -75,12 +75,17 @@ class CausalSelfAttention(nn.Module):
         on the device: where this token's k, v go."""
         B = x.shape[0]
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        qkv = self.qkv(x)  # (B, 1, q_size + 2 kv_size)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, 1, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, 1, D)
         k = k.view(B, 1, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, 1, D)
         v = v.view(B, 1, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = positional.rotate(q, k, positions)
-        k, v = cache.update_at(layer, slot, k, v)  # (B, Hkv, max_len, D)
+        q, rotated = positional.rotate(q, k, positions)
+        if rotated is k:  # keys as computed (no rotation): k and v are one slice of the matmul's output
+            kv = qkv[..., q_size:].view(B, 1, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, Hkv, 1, D)
+        else:
+            kv = torch.stack((rotated, v))
+        k, v = cache.update_at(layer, slot, kv)  # (B, Hkv, max_len, D)
         S = mask.shape[-1]
         k, v = k[:, :, :S], v[:, :, :S]  # (B, Hkv, S, D)
         # The G query heads that share a KV head attend as G queries of that head: grouped-query attention

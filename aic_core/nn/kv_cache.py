@@ -25,9 +25,10 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Keys and values in one buffer, so that a decode step writes a token's k and v in one kernel;
+        # k and v are views of it (layers, batch, n_kv_head, max_len, head_dim).
+        self.kv = torch.zeros((n_layer, 2, batch_size, n_kv_head, max_len, head_dim), dtype=dtype, device=device)
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.layer_ids = torch.arange(n_layer, device=device)  # (n_layer,): for update_at's whole-buffer writes
@@ -63,16 +64,15 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def update_at(self, layer: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one token's k, v (B, Hkv, 1, D) at `slot` ((1,) long, on the cache's device); return the whole
-        buffers (B, Hkv, max_len, D). Slots past `slot` hold stale values: the caller masks them out."""
+    def update_at(self, layer: int, slot: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one token's keys and values kv (2, B, Hkv, 1, D) at `slot` ((1,) long, on the cache's device);
+        return the whole buffers k, v (B, Hkv, max_len, D). Slots past `slot` hold stale values: the caller
+        masks them out."""
         if torch.compiler.is_compiling():
             # One index_put_ on the whole buffer: torch.compile turns a write through a per-layer view of its
             # input into a copy of the whole cache, but does this one in place.
-            where = (self.layer_ids[layer : layer + 1], slice(None), slice(None), slot)
-            self.k[where] = k.permute(2, 0, 1, 3)  # (1, B, Hkv, D): the indexed dims first
-            self.v[where] = v.permute(2, 0, 1, 3)
+            where = (self.layer_ids[layer : layer + 1], slice(None), slice(None), slice(None), slot)
+            self.kv[where] = kv.permute(3, 0, 1, 2, 4)  # (1, 2, B, Hkv, D): the indexed dims first
         else:  # the cheaper kernel when run eagerly (or captured as it is)
-            self.k[layer].index_copy_(2, slot, k)
-            self.v[layer].index_copy_(2, slot, v)
+            self.kv[layer].index_copy_(3, slot, kv)
         return self.k[layer], self.v[layer]
