@@ -401,3 +401,25 @@ def test_a_step_that_cannot_be_captured_falls_back_to_eager_with_a_warning():
             assert generate(model, TOK, PROMPTS, 20, GREEDY) == expected
     finally:
         del positional.embed
+
+
+@pytest.mark.parametrize("name", ["learned", "rope"])
+def test_the_compiled_step_writes_the_cache_and_gives_the_logits_of_the_eager_step(name):
+    """The KV write under torch.compile (one index_put_ on the whole buffer) against the eager one (index_copy_),
+    on the CPU: keys and values as the matmul gave them (learned) and rotated keys stacked with values (rope)."""
+    torch._dynamo.reset()
+    model = build(name)
+    torch.manual_seed(2)
+    tokens, valid, positions = padded_batch([5, 3], 3, 50)
+    with torch.no_grad():
+        caches = [model.new_cache(2, 16) for _ in range(2)]
+        for cache in caches:
+            model(tokens[:, :5], positions=positions[:, :5], attention_mask=valid[:, :5], cache=cache)
+        compiled = torch.compile(model.decode, dynamic=False)
+        for s in range(5, 8):
+            tok, pos, slot = tokens[:, s : s + 1], positions[:, s : s + 1], torch.tensor([s])
+            eager = model.decode(tok, pos, caches[0], slot)
+            got = compiled(tok, pos, caches[1], slot)
+            torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(caches[1].kv[:, :, :, :, :8], caches[0].kv[:, :, :, :, :8], rtol=1e-5, atol=1e-5)
+        assert caches[1].kv[:, :, :, :, 5:8].abs().sum() > 0  # the steps wrote their slots
