@@ -21,24 +21,16 @@ import collections
 import time
 
 import torch
+from gpu_train import SHAPES, aic_model  # bench/ is on the path when this script runs
 from torch.profiler import ProfilerActivity, profile
 
 from aic_core import generation
-from aic_core.registry import Registry
 from aic_core.spec import SamplerSpec
 
 GREEDY = SamplerSpec(temperature=0)
 
 
-def gpt2_small(vocab: int = 50257) -> torch.nn.Module:
-    registry = Registry(strict=False)
-    plugin, positional = registry.get("model", "gpt2"), registry.get("positional", "learned")
-    options = plugin.Options(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=vocab)
-    config = plugin.config(options, vocab)
-    return plugin.build(options, config, positional.build(positional.Options(), config))
-
-
-def fresh_steps(model, batch: int, mode: str, prompt: int, new: int):  # noqa: ANN001, ANN201
+def fresh_steps(model, batch: int, mode: str, prompt: int, new: int):
     ids = [[(17 * b + 3 * i) % 50000 + 5 for i in range(prompt)] for b in range(batch)]
     generation._CAPTURED.pop(model, None)  # a new capture for each mode
     steps = generation._CachedSteps.for_call(model, ids, new, GREEDY, (mode,))
@@ -46,7 +38,7 @@ def fresh_steps(model, batch: int, mode: str, prompt: int, new: int):  # noqa: A
     return steps
 
 
-def measure(model, batch: int, mode: str, top: int) -> dict:  # noqa: ANN001
+def measure(model, batch: int, mode: str, top: int) -> dict:
     prompt, new = 128, 256
     generator = torch.Generator("cuda").manual_seed(0)
     steps = fresh_steps(model, batch, mode, prompt, new)
@@ -93,7 +85,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = gpt2_small().to("cuda", torch.bfloat16).eval()
+    model = aic_model(SHAPES["gpt2"]).to("cuda", torch.bfloat16).eval()
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
     results = [measure(model, b, m, args.top) for b in args.batches for m in args.modes]
     print("\n| mode | batch | ms/step | tok/s | kernels/step | GPU us/step |")
