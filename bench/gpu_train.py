@@ -19,6 +19,7 @@ matmul rate this script measures on the card (a large square matmul), not the da
 
     python bench/gpu_train.py                              # all workloads on CUDA
     python bench/gpu_train.py --only gpt2 --ablate-loss    # plus aic with the plain full-logits loss
+    python bench/gpu_train.py --compiled-only              # the targets' mode only: about half the time
     python bench/gpu_train.py --smoke                      # tiny shapes on the CPU (fp32): checks the script runs
 """
 
@@ -202,9 +203,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timings per configuration (the best is kept)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--compiled-only", action="store_true", help="compiled only (the targets' mode; half the runs)")
     parser.add_argument("--ablate-loss", action="store_true", help="also aic with the plain full-logits cross-entropy")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU in fp32, 1 step per timing")
     args = parser.parse_args()
+    if args.no_compile and args.compiled_only:
+        parser.error("--no-compile and --compiled-only leave nothing to run: pass one of them")
     if args.smoke:
         device, shapes, dtype = torch.device("cpu"), SMOKE, torch.float32
         args.steps, args.repeats, args.warmup = 1, 1, 1
@@ -220,7 +224,7 @@ def main() -> None:
     print(f"{name}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}; {str(dtype).removeprefix('torch.')} matmul peak measured: {peak / 1e12:.1f} TFLOP/s; "
           f"best of {args.repeats} timings of {args.steps} steps after {args.warmup} warm-up steps\n")
-    modes = [False] if args.no_compile else [False, True]
+    modes = [False] if args.no_compile else [True] if args.compiled_only else [False, True]
     summary = []
     for workload in args.only or list(shapes):
         s = shapes[workload]
