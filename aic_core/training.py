@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,30 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Throughput:
+    """Training tokens/s over the steps since the last log step. Time spent evaluating or saving a checkpoint
+    (`paused`) is left out, so the figure after an evaluation is the training speed, not a mix of both."""
+
+    def __init__(self, tokens_per_step: int, step: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.tokens_per_step, self.clock = tokens_per_step, clock
+        self.tick, self.last = clock(), step
+
+    def rate(self, step: int) -> float:
+        """Tokens/s from the last call (or the start) to `step`; starts the next window."""
+        now = self.clock()
+        tok_s = self.tokens_per_step * (step - self.last) / max(now - self.tick, 1e-9)
+        self.tick, self.last = now, step
+        return tok_s
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.tick += self.clock() - start
 
 
 class CtrlC:

@@ -26,7 +26,6 @@ import re
 import shutil
 import socket
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +43,7 @@ from aic_core.training import (
     CtrlC,
     MetricsLog,
     Progress,
+    Throughput,
     adamw,
     evaluate,
     lr_at,
@@ -373,7 +373,7 @@ class DeepSpeedTrainer(TrainerPlugin):
         dist.once(lambda: _clean_staging(ckpts))
         bar = Progress(end, start, enabled=dist.is_main)
         engine.train()
-        tick, last_logged = time.perf_counter(), start
+        meter = Throughput(tokens_per_step, start)
         done = start
         ctrl_c = CtrlC()
         try:
@@ -390,18 +390,18 @@ class DeepSpeedTrainer(TrainerPlugin):
                 done = step + 1
                 if done % t.log_every == 0 or done == end:
                     loss_value = dist.mean(loss_sum).item() / micro_steps
-                    now = time.perf_counter()
-                    tok_s = tokens_per_step * (done - last_logged) / max(now - tick, 1e-9)
-                    tick, last_logged = now, done
+                    tok_s = meter.rate(done)
                     log.write(step=done, loss=loss_value, lr=lr, tokens_per_s=round(tok_s, 1))
                     bar.log(done, loss_value, lr, tok_s)
                 bar.update()
                 if spec.eval.every and done % spec.eval.every == 0 and done < t.steps:
-                    metrics, metrics_step = evaluate(engine.module, job.val_data, spec, seq_len, device, autocast, dist), done
+                    with meter.paused():
+                        metrics, metrics_step = evaluate(engine.module, job.val_data, spec, seq_len, device, autocast, dist), done
                     log.write(step=done, **metrics)
                     bar.write(f"step {done}: val_loss {metrics['val_loss']:.4f}  val_bpb {metrics['val_bpb']:.4f}")
                 if t.checkpoint_every and done % t.checkpoint_every == 0 and done < end:
-                    checkpoint(done)
+                    with meter.paused():
+                        checkpoint(done)
                 if ctrl_c.agreed(dist) and done < end:
                     break
             if ctrl_c.requested and done < end:

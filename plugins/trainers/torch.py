@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 import warnings
 from typing import Literal
 
@@ -18,7 +17,7 @@ from aic_core.errors import SpecError
 from aic_core.hookspecs import hookimpl
 from aic_core.kinds import PluginOptions, TrainerPlugin, TrainJob
 from aic_core.spec import RunSpec
-from aic_core.training import CtrlC, MetricsLog, Progress, adamw, evaluate, lr_at, resolve_device, rng_state, set_rng_state, train_batch
+from aic_core.training import CtrlC, MetricsLog, Progress, Throughput, adamw, evaluate, lr_at, resolve_device, rng_state, set_rng_state, train_batch
 
 
 class TorchTrainerOptions(PluginOptions):
@@ -103,7 +102,7 @@ class TorchTrainer(TrainerPlugin):
             log.write(event="resume", step=start)
         bar = Progress(end, start, enabled=dist.is_main)
         model.train()
-        tick, last_logged = time.perf_counter(), start
+        meter = Throughput(tokens_per_step, start)
         metrics: dict[str, float] = {}
         done = start
         ctrl_c = CtrlC()
@@ -129,18 +128,18 @@ class TorchTrainer(TrainerPlugin):
                 done = step + 1
                 if done % t.log_every == 0 or done == end:
                     loss_value = dist.mean(loss_sum).item() / micro_steps  # syncs: only on log steps
-                    now = time.perf_counter()
-                    tok_s = tokens_per_step * (done - last_logged) / max(now - tick, 1e-9)
-                    tick, last_logged = now, done
+                    tok_s = meter.rate(done)
                     log.write(step=done, loss=loss_value, lr=lr, tokens_per_s=round(tok_s, 1))
                     bar.log(done, loss_value, lr, tok_s)
                 bar.update()
                 if spec.eval.every and done % spec.eval.every == 0 and done < t.steps:
-                    metrics, metrics_step = evaluate(model, job.val_data, spec, seq_len, device, autocast, dist), done
+                    with meter.paused():
+                        metrics, metrics_step = evaluate(model, job.val_data, spec, seq_len, device, autocast, dist), done
                     log.write(step=done, **metrics)
                     bar.write(f"step {done}: val_loss {metrics['val_loss']:.4f}  val_bpb {metrics['val_bpb']:.4f}")
                 if t.checkpoint_every and done % t.checkpoint_every == 0 and done < end:
-                    checkpoint(done)
+                    with meter.paused():
+                        checkpoint(done)
                 if ctrl_c.agreed(dist) and done < end:
                     break
             if ctrl_c.requested and done < end:  # Ctrl-C: keep the steps done so far, then stop

@@ -13,7 +13,7 @@ from aic_core.errors import SpecError
 from aic_core.registry import get_registry
 from aic_core.loading import load_checkpoint_model
 from aic_core.spec import TrainSpec, parse_spec
-from aic_core.training import lr_at, param_groups
+from aic_core.training import Throughput, lr_at, param_groups
 from tests.conftest import tiny_spec, write_spec
 
 
@@ -35,6 +35,48 @@ def test_weight_decay_applies_to_matrices_and_embeddings_only(corpus, tmp_path):
     assert {names[id(p)] for p in decay["params"]} >= {"wte.weight", "positional.wpe.weight", "blocks.0.attn.qkv.weight"}
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_throughput_leaves_out_the_time_paused_for_evaluation_and_checkpoints():
+    now = [100.0]
+    meter = Throughput(tokens_per_step=1000, step=0, clock=lambda: now[0])
+    now[0] += 2.0  # 10 steps in 2 s
+    assert meter.rate(10) == pytest.approx(5000.0)
+    with meter.paused():
+        now[0] += 7.0  # an evaluation
+    now[0] += 1.0  # 5 steps in 1 s
+    with meter.paused():
+        now[0] += 3.0  # a checkpoint
+    assert meter.rate(15) == pytest.approx(5000.0)
+    now[0] += 4.0  # nothing paused: all of the time counts
+    assert meter.rate(17) == pytest.approx(500.0)
+
+
+@pytest.mark.parametrize("trainer", ["torch", "deepspeed"])
+def test_tokens_per_s_logged_after_an_evaluation_is_the_training_speed(corpus, tmp_path, monkeypatch, trainer):
+    """An evaluation that takes 1.5 s sits in the window of the step-4 log line; the figure must not count it."""
+    if trainer == "deepspeed":
+        pytest.importorskip("deepspeed")
+    import importlib
+    import time
+
+    module = importlib.import_module(f"aic_plugins.trainers.{trainer}")
+    real = module.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "evaluate", slow_evaluate)
+    spec = tiny_spec(corpus, tmp_path / "run", train={"steps": 6, "log_every": 2, "trainer": {"type": trainer}}, eval={"batches": 1, "every": 2})
+    assert main(["run", str(write_spec(tmp_path / "s.json", spec)), "--stage", "tokenizer,train"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rate = {r["step"]: r["tokens_per_s"] for r in records if "tokens_per_s" in r}
+    tokens_per_step = 4 * 32
+    # Steps 3 and 4 of this tiny model take milliseconds; with the 1.5 s evaluation counted the figure would be
+    # at most 2 steps' tokens / 1.5 s. Under 0.5 s for the two steps is all this asks.
+    assert rate[4] > 2 * tokens_per_step / 0.5, rate
+    assert rate[6] > 2 * tokens_per_step / 0.5, rate
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
