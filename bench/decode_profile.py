@@ -31,7 +31,7 @@ GREEDY = SamplerSpec(temperature=0)
 
 
 def fresh_steps(model, batch: int, mode: str, prompt: int, new: int):
-    ids = [[(17 * b + 3 * i) % 50000 + 5 for i in range(prompt)] for b in range(batch)]
+    ids = [[(17 * b + 3 * i) % (model.config.vocab_size - 10) + 5 for i in range(prompt)] for b in range(batch)]
     generation._CAPTURED.pop(model, None)  # a new capture for each mode
     steps = generation._CachedSteps.for_call(model, ids, new, GREEDY, (mode,))
     steps.batch.fill(ids, model.positional.max_positions)
