@@ -26,9 +26,8 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         # Keys and values in one buffer, so that a decode step writes a token's k and v in one kernel;
-        # k and v are views of it (layers, batch, n_kv_head, max_len, head_dim).
+        # k and v are views of it (layers, batch, n_kv_head, max_len, head_dim), made where they are used.
         self.kv = torch.zeros((n_layer, 2, batch_size, n_kv_head, max_len, head_dim), dtype=dtype, device=device)
-        self.k, self.v = self.kv[:, 0], self.kv[:, 1]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.layer_ids = torch.arange(n_layer, device=device)  # (n_layer,): for update_at's whole-buffer writes
@@ -36,6 +35,17 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # slots filled so far
         self.has_padding = False  # some slot is left padding, so attention needs an explicit mask
+
+    # Views made on each use, not kept as attributes: under torch.compile a kept view would be a second graph
+    # input aliasing `kv`, and AOTAutograd then writes a mutated `kv` through a copy of the whole buffer at
+    # every write (two passes over the whole cache a layer: a decode step as slow as the eager one at batch 16).
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kv[:, 0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[:, 1]
 
     def reset(self) -> None:
         """Start over, empty: the buffers keep their old values, which later writes overwrite before any read."""
@@ -69,10 +79,9 @@ class KVCache:
         return the whole buffers k, v (B, Hkv, max_len, D). Slots past `slot` hold stale values: the caller
         masks them out."""
         if torch.compiler.is_compiling():
-            # One index_put_ on the whole buffer: torch.compile turns a write through a per-layer view of its
-            # input into a copy of the whole cache, but does this one in place.
+            # One index_put_ on the whole buffer, which inductor does in place.
             where = (self.layer_ids[layer : layer + 1], slice(None), slice(None), slice(None), slot)
             self.kv[where] = kv.permute(3, 0, 1, 2, 4)  # (1, 2, B, Hkv, D): the indexed dims first
         else:  # the cheaper kernel when run eagerly (or captured as it is)
             self.kv[layer].index_copy_(3, slot, kv)
-        return self.k[layer], self.v[layer]
+        return self.kv[layer, 0], self.kv[layer, 1]
