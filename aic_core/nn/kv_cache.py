@@ -30,7 +30,6 @@ class KVCache:
         self.kv = torch.zeros((n_layer, 2, batch_size, n_kv_head, max_len, head_dim), dtype=dtype, device=device)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
-        self.layer_ids = torch.arange(n_layer, device=device)  # (n_layer,): for update_at's whole-buffer writes
         self.slots = torch.arange(max_len, device=device)  # (max_len,): slot numbers, for masks built on the device
         self.max_len = max_len
         self.length = 0  # slots filled so far
@@ -78,10 +77,5 @@ class KVCache:
         """Write one token's keys and values kv (2, B, Hkv, 1, D) at `slot` ((1,) long, on the cache's device);
         return the whole buffers k, v (B, Hkv, max_len, D). Slots past `slot` hold stale values: the caller
         masks them out."""
-        if torch.compiler.is_compiling():
-            # One index_put_ on the whole buffer, which inductor does in place.
-            where = (self.layer_ids[layer : layer + 1], slice(None), slice(None), slice(None), slot)
-            self.kv[where] = kv.permute(3, 0, 1, 2, 4)  # (1, 2, B, Hkv, D): the indexed dims first
-        else:  # the cheaper kernel when run eagerly (or captured as it is)
-            self.kv[layer].index_copy_(3, slot, kv)
+        self.kv[layer].index_copy_(3, slot, kv)  # in place under torch.compile too (see k and v)
         return self.kv[layer, 0], self.kv[layer, 1]

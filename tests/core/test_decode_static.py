@@ -406,7 +406,7 @@ def test_a_step_that_cannot_be_captured_falls_back_to_eager_with_a_warning():
 
 @pytest.mark.parametrize("name", ["learned", "rope"])
 def test_the_compiled_step_writes_the_cache_and_gives_the_logits_of_the_eager_step(name):
-    """The KV write under torch.compile (one index_put_ on the whole buffer) against the eager one (index_copy_),
+    """The KV write under torch.compile against the eager one (the same index_copy_, compiled and not),
     on the CPU: keys and values as the matmul gave them (learned) and rotated keys stacked with values (rope)."""
     torch._dynamo.reset()
     model = build(name)
