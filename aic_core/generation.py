@@ -449,11 +449,27 @@ def _capture(step: Callable[[], None], slot: torch.Tensor, scratch: int) -> Call
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         slot.fill_(scratch)
-        with torch.cuda.graph(graph):
-            step()
+        rng = torch.cuda.default_generators[torch.cuda.current_device()]  # the generator a capture registers
+        rng_state = rng.get_state()
+        try:
+            with torch.cuda.graph(graph):
+                step()
+        except BaseException:
+            _release(rng, rng_state)
+            raise
     finally:
         slot.copy_(live)
     return graph.replay
+
+
+def _release(rng: torch.Generator, state: torch.Tensor) -> None:
+    """Undo what a failed capture leaves in the device's default generator. The capture marks it as capturing
+    and only a capture that ends well clears the mark; left marked, every later random draw outside a capture
+    (dropout in training, a CUDA generator's sampling) raises "Offset increment outside graph capture
+    encountered unexpectedly". A fresh state is put in its place, with the seed and offset it had before."""
+    fresh = torch.Generator(rng.device)
+    fresh.set_state(state)
+    rng.graphsafe_set_state(fresh.graphsafe_get_state())
 
 
 class _TextStream:

@@ -38,6 +38,7 @@ def fresh_steps(model, batch: int, mode: str, prompt: int, new: int):
     return steps
 
 
+@torch.inference_mode()  # as aic_core.generation runs the steps: no autograd state to trace or record
 def measure(model, batch: int, mode: str, top: int) -> dict:
     prompt, new = 128, 256
     generator = torch.Generator("cuda").manual_seed(0)
