@@ -96,7 +96,9 @@ def profile_one(workload: str, s, args, device, peak: float) -> None:
             step()
         sync(device)
     gpu = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
-    events = [e for e in prof.events() if e.device_type == gpu]
+    # Kernels only: a record_function range (as "Optimizer.step#AdamW.step") also shows on the GPU's timeline,
+    # over kernels counted on their own, and would count them twice.
+    events = [e for e in prof.events() if e.device_type == gpu and not getattr(e, "is_user_annotation", False)]
     if device.type == "cpu":  # no kernels on the CPU: top-level ops stand in, so the script's path is checked
         events = [e for e in events if e.cpu_parent is None]
     per_class: dict[str, list[float]] = collections.defaultdict(list)
