@@ -439,7 +439,7 @@ def _generate_stage(run_dir: Path, spec: RunSpec, registry: Registry, echo: Call
         echo("generate: no prompts in the spec's generate section; skipped")
         return
     seed = spec.seed if g.seed is None else g.seed
-    texts = generate(loaded.model, loaded.tokenizer, g.prompts, g.max_new_tokens, g.sampler, stop=g.stop, seed=seed, use_cache=g.use_cache)
+    texts = generate(loaded.model, loaded.tokenizer, g.prompts, g.max_new_tokens, g.sampler, stop=g.stop, seed=seed, use_cache=g.use_cache, decode_step=g.decode_step)
     parts = [f"=== sample {i + 1} (step {loaded.checkpoint.step}) ===\n{p}{t}\n" for i, (p, t) in enumerate(zip(g.prompts, texts))]
     write_atomic(run_dir / "samples.txt", "\n".join(parts))
     for part in parts:

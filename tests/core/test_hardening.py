@@ -426,3 +426,22 @@ def test_output_dir_flag_overrides_the_spec(tmp_path, corpus):
     resolved = json.loads((tmp_path / "flag-dir" / "spec.resolved.json").read_text())
     assert resolved["output_dir"] == str(tmp_path / "flag-dir")
     assert main(["run", str(spec), "--stage", "tokenizer,train", "--output-dir", str(tmp_path / "flag-dir"), "--resume"]) == 0  # same run: resumable
+
+
+def test_generate_decode_step_flag_choices_are_the_specs():
+    import typing
+
+    from aic_core.cli import build_parser
+    from aic_core.spec import DecodeStep
+
+    generate = next(a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions if a.dest == "decode_step")
+    assert tuple(generate.choices) == typing.get_args(DecodeStep)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_generate_a_graphed_decode_step_on_the_cpu_is_refused(trained, capsys):
+    _, run_dir, _ = trained
+    assert main(["generate", str(run_dir), "--prompt", "Anne", "--decode-step", "compile", "--device", "cpu"]) == 2
+    err = _error(capsys)
+    assert "--decode-step compile" in err and "on cpu" in err and "--decode-step eager" in err
+

@@ -123,3 +123,18 @@ def test_an_adapter_section_is_applied_to_the_model(tmp_path, corpus):
     model = build_model(spec, registry, 400)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen and all(".mlp." in n for n in frozen)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_the_specs_decode_step_reaches_the_generate_stage_and_aic_generate(tmp_path, corpus, capsys):
+    """generate.decode_step is what the generate stage and `aic generate` run; --decode-step overrides it."""
+    spec = write_spec(tmp_path / "s.json", tiny_spec(corpus, tmp_path / "run", train={"steps": 2}, generate={"decode_step": "graph"}))
+    assert main(["run", str(spec), "--stage", "tokenizer,train"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(spec), "--stage", "generate"]) == 2  # a CUDA graph asked for, on the CPU
+    assert "decode_step 'graph'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "samples.txt").exists()
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "Anne", "--max-new-tokens", "3"]) == 2
+    assert "generate.decode_step ('graph')" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "Anne", "--max-new-tokens", "3", "--decode-step", "eager"]) == 0
+    assert capsys.readouterr().out.startswith("Anne")
