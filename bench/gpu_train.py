@@ -141,6 +141,21 @@ def plain_loss(x, weight, targets, vocab_size):  # noqa: ANN001, ANN201
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
+def make_step(model, optimizer, forward, loss_fn, x, y, autocast):
+    """One training step as the torch trainer takes it; the step returns the loss (detached)."""
+
+    def step() -> torch.Tensor:
+        with autocast:
+            loss = loss_fn(forward, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
 def run(name: str, model: torch.nn.Module, loss_fn, s: Shape, compiled: bool, args, device) -> dict:  # noqa: ANN001
     """Time one configuration; returns its row."""
     model = model.to(device).train()
@@ -151,15 +166,7 @@ def run(name: str, model: torch.nn.Module, loss_fn, s: Shape, compiled: bool, ar
     tokens = torch.randint(0, s.vocab, (s.batch, s.context + 1), generator=g)
     x, y = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
 
-    def step() -> float:
-        with autocast:
-            loss = loss_fn(forward, x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
+    step = make_step(model, optimizer, forward, loss_fn, x, y, autocast)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)

@@ -32,9 +32,11 @@ from gpu_train import (  # bench/ on the path
     SHAPES,
     SMOKE,
     TRAIN,
+    aic_loss,
     aic_model,
     flops_per_token,
     hf_model,
+    make_step,
     matmul_peak,
     sync,
 )
@@ -74,14 +76,7 @@ def profile_one(workload: str, s, args, device, peak: float) -> None:
     tokens = torch.randint(0, s.vocab, (s.batch, s.context + 1), generator=g)
     x, y = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
 
-    def step() -> None:
-        with autocast:
-            loss = forward(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = make_step(model, optimizer, forward, aic_loss, x, y, autocast)
     for _ in range(args.warmup):
         step()
     sync(device)
