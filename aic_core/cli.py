@@ -22,13 +22,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from aic_core.registry import get_registry
-    from aic_core.loading import load_spec
+    from aic_core.plugins.registry import get_registry
+    from aic_core.model.loading import load_spec
     from aic_core.spec import resolved_dict
 
     registry = get_registry()
     spec = load_spec(args.spec, registry)
-    from aic_core.data import check_data_files
+    from aic_core.data.tokens import check_data_files
 
     check_data_files(spec.data)  # the data files exist, are files (not folders), readable and not empty
     if args.resolved:
@@ -39,9 +39,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from aic_core.loading import load_spec
-    from aic_core.memory import fit_advice, format_plan, plan
-    from aic_core.registry import get_registry
+    from aic_core.model.loading import load_spec
+    from aic_core.plan.memory import fit_advice, format_plan, plan
+    from aic_core.plugins.registry import get_registry
 
     if args.device is not None and args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         raise AicError(f"--device: {args.device!r}; plan for cpu or cuda (default: the spec's train.trainer.device).")
@@ -59,7 +59,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from aic_core.registry import get_registry
+    from aic_core.plugins.registry import get_registry
     from aic_core.spec import json_schema
 
     print(json.dumps(json_schema(get_registry()), indent=2))
@@ -67,7 +67,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from aic_core.registry import get_registry
+    from aic_core.plugins.registry import get_registry
 
     records = get_registry().records
     if args.json:
@@ -85,7 +85,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_new_plugin(args: argparse.Namespace) -> int:
-    from aic_core.scaffold import new_plugin
+    from aic_core.authoring.scaffold import new_plugin
 
     folder = new_plugin(args.kind, args.name, Path(args.dir) if args.dir else None)
     print(f"wrote the {args.kind} plugin '{args.name}' to {folder}")
@@ -96,15 +96,15 @@ def _cmd_new_plugin(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from aic_core.generation import stream
-    from aic_core.loading import load_checkpoint_model
+    from aic_core.generate import stream
+    from aic_core.model.loading import load_checkpoint_model
     from aic_core.spec import SamplerSpec
     device = _device(args.device)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise AicError(f"--max-new-tokens: {args.max_new_tokens}; give at least 1 (or leave it out for the spec's generate.max_new_tokens).")
     loaded = load_checkpoint_model(Path(args.run), device="cpu")
     if args.adapter:
-        from aic_core.loading import load_adapter
+        from aic_core.model.loading import load_adapter
 
         if loaded.spec.adapter is not None:
             raise AicError(f"--adapter: {args.run} already holds a '{loaded.spec.adapter.type}' adapter; pass its plain base model instead.")
@@ -188,7 +188,7 @@ def _report(verb: str, source: str, report) -> None:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from aic_core.convert import import_hf_folder
+    from aic_core.model.convert import import_hf_folder
 
     report = import_hf_folder(Path(args.source), Path(args.out))
     _report("imported", args.source, report)
@@ -197,7 +197,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from aic_core.convert import export_hf, export_peft
+    from aic_core.model.convert import export_hf, export_peft
 
     if args.format == "peft":
         report = export_peft(Path(args.run), Path(args.out), base_name=args.base_name)
@@ -223,7 +223,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from aic_core.convert import merge_run
+    from aic_core.model.convert import merge_run
 
     report = merge_run(Path(args.run), Path(args.out))
     print(f"merged the adapter of {args.run} -> {report.out} (a plain checkpoint)")
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if _in_process_group():
         # gloo can abort at interpreter exit ("terminate called without an active exception") after all work is
         # done; leaving the group and exiting at once avoids it.
-        from aic_core.distributed import teardown
+        from aic_core.train.distributed import teardown
 
         teardown()
         sys.stdout.flush()
@@ -379,12 +379,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from aic_core.distributed import PeerFailed
+    from aic_core.train.distributed import PeerFailed
 
     rank = int(os.environ.get("RANK", "0") or 0) if os.environ.get("WORLD_SIZE", "1") != "1" else 0
     try:
         if args.strict:
-            from aic_core.registry import get_registry
+            from aic_core.plugins.registry import get_registry
 
             get_registry(strict=True)
         return args.func(args)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aic_core.checkpoint import latest_checkpoint, open_checkpoint, write_atomic, write_json
+from aic_core.train.checkpoint import latest_checkpoint, open_checkpoint, write_atomic, write_json
 from aic_core.errors import AicError, CheckpointError
 from aic_core.spec import TENSORBOARD_MISSING, check_log_to  # noqa: F401 - the log_to check lives with the spec
 
@@ -83,8 +83,8 @@ def _parameters(ckpt: Any) -> tuple[int | None, int | None]:
     """Total and trainable parameters of the checkpoint's model, built on the meta device (no memory, no weights)."""
     import torch
 
-    from aic_core.loading import build_model
-    from aic_core.registry import get_registry
+    from aic_core.model.loading import build_model
+    from aic_core.plugins.registry import get_registry
     from aic_core.spec import spec_from_resolved
 
     registry = get_registry()

@@ -20,15 +20,15 @@ from typing import Any
 
 import torch
 
-from aic_core.checkpoint import (
+from aic_core.train.checkpoint import (
     Checkpoint,
     latest_checkpoint,
     open_checkpoint,
     write_atomic,
     write_json,
 )
-from aic_core.data import ReadOptions, check_data_files, file_sha256, load_splits, token_cache_dir, tokenizer_corpus
-from aic_core.distributed import Dist, launcher_world, setup
+from aic_core.data.tokens import ReadOptions, check_data_files, file_sha256, load_splits, token_cache_dir, tokenizer_corpus
+from aic_core.train.distributed import Dist, launcher_world, setup
 from aic_core.errors import (
     AicError,
     CheckpointError,
@@ -37,9 +37,9 @@ from aic_core.errors import (
     SpecError,
     did_you_mean,
 )
-from aic_core.generation import generate
-from aic_core.kinds import TrainJob
-from aic_core.loading import (
+from aic_core.generate import generate
+from aic_core.plugins.kinds import TrainJob
+from aic_core.model.loading import (
     Loaded,
     build_model,
     load_checkpoint_model,
@@ -47,11 +47,11 @@ from aic_core.loading import (
     load_tokenizer,
     open_source,
 )
-from aic_core.memory import check_fits
-from aic_core.registry import Registry, get_registry
+from aic_core.plan.memory import check_fits
+from aic_core.plugins.registry import Registry, get_registry
 from aic_core.report import write_report
 from aic_core.spec import RunSpec, resolved_dict
-from aic_core.training import MetricsLog, evaluate, resolve_device
+from aic_core.train.common import MetricsLog, evaluate, resolve_device
 
 STAGES = ("tokenizer", "train", "eval", "generate")
 TOKENIZER_FILE = "tokenizer.model"

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from aic_core.errors import AicError, SpecError, did_you_mean
-from aic_core.registry import Registry
+from aic_core.plugins.registry import Registry
 
 
 class Section(BaseModel):
@@ -487,7 +487,7 @@ def _section_of(spec: RunSpec, path: tuple[str, ...]) -> Any:
 
 
 def load_spec_file(path: str | Path, registry: Registry, open_source: Callable[[Path, Registry], Any] | None = None) -> RunSpec:
-    """A spec file, validated. `aic_core.loading.load_spec` passes `open_source`, which reads a `model.init_from`
+    """A spec file, validated. `aic_core.model.loading.load_spec` passes `open_source`, which reads a `model.init_from`
     source (the spec module itself opens no models)."""
     path = Path(path)
     if path.is_dir():

@@ -39,8 +39,8 @@ def peak_mib() -> float:
 
 
 def run_mode(mode: str, steps: int, warmup: int, threads: int) -> dict:
-    from aic_core.registry import Registry
-    from aic_core.training import param_groups
+    from aic_core.plugins.registry import Registry
+    from aic_core.train.common import param_groups
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

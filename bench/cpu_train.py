@@ -1,7 +1,7 @@
 """CPU training-step throughput: aic's gpt2 against nanoGPT's model.py and transformers' GPT2LMHeadModel.
 
 One step = forward + backward + gradient clipping at 1.0 + AdamW step, fp32, each model stepped as its own
-users step it: aic as its torch trainer does (aic_core.training.adamw: AdamW over param_groups, fused),
+users step it: aic as its torch trainer does (aic_core.train.common.adamw: AdamW over param_groups, fused),
 nanoGPT as its train.py does (its configure_optimizers: AdamW, not fused on the CPU), transformers as its
 Trainer does (torch AdamW, max_grad_norm 1.0). Shape: 4 layers, 4 heads, 256 wide, context 256, batch 8,
 vocab 4096 (a multiple of 64, so aic's vocab padding adds nothing), biases and tied embeddings in all three
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from aic_core.registry import Registry
+from aic_core.plugins.registry import Registry
 from aic_core.spec import TrainSpec
-from aic_core.training import adamw
+from aic_core.train.common import adamw
 
 sys.path.insert(0, str(Path(__file__).parent))
 from nanogpt_model import GPT, GPTConfig

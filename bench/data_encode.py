@@ -121,7 +121,7 @@ class WorkerWatch(threading.Thread):
 
 
 def run_encode(folder: Path, form: str, workers: int) -> dict:
-    from aic_core.data import ReadOptions, encode_files, file_sha256
+    from aic_core.data.tokens import ReadOptions, encode_files, file_sha256
     from aic_plugins.tokenizers.sentencepiece import SentencePiece
 
     tok_path = tokenizer(folder)

@@ -1,6 +1,6 @@
 """Where a decode step's time goes: kernels per step, GPU time per kernel, and replayed ms per step.
 
-aic's one-token decode step (aic_core.generation._CachedSteps: Transformer.decode and the greedy sampler)
+aic's one-token decode step (aic_core.generate._CachedSteps: Transformer.decode and the greedy sampler)
 on GPT-2 small's shape (12 layers, 12 heads, 768 wide, vocab 50,257), random weights, bf16, a prompt of
 128 tokens and a cache of 384 slots, run as `aic generate` runs it (decode_step graph or compile).
 
@@ -24,7 +24,7 @@ import torch
 from gpu_train import SHAPES, aic_model  # bench/ is on the path when this script runs
 from torch.profiler import ProfilerActivity, profile
 
-from aic_core import generation
+from aic_core.generate import decode as generation
 from aic_core.spec import SamplerSpec
 
 GREEDY = SamplerSpec(temperature=0)
@@ -38,7 +38,7 @@ def fresh_steps(model, batch: int, mode: str, prompt: int, new: int):
     return steps
 
 
-@torch.inference_mode()  # as aic_core.generation runs the steps: no autograd state to trace or record
+@torch.inference_mode()  # as aic_core.generate runs the steps: no autograd state to trace or record
 def measure(model, batch: int, mode: str, top: int) -> dict:
     prompt, new = 128, 256
     generator = torch.Generator("cuda").manual_seed(0)

@@ -1,6 +1,6 @@
 """Which changes to the decode step would pay on this card: variants of aic's one-token step, timed as it runs.
 
-aic's decode step (aic_core.generation._CachedSteps, as `aic generate` runs it) on GPT-2 small's shape, random
+aic's decode step (aic_core.generate._CachedSteps, as `aic generate` runs it) on GPT-2 small's shape, random
 weights, bf16, a prompt of 128 tokens, with one thing changed at a time:
   attention   sdpa (as shipped: torch picks the kernel), efficient / cudnn (one SDPA backend forced),
               math (q @ k^T, float32 softmax, @ v as three matmul-sized ops), baddbmm (the same with the scale
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from decode_profile import fresh_steps  # bench/ is on the path when this script runs
 from gpu_train import SHAPES, SMOKE, aic_model
 
-from aic_core.nn import attention, mlp
+from aic_core.model.nn import attention, mlp
 
 PROMPT, NEW = 128, 256
 
@@ -64,7 +64,7 @@ def _attend(kind: str):
 
 
 class _Functional:
-    """torch.nn.functional with scaled_dot_product_attention replaced, for aic_core.nn.attention's `F`."""
+    """torch.nn.functional with scaled_dot_product_attention replaced, for aic_core.model.nn.attention's `F`."""
 
     def __init__(self, kind: str) -> None:
         self.scaled_dot_product_attention = _attend(kind)

@@ -3,8 +3,8 @@
 The model is GPT-2 small's shape (12 layers, 12 heads, 768 wide, 1024 positions, vocabulary 50,257),
 random weights, bf16 on CUDA (fp32 on the CPU). transformers' GPT2LMHeadModel (sdpa attention) is made
 first and saved as a Hugging Face folder; aic opens that folder the way `aic generate FOLDER` does
-(aic_core.loading.load_checkpoint_model, then the model in bf16 on the GPU) and decodes with
-aic_core.generation.generate, the code behind `aic generate` and the generate stage, text included.
+(aic_core.model.loading.load_checkpoint_model, then the model in bf16 on the GPU) and decodes with
+aic_core.generate.generate, the code behind `aic generate` and the generate stage, text included.
 
 The tokenizer is real: a SentencePiece BPE trained here on examples/data/northangerabbey.txt (16,000
 pieces: the most this one novel supports is about 21,800), padded to GPT-2's 50,257 ids with
@@ -46,9 +46,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from aic_core import generation
-from aic_core.loading import load_checkpoint_model
-from aic_core.registry import Registry
+from aic_core.generate import decode as generation
+from aic_core.model.loading import load_checkpoint_model
+from aic_core.plugins.registry import Registry
 from aic_core.spec import SamplerSpec
 
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "data" / "northangerabbey.txt"

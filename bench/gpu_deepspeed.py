@@ -50,7 +50,7 @@ VARIANTS = {
 
 
 def make_spec(model: dict, batch: int, seq_len: int, trainer: dict, steps: int, log_every: int, world: int = 1):
-    from aic_core.registry import get_registry
+    from aic_core.plugins.registry import get_registry
     from aic_core.spec import parse_spec
 
     raw = {
@@ -100,12 +100,12 @@ def count_host_reads(trainer_module: str, warmup: int) -> tuple[collections.Coun
 
 
 def run_one(cfg: dict) -> dict:
-    from aic_core.data import TokenData
-    from aic_core.distributed import launcher_world, setup, teardown
-    from aic_core.kinds import TrainJob
-    from aic_core.loading import build_model
-    from aic_core.memory import plan
-    from aic_core.registry import get_registry
+    from aic_core.data.tokens import TokenData
+    from aic_core.train.distributed import launcher_world, setup, teardown
+    from aic_core.plugins.kinds import TrainJob
+    from aic_core.model.loading import build_model
+    from aic_core.plan.memory import plan
+    from aic_core.plugins.registry import get_registry
 
     model, batch, seq_len = MODELS[cfg["model"]]
     device = cfg["device"]

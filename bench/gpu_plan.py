@@ -51,7 +51,7 @@ KERNELS = [
 
 
 def make_spec(model: dict, batch: int, seq_len: int, ckpt: bool, adapter: dict | None, device: str):
-    from aic_core.registry import get_registry
+    from aic_core.plugins.registry import get_registry
     from aic_core.spec import parse_spec
 
     raw = {
@@ -68,10 +68,10 @@ def make_spec(model: dict, batch: int, seq_len: int, ckpt: bool, adapter: dict |
 
 
 def run_one(name: str, model: dict, batch: int, seq_len: int, ckpt: bool, adapter: dict | None, device: str) -> dict:
-    from aic_core.loading import build_model
-    from aic_core.memory import plan
-    from aic_core.registry import get_registry
-    from aic_core.training import param_groups
+    from aic_core.model.loading import build_model
+    from aic_core.plan.memory import plan
+    from aic_core.plugins.registry import get_registry
+    from aic_core.train.common import param_groups
 
     registry = get_registry()
     spec = make_spec(model, batch, seq_len, ckpt, adapter, device)

@@ -28,8 +28,8 @@ VOCAB = 50304
 
 
 def run_one(model_type: str, positional: str, args: argparse.Namespace) -> dict:
-    from aic_core.registry import Registry
-    from aic_core.training import param_groups
+    from aic_core.plugins.registry import Registry
+    from aic_core.train.common import param_groups
 
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -1,8 +1,8 @@
 """GPU training-step throughput: aic's gpt2 and llama against transformers at identical shapes, eager and compiled.
 
-aic's models are built as `aic run` builds them (aic_core.registry.Registry: model plugin + positional
+aic's models are built as `aic run` builds them (aic_core.plugins.registry.Registry: model plugin + positional
 plugin) and stepped as its torch trainer steps them: bf16 autocast, loss.backward(), gradient clipping at
-1.0, AdamW over aic_core.training.param_groups (aic_core.training.adamw: fused), zero_grad(set_to_none).
+1.0, AdamW over aic_core.train.common.param_groups (aic_core.train.common.adamw: fused), zero_grad(set_to_none).
 transformers' GPT2LMHeadModel and LlamaForCausalLM (SDPA attention) get the same step with the same
 fused AdamW. Random weights, synthetic tokens, dropout 0. "compiled" is torch.compile(model), as the
 trainer's `compile` option does; its compile time is the first step's time less a compiled step's.
@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-import aic_core.nn.transformer as aic_transformer
-from aic_core.registry import Registry
+import aic_core.model.nn.transformer as aic_transformer
+from aic_core.plugins.registry import Registry
 from aic_core.spec import TrainSpec
-from aic_core.training import adamw
+from aic_core.train.common import adamw
 
 NANOGPT_COMPILED = 477_394  # nanoGPT compiled, GPT-2 124M without biases, 16 x 1024 on the lent H100 (issue 14)
 TRAIN = TrainSpec(trainer={"type": "torch"}, steps=1, lr=1e-4)  # AdamW: betas (0.9, 0.95), weight decay 0.1
@@ -135,7 +135,7 @@ def sync(device: torch.device) -> None:
 
 
 def plain_loss(x, weight, targets, vocab_size):  # noqa: ANN001, ANN201
-    """The loss before aic_core.nn.loss: full logits, padding sliced off, cross-entropy in fp32 (--ablate-loss)."""
+    """The loss before aic_core.model.nn.loss: full logits, padding sliced off, cross-entropy in fp32 (--ablate-loss)."""
     logits = F.linear(x, weight)[..., :vocab_size]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

@@ -1,7 +1,7 @@
 """Logit parity of aic's models against transformers, on random weights, in float32.
 
 Builds GPT2LMHeadModel and LlamaForCausalLM from small random configs, saves each with
-save_pretrained, imports the folder through aic_core.loading.import_hf, and prints the max abs
+save_pretrained, imports the folder through aic_core.model.loading.import_hf, and prints the max abs
 difference of the logits on fixed token ids, and of aic's KV-cache decoding against a full forward.
 
     python bench/parity.py
@@ -14,7 +14,7 @@ import tempfile
 import torch
 import transformers
 
-from aic_core.loading import import_hf
+from aic_core.model.loading import import_hf
 
 GPT2 = dict(n_layer=3, n_head=4, n_embd=64, n_positions=128, vocab_size=1000, bos_token_id=0, eos_token_id=0)
 LLAMA = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=8, max_position_embeddings=128,

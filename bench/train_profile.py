@@ -42,7 +42,7 @@ from gpu_train import (  # bench/ on the path
 )
 from torch.profiler import ProfilerActivity, profile
 
-from aic_core.training import adamw
+from aic_core.train.common import adamw
 
 CLASSES = (
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "efficient")),

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import sentencepiece as spm
 from pydantic import Field, field_validator
 
-from aic_core.data_inputs import where_not_utf8
+from aic_core.data.inputs import where_not_utf8
 from aic_core.errors import DataError, SpecError
 from aic_core.hookspecs import hookimpl
 from aic_core.kinds import PluginOptions, Tokenizer, TokenizerPlugin

@@ -33,13 +33,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from aic_core.checkpoint import model_state, open_checkpoint
-from aic_core.distributed import launcher_world
+from aic_core.train.checkpoint import model_state, open_checkpoint
+from aic_core.train.distributed import launcher_world
 from aic_core.errors import SpecError
 from aic_core.hookspecs import hookimpl
 from aic_core.kinds import PluginOptions, TrainerPlugin, TrainJob
 from aic_core.spec import RunSpec
-from aic_core.training import (
+from aic_core.train.common import (
     CtrlC,
     MetricsLog,
     Progress,

@@ -12,12 +12,12 @@ import torch
 from pydantic import Field
 from torch.nn.parallel import DistributedDataParallel
 
-from aic_core.checkpoint import model_state, open_checkpoint
+from aic_core.train.checkpoint import model_state, open_checkpoint
 from aic_core.errors import SpecError
 from aic_core.hookspecs import hookimpl
 from aic_core.kinds import PluginOptions, TrainerPlugin, TrainJob
 from aic_core.spec import RunSpec
-from aic_core.training import CtrlC, MetricsLog, Progress, Throughput, adamw, evaluate, lr_at, resolve_device, rng_state, set_rng_state, train_batch
+from aic_core.train.common import CtrlC, MetricsLog, Progress, Throughput, adamw, evaluate, lr_at, resolve_device, rng_state, set_rng_state, train_batch
 
 
 class TorchTrainerOptions(PluginOptions):

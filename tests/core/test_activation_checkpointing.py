@@ -17,9 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-import aic_core.nn.transformer as transformer_module
+import aic_core.model.nn.transformer as transformer_module
 from aic_core.cli import main
-from aic_core.nn.transformer import Transformer, TransformerConfig
+from aic_core.model.nn.transformer import Transformer, TransformerConfig
 from aic_plugins.positional.alibi import ALiBi
 from aic_plugins.positional.learned import LearnedPositions
 from aic_plugins.positional.rope import RotaryPositions
@@ -68,7 +68,7 @@ def loss_and_grads(model: Transformer, checkpointing: bool, seed: int = 123) -> 
 
 
 class CountCheckpoint:
-    """Wraps aic_core.nn.transformer.checkpoint, counting the blocks it runs."""
+    """Wraps aic_core.model.nn.transformer.checkpoint, counting the blocks it runs."""
 
     def __init__(self, monkeypatch) -> None:
         self.calls = 0

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from aic_core import checkpoint as ck
-from aic_core.checkpoint import (
+from aic_core.train import checkpoint as ck
+from aic_core.train.checkpoint import (
     clean_stale,
     list_checkpoints,
     load_trainer_state,
@@ -76,7 +76,7 @@ def copy_run(trained, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _trainer_state_after_steps(steps: int = 3) -> tuple[dict, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    from aic_core.training import rng_state
+    from aic_core.train.common import rng_state
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
@@ -112,7 +112,7 @@ def _assert_same(a, b, path="state"):
 def test_trainer_state_round_trips_exactly_without_pickle(tmp_path):
     import random
 
-    from aic_core.training import set_rng_state
+    from aic_core.train.common import set_rng_state
 
     state, _, _ = _trainer_state_after_steps()
     save_trainer_state(tmp_path, state)
@@ -394,7 +394,7 @@ def test_prune_never_deletes_latest(tmp_path):
 
 @pytest.mark.parametrize("value", [0, -1, "2", True, 1.5])
 def test_keep_last_must_be_a_positive_integer(corpus, tmp_path, value):
-    from aic_core.registry import get_registry
+    from aic_core.plugins.registry import get_registry
     from aic_core.spec import parse_spec
 
     with pytest.raises(SpecError, match="keep_last"):

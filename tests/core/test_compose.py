@@ -7,8 +7,8 @@ import json
 import pytest
 
 from aic_core.cli import main
-from aic_core.generation import generate
-from aic_core.loading import load_checkpoint_model
+from aic_core.generate import generate
+from aic_core.model.loading import load_checkpoint_model
 from aic_core.spec import SamplerSpec
 from tests.conftest import tiny_spec, write_spec
 

@@ -1,4 +1,4 @@
-"""aic_core.testing, the contract a plugin package tests itself against: every built-in plugin passes it,
+"""aic_core.authoring.testing, the contract a plugin package tests itself against: every built-in plugin passes it,
 and it catches each broken promise it checks, saying which one."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from aic_core.checkpoint import model_state
-from aic_core.hookspecs import hookimpl
-from aic_core.kinds import AdapterPlugin, ModelPlugin, PluginOptions, Positional, PositionalPlugin, TrainerPlugin
-from aic_core.nn.transformer import Transformer
-from aic_core.registry import Registry
-from aic_core.testing import (
+from aic_core.train.checkpoint import model_state
+from aic_core.plugins.hookspecs import hookimpl
+from aic_core.plugins.kinds import AdapterPlugin, ModelPlugin, PluginOptions, Positional, PositionalPlugin, TrainerPlugin
+from aic_core.model.nn.transformer import Transformer
+from aic_core.plugins.registry import Registry
+from aic_core.authoring.testing import (
     ContractError,
     PositionalContract,
     check_adapter,
@@ -98,7 +98,7 @@ def model_plugin(name: str, build) -> type[ModelPlugin]:
         pass
 
     def config(self, options, vocab_size):
-        from aic_core.nn.transformer import TransformerConfig
+        from aic_core.model.nn.transformer import TransformerConfig
 
         return TransformerConfig(vocab_size=vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False)
 

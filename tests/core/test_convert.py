@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from aic_core.loading import import_hf
+from aic_core.model.loading import import_hf
 from aic_core.errors import AicError
 
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""aic_core.data: data files checked with the spec field named, UTF-8 errors at the file's byte offset,
+"""aic_core.data.tokens: data files checked with the spec field named, UTF-8 errors at the file's byte offset,
 a damaged token cache rebuilt, and honest messages and warnings for a corpus too small to split.
 
 Token ids are compared with SentencePiece itself (the tokenizer file loaded by `sentencepiece`): the ids
@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import pytest
 import sentencepiece as spm
 
-import aic_core.data as data_mod
-import aic_core.data_inputs as inputs_mod
+import aic_core.data.tokens as data_mod
+import aic_core.data.inputs as inputs_mod
 from aic_core.cli import _format_warning, main
-from aic_core.data import check_data_files, encode_files, load_splits, utf8_error
+from aic_core.data.tokens import check_data_files, encode_files, load_splits, utf8_error
 from aic_core.errors import DataError
 from aic_plugins.tokenizers.sentencepiece import SentencePiece, _CorpusReader
 from tests.conftest import tiny_spec, write_spec

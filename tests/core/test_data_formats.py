@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
-import aic_core.data as data_mod
-import aic_core.data_encode as encode_mod
+import aic_core.data.tokens as data_mod
+import aic_core.data.encode as encode_mod
 from aic_core.cli import main
-from aic_core.data import ReadOptions, check_data_files, decoded_bytes, encode_files, tokenizer_corpus
+from aic_core.data.tokens import ReadOptions, check_data_files, decoded_bytes, encode_files, tokenizer_corpus
 from aic_core.errors import DataError
 from aic_plugins.tokenizers.sentencepiece import SentencePiece
 from tests.conftest import tiny_spec, write_spec
@@ -124,7 +124,7 @@ def test_one_worker_and_two_workers_write_the_same_bytes(bpe, docs, tmp_path, mo
 PROGRAM = """
 import json, pickle, sys
 import torch  # the `aic` console script imports the CLI, and with it torch, before anything else
-from aic_core.data_encode import Settings, _start_pool
+from aic_core.data.encode import Settings, _start_pool
 from aic_plugins.tokenizers.sentencepiece import SentencePieceTokenizer
 
 class OwnTokenizer(SentencePieceTokenizer):  # a tokenizer class defined in the program itself
@@ -283,8 +283,8 @@ def test_a_killed_encoding_leaves_no_cache_and_the_next_run_encodes(bpe, docs, t
     script = f"""
 import sys, time
 from pathlib import Path
-import aic_core.data_encode as E
-from aic_core.data import encode_files, ReadOptions
+import aic_core.data.encode as E
+from aic_core.data.tokens import encode_files, ReadOptions
 from aic_plugins.tokenizers.sentencepiece import SentencePiece
 E.TASK_BYTES, E.CHUNK_CHARS, E.MAX_CARRY = 4096, 200, 16384
 tok = SentencePiece().load(None, Path({str(tok.path)!r}))

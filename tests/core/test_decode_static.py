@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from aic_core import generation
+from aic_core.generate import decode as generation
 from aic_core.errors import GenerationError
-from aic_core.generation import generate, process_logits, sample_next, stream
-from aic_core.kinds import Positional, Tokenizer
-from aic_core.nn.transformer import Transformer
-from aic_core.registry import Registry
+from aic_core.generate import generate, process_logits, sample_next, stream
+from aic_core.plugins.kinds import Positional, Tokenizer
+from aic_core.model.nn.transformer import Transformer
+from aic_core.plugins.registry import Registry
 from aic_core.spec import SamplerSpec
 from tests.core.test_generation import (
     TOK,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from aic_core.cli import main
-from aic_core.loading import load_checkpoint_model
+from aic_core.model.loading import load_checkpoint_model
 from tests.conftest import REPO
 
 EXAMPLES = REPO / "examples"

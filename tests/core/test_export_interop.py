@@ -10,7 +10,7 @@ import sentencepiece as spm
 import torch
 
 from aic_core.cli import main
-from aic_core.loading import load_checkpoint_model
+from aic_core.model.loading import load_checkpoint_model
 from tests.conftest import tiny_spec, write_spec
 
 transformers = pytest.importorskip("transformers")

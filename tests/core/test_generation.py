@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from aic_core.errors import GenerationError
-from aic_core.generation import generate, process_logits, sample_next, stream
-from aic_core.kinds import Tokenizer
-from aic_core.nn.transformer import Transformer
-from aic_core.registry import Registry
+from aic_core.generate import generate, process_logits, sample_next, stream
+from aic_core.plugins.kinds import Tokenizer
+from aic_core.model.nn.transformer import Transformer
+from aic_core.plugins.registry import Registry
 from aic_core.spec import SamplerSpec
 
 REGISTRY = Registry()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from aic_core.cli import main
-from aic_core.registry import get_registry
+from aic_core.plugins.registry import get_registry
 from aic_core.spec import parse_spec
 from tests.conftest import REPO, tiny_spec, write_spec
 
@@ -128,7 +128,7 @@ def test_generate_max_new_tokens_flag_wins_over_the_spec(trained, capsys):
     _, run_dir, _ = trained
     assert main(["generate", str(run_dir), "--prompt", "Anne", "--max-new-tokens", "3", "--temperature", "0"]) == 0
     out = capsys.readouterr().out
-    from aic_core.loading import load_checkpoint_model
+    from aic_core.model.loading import load_checkpoint_model
 
     tokenizer = load_checkpoint_model(run_dir).tokenizer
     generated = out[len("Anne") :].rstrip("\n")
@@ -319,7 +319,7 @@ def test_ctrl_c_during_training_keeps_a_checkpoint_and_says_how_to_resume(tmp_pa
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert f"aic run {path} --resume" in err
-    from aic_core.checkpoint import latest_checkpoint, open_checkpoint
+    from aic_core.train.checkpoint import latest_checkpoint, open_checkpoint
 
     latest = latest_checkpoint(tmp_path / "run")
     assert latest is not None and open_checkpoint(latest).step >= 3
@@ -359,7 +359,7 @@ def test_generate_from_a_hugging_face_folder_without_tokenizer(tmp_path, capsys)
 @pytest.mark.parametrize("positional, fits", [("rope", True), ("alibi", True), ("learned", False)])
 def test_prompts_longer_than_block_size_need_an_extrapolating_encoding(positional, fits):
     from aic_core.errors import GenerationError
-    from aic_core.generation import generate
+    from aic_core.generate import generate
     from aic_core.spec import SamplerSpec
     from tests.core.test_generation import CharTokenizer
 
@@ -392,7 +392,7 @@ def test_disk_full_while_logging_metrics_is_a_clear_error(tmp_path):
     import errno
 
     from aic_core.errors import CheckpointError
-    from aic_core.training import MetricsLog
+    from aic_core.train.common import MetricsLog
 
     log = MetricsLog(tmp_path / "metrics.jsonl")
 

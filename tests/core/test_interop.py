@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aic_core.cli import main
-from aic_core.convert import export_hf
-from aic_core.loading import import_hf
-from aic_core.generation import generate
-from aic_core.loading import load_checkpoint_model
+from aic_core.model.convert import export_hf
+from aic_core.model.loading import import_hf
+from aic_core.generate import generate
+from aic_core.model.loading import load_checkpoint_model
 from aic_core.spec import SamplerSpec
 from tests.conftest import tiny_spec, write_spec
 
@@ -214,9 +214,9 @@ def test_a_positional_without_kv_cache_support_needs_use_cache_off(corpus, tmp_p
     import types
 
     from aic_core.errors import SpecError
-    from aic_core.hookspecs import hookimpl
-    from aic_core.kinds import PositionalPlugin
-    from aic_core.registry import Registry
+    from aic_core.plugins.hookspecs import hookimpl
+    from aic_core.plugins.kinds import PositionalPlugin
+    from aic_core.plugins.registry import Registry
     from aic_core.spec import parse_spec
 
     class NoCache(PositionalPlugin):
@@ -224,7 +224,7 @@ def test_a_positional_without_kv_cache_support_needs_use_cache_off(corpus, tmp_p
         supports_kv_cache = False
 
         def build(self, options, config):
-            from aic_core.kinds import Positional
+            from aic_core.plugins.kinds import Positional
 
             return Positional()
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aic_core.nn.loss import chunk_rows, lm_head_loss
-from aic_core.nn.transformer import Transformer, TransformerConfig
+from aic_core.model.nn.loss import chunk_rows, lm_head_loss
+from aic_core.model.nn.transformer import Transformer, TransformerConfig
 from aic_plugins.positional.learned import LearnedPositions
 
 VOCAB, PADDED, WIDTH = 1000, 1024, 24  # the head has 24 rows of vocabulary padding, as Transformer pads it

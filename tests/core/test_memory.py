@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from aic_core import memory
+from aic_core.plan import memory
 from aic_core.cli import main
 from aic_core.errors import SpecError
-from aic_core.loading import build_model
-from aic_core.registry import get_registry
+from aic_core.model.loading import build_model
+from aic_core.plugins.registry import get_registry
 from aic_core.spec import parse_spec
 
 VOCAB = 300

@@ -74,13 +74,13 @@ def test_two_processes_resume_exactly(tmp_path, corpus):
 FAIL_RANK_1 = """
 import os
 if os.environ.get("RANK") == "1":
-    import aic_core.data
+    import aic_core.data.tokens
     from aic_core.errors import DataError
 
     def broken(*args, **kwargs):
         raise DataError("injected failure: rank 1 cannot read its data")
 
-    aic_core.data.load_splits = broken
+    aic_core.data.tokens.load_splits = broken
     import aic_core.run
     aic_core.run.load_splits = broken
 """

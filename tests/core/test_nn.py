@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aic_core.kinds import Positional
-from aic_core.nn.attention import CausalSelfAttention
-from aic_core.nn.transformer import Transformer, TransformerConfig
+from aic_core.plugins.kinds import Positional
+from aic_core.model.nn.attention import CausalSelfAttention
+from aic_core.model.nn.transformer import Transformer, TransformerConfig
 from aic_plugins.positional.learned import LearnedPositions
 
 VOCAB = 1000  # not a multiple of 64: the embedding is padded to 1024 rows

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from aic_core import registry as registry_module
+from aic_core.plugins import registry as registry_module
 from aic_core.cli import main
 from tests.conftest import tiny_spec, write_spec
 from tests.installing import AIC, run
 
-HEADER = "from typing import Callable\nfrom aic_core.hookspecs import hookimpl\nfrom aic_core.kinds import ModelPlugin, PluginOptions, Positional, PositionalPlugin\n"
+HEADER = "from typing import Callable\nfrom aic_core.plugins.hookspecs import hookimpl\nfrom aic_core.plugins.kinds import ModelPlugin, PluginOptions, Positional, PositionalPlugin\n"
 # distribution -> (entry-point name, module name, module source)
 FAKES = {
     "aic-broken-import": ("broken-import", "aic_fake_broken_import", "import aic_fake_dependency_that_is_not_installed\n"),

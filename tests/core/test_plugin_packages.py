@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from aic_core.cli import main
-from aic_core.kinds import KINDS
-from aic_core.registry import Registry
-from aic_core.loading import load_spec
+from aic_core.plugins.kinds import KINDS
+from aic_core.plugins.registry import Registry
+from aic_core.model.loading import load_spec
 from aic_core.spec import json_schema
 from tests.conftest import REPO, write_spec
 from tests.installing import AIC, copy_package, installed, run

@@ -11,9 +11,9 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from aic_core.errors import PluginError
-from aic_core.hookspecs import hookimpl
-from aic_core.kinds import ModelPlugin, PluginOptions, TokenizerPlugin
-from aic_core.registry import Registry
+from aic_core.plugins.hookspecs import hookimpl
+from aic_core.plugins.kinds import ModelPlugin, PluginOptions, TokenizerPlugin
+from aic_core.plugins.registry import Registry
 
 # --- fakes ----------------------------------------------------------------------------------------
 
@@ -152,7 +152,7 @@ def test_class_of_the_wrong_kind_is_refused():
     reg = Registry([ep("wrong", Tok), ep("good", model_class("alpha"))], strict=False)
     rec = record(reg, "tok")
     assert rec.status == "error" and rec.kind == "model"
-    assert "not a subclass of aic_core.kinds.ModelPlugin" in rec.error
+    assert "not a subclass of aic_core.plugins.kinds.ModelPlugin" in rec.error
     assert reg.names("model") == ["alpha"]
 
 

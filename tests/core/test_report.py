@@ -13,7 +13,7 @@ import pytest
 from aic_core.cli import main
 from aic_core.errors import SpecError
 from aic_core.report import MATPLOTLIB_HINT, check_log_to, draw, segments
-from aic_core.training import MetricsLog
+from aic_core.train.common import MetricsLog
 from tests.conftest import tiny_spec, write_spec
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -44,7 +44,7 @@ def reported(tmp_path_factory, corpus) -> dict:
 
 
 def test_summary_matches_the_run(reported):
-    from aic_core.loading import load_checkpoint_model
+    from aic_core.model.loading import load_checkpoint_model
 
     run_dir, spec = reported["run_dir"], reported["spec"]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -161,7 +161,7 @@ def test_tensorboard_missing_is_a_spec_error(tmp_path, monkeypatch):
 
 
 def test_log_to_accepts_only_known_sinks(tmp_path, corpus):
-    from aic_core.registry import get_registry
+    from aic_core.plugins.registry import get_registry
     from aic_core.spec import parse_spec
 
     spec = parse_spec(tiny_spec(corpus, tmp_path / "run"), get_registry())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from aic_core.checkpoint import list_checkpoints
+from aic_core.train.checkpoint import list_checkpoints
 from aic_core.cli import main
 from tests.conftest import tiny_spec, write_spec
 
@@ -84,10 +84,10 @@ def test_an_adapter_section_is_applied_to_the_model(tmp_path, corpus):
     """The adapter plugin named in the spec wraps the model before training (here a stand-in that freezes the MLPs)."""
     import types
 
-    from aic_core.hookspecs import hookimpl
-    from aic_core.kinds import AdapterPlugin, PluginOptions
-    from aic_core.registry import Registry
-    from aic_core.loading import build_model
+    from aic_core.plugins.hookspecs import hookimpl
+    from aic_core.plugins.kinds import AdapterPlugin, PluginOptions
+    from aic_core.plugins.registry import Registry
+    from aic_core.model.loading import build_model
     from aic_core.spec import parse_spec
 
     class FreezeMLP(AdapterPlugin):

@@ -11,9 +11,9 @@ from pydantic import Field
 import aic_plugins.models.gpt2 as gpt2_module
 import aic_plugins.positional.learned as learned_module
 from aic_core.errors import SpecError
-from aic_core.hookspecs import hookimpl
-from aic_core.kinds import ModelPlugin, PluginOptions, PositionalPlugin, TokenizerPlugin, TrainerPlugin
-from aic_core.registry import Registry
+from aic_core.plugins.hookspecs import hookimpl
+from aic_core.plugins.kinds import ModelPlugin, PluginOptions, PositionalPlugin, TokenizerPlugin, TrainerPlugin
+from aic_core.plugins.registry import Registry
 from aic_core.spec import json_schema, parse_spec
 
 # --- fake plugins (second model and positional so the discriminated-union paths are exercised) ----

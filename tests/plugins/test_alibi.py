@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from aic_core.generation import generate
-from aic_core.kinds import Tokenizer
-from aic_core.nn.transformer import Transformer
-from aic_core.registry import Registry
+from aic_core.generate import generate
+from aic_core.plugins.kinds import Tokenizer
+from aic_core.model.nn.transformer import Transformer
+from aic_core.plugins.registry import Registry
 from aic_core.spec import SamplerSpec
 
 VOCAB = 50

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aic_core.errors import PluginError
-from aic_core.nn.transformer import Transformer, TransformerConfig
+from aic_core.model.nn.transformer import Transformer, TransformerConfig
 from aic_plugins.models.gpt2 import GPT2
 from aic_plugins.positional.learned import Learned
 

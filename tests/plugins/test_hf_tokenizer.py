@@ -13,7 +13,7 @@ import pytest
 import sentencepiece as spm
 
 from aic_core.cli import main
-from aic_core.loading import load_checkpoint_model
+from aic_core.model.loading import load_checkpoint_model
 from aic_plugins.tokenizers.sentencepiece import SentencePiece
 from tests.conftest import EXAMPLE_CORPUS, REPO, tiny_spec, write_spec
 

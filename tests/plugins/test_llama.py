@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aic_core.loading import import_hf
+from aic_core.model.loading import import_hf
 from aic_core.errors import AicError
-from aic_core.generation import generate
-from aic_core.registry import get_registry
+from aic_core.generate import generate
+from aic_core.plugins.registry import get_registry
 from aic_core.spec import SamplerSpec
 from tests.core.test_generation import CharTokenizer
 

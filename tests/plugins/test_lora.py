@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aic_core.checkpoint import list_checkpoints
+from aic_core.train.checkpoint import list_checkpoints
 from aic_core.cli import main
-from aic_core.convert import export_hf
-from aic_core.loading import load_adapter
-from aic_core.generation import generate
-from aic_core.registry import get_registry
-from aic_core.loading import load_checkpoint_model
+from aic_core.model.convert import export_hf
+from aic_core.model.loading import load_adapter
+from aic_core.generate import generate
+from aic_core.plugins.registry import get_registry
+from aic_core.model.loading import load_checkpoint_model
 from aic_core.spec import SamplerSpec
 from aic_plugins.adapters.lora import LoRALinear, LoRAOptions
 from tests.core.test_run import losses

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from aic_core.errors import SpecError
-from aic_core.nn.transformer import Transformer, TransformerConfig
-from aic_core.registry import Registry
+from aic_core.model.nn.transformer import Transformer, TransformerConfig
+from aic_core.plugins.registry import Registry
 from aic_core.spec import parse_spec
 from tests.conftest import tiny_spec
 

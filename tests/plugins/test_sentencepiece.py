@@ -309,7 +309,7 @@ def test_invalid_options(field, value):
 
 
 def test_registered_under_its_entry_point():
-    from aic_core.registry import get_registry
+    from aic_core.plugins.registry import get_registry
 
     plugin = get_registry().get("tokenizer", "sentencepiece")
     assert type(plugin).__name__ == "SentencePiece" and plugin.kind == "tokenizer"

@@ -10,10 +10,10 @@ import torch
 
 from aic_core.cli import main
 from aic_core.errors import SpecError
-from aic_core.registry import get_registry
-from aic_core.loading import load_checkpoint_model
+from aic_core.plugins.registry import get_registry
+from aic_core.model.loading import load_checkpoint_model
 from aic_core.spec import TrainSpec, parse_spec
-from aic_core.training import Throughput, lr_at, param_groups
+from aic_core.train.common import Throughput, lr_at, param_groups
 from tests.conftest import tiny_spec, write_spec
 
 
@@ -27,7 +27,7 @@ def test_lr_warms_up_linearly_then_follows_the_cosine_to_min_lr():
 
 def test_weight_decay_applies_to_matrices_and_embeddings_only(corpus, tmp_path):
     spec = parse_spec(tiny_spec(corpus, tmp_path), get_registry())
-    from aic_core.loading import build_model
+    from aic_core.model.loading import build_model
 
     model = build_model(spec, get_registry(), 400)
     decay, no_decay = param_groups(model, 0.1)
@@ -105,7 +105,7 @@ def test_trains_on_cuda_in_bf16_and_the_checkpoint_loads_on_cpu(corpus, tmp_path
 
 @pytest.mark.gpu
 def test_cuda_and_cpu_give_the_same_greedy_text(corpus, tmp_path):
-    from aic_core.generation import generate
+    from aic_core.generate import generate
     from aic_core.spec import SamplerSpec
 
     spec = tiny_spec(corpus, tmp_path / "run", train={"steps": 20}, model={"dropout": 0.0})

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aic_core.checkpoint import disk_full_error, is_disk_full
-from aic_core.data import TokenData
-from aic_core.distributed import Dist
+from aic_core.train.checkpoint import disk_full_error, is_disk_full
+from aic_core.data.tokens import TokenData
+from aic_core.train.distributed import Dist
 from aic_core.spec import RunSpec, TrainSpec
 
 EVAL_STREAM, TRAIN_STREAM = 1, 0

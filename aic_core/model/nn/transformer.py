@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from aic_core.nn.positional import Positional
-from aic_core.nn.block import Block
-from aic_core.nn.kv_cache import KVCache
-from aic_core.nn.loss import lm_head_loss
-from aic_core.nn.norm import make_norm
+from aic_core.model.nn.positional import Positional
+from aic_core.model.nn.block import Block
+from aic_core.model.nn.kv_cache import KVCache
+from aic_core.model.nn.loss import lm_head_loss
+from aic_core.model.nn.norm import make_norm
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ class Transformer(nn.Module):
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
         if targets is None:
             return F.linear(x, weight)[..., : self.config.vocab_size]
-        # Head and cross-entropy chunk by chunk: the logits of the whole batch never exist (aic_core.nn.loss).
+        # Head and cross-entropy chunk by chunk: the logits of the whole batch never exist (aic_core.model.nn.loss).
         return lm_head_loss(x, weight, targets, self.config.vocab_size)
 
     def _mask(

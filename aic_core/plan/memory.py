@@ -34,7 +34,7 @@ bytes, r = residual-stream bytes):
   norm and the LM head's input, RoPE's cos/sin tables, ALiBi's (1, H, T, T) bias, all once.
   With activation checkpointing (per block): only each block's input (r*C) is kept; during the backward
   pass one block's activations are recomputed at a time.
-- LM head and loss (aic_core.nn.loss): computed a chunk of rows at a time, so the logits of the whole batch
+- LM head and loss (aic_core.model.nn.loss): computed a chunk of rows at a time, so the logits of the whole batch
   never exist. The forward pass keeps the gradients of the hidden states (a*N*C) and, when the head trains,
   of the head weight (fp32, 4*Vp*C); one chunk's logits (rows x Vp, in the compute dtype and in fp32) are its
   transient; the backward pass scales the two kept gradients into new tensors (twice the kept bytes).
@@ -66,11 +66,11 @@ import torch
 from torch import nn
 
 from aic_core.errors import SpecError
-from aic_core.nn.attention import CausalSelfAttention
-from aic_core.nn.loss import chunk_rows
-from aic_core.nn.mlp import MLP, SwiGLU
-from aic_core.nn.norm import RMSNorm
-from aic_core.nn.transformer import Transformer
+from aic_core.model.nn.attention import CausalSelfAttention
+from aic_core.model.nn.loss import chunk_rows
+from aic_core.model.nn.mlp import MLP, SwiGLU
+from aic_core.model.nn.norm import RMSNorm
+from aic_core.model.nn.transformer import Transformer
 
 GiB = 2**30
 ZERO_REDUCE_BUCKET = 500_000_000  # DeepSpeed reduce_bucket_size / allgather_bucket_size defaults (elements)
@@ -520,7 +520,7 @@ def _activations(s: _Shape, m: _Mode, B: int, T: int) -> _Acts:
 
 def _loss(s: _Shape, N: int, a: int, device: str) -> tuple[int, int, int]:
     """(saved, peak in the forward pass, peak at the start of the backward pass) of the LM head and the loss,
-    computed a chunk of rows at a time (aic_core.nn.loss): the forward pass keeps the gradients of the hidden
+    computed a chunk of rows at a time (aic_core.model.nn.loss): the forward pass keeps the gradients of the hidden
     states (a*N*C) and, when the head trains, of the head weight (fp32, 4*Vp*C); one chunk's logits exist at a
     time, in the compute dtype and in fp32; the backward pass scales the two gradients into new tensors."""
     c = s.model.config

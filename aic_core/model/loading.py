@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from aic_core.checkpoint import (
+from aic_core.train.checkpoint import (
     ADAPTER_META,
     ADAPTER_WEIGHTS,
     STATE,
@@ -33,11 +33,11 @@ from aic_core.checkpoint import (
     tensors_sha256,
     verified,
 )
-from aic_core.data import file_sha256
+from aic_core.data.tokens import file_sha256
 from aic_core.errors import CheckpointError, PluginError, SpecError
-from aic_core.kinds import ModelPlugin, Tokenizer, TokenizerPlugin
-from aic_core.nn.transformer import Transformer, TransformerConfig
-from aic_core.registry import Registry, get_registry
+from aic_core.plugins.kinds import ModelPlugin, Tokenizer, TokenizerPlugin
+from aic_core.model.nn.transformer import Transformer, TransformerConfig
+from aic_core.plugins.registry import Registry, get_registry
 from aic_core.spec import ModelSpec, RunSpec, load_spec_file, parse_spec, spec_from_resolved
 
 HF_CONFIG = "config.json"

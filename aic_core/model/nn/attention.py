@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aic_core.nn.positional import Positional
-from aic_core.nn.kv_cache import KVCache
+from aic_core.model.nn.positional import Positional
+from aic_core.model.nn.kv_cache import KVCache
 
 if TYPE_CHECKING:
-    from aic_core.nn.transformer import TransformerConfig
+    from aic_core.model.nn.transformer import TransformerConfig
 
 
 class CausalSelfAttention(nn.Module):

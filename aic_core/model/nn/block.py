@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from aic_core.nn.positional import Positional
-from aic_core.nn.attention import CausalSelfAttention
-from aic_core.nn.kv_cache import KVCache
-from aic_core.nn.mlp import make_mlp
-from aic_core.nn.norm import make_norm
+from aic_core.model.nn.positional import Positional
+from aic_core.model.nn.attention import CausalSelfAttention
+from aic_core.model.nn.kv_cache import KVCache
+from aic_core.model.nn.mlp import make_mlp
+from aic_core.model.nn.norm import make_norm
 
 if TYPE_CHECKING:
-    from aic_core.nn.transformer import TransformerConfig
+    from aic_core.model.nn.transformer import TransformerConfig
 
 
 class Block(nn.Module):

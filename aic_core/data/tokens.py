@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aic_core import data_encode
-from aic_core.data_encode import FileRecord, Progress, Summary, encode_into, refused_message, row_name, rows, tasks
-from aic_core.data_inputs import DataFile, ReadOptions, available_cpus, check_data_file, check_data_files, expand, utf8_error, where_not_utf8
+from aic_core.data import encode as data_encode
+from aic_core.data.encode import FileRecord, Progress, Summary, encode_into, refused_message, row_name, rows, tasks
+from aic_core.data.inputs import DataFile, ReadOptions, available_cpus, check_data_file, check_data_files, expand, utf8_error, where_not_utf8
 from aic_core.errors import DataError
-from aic_core.kinds import Tokenizer
+from aic_core.plugins.kinds import Tokenizer
 
 __all__ = [
     "ReadOptions", "TokenData", "check_data_files", "encode_files", "file_sha256", "load_splits", "token_cache_dir",

@@ -25,13 +25,13 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from aic_core.distributed import Dist
-    from aic_core.nn.positional import Positional
-    from aic_core.nn.transformer import Transformer, TransformerConfig
+    from aic_core.train.distributed import Dist
+    from aic_core.model.nn.positional import Positional
+    from aic_core.model.nn.transformer import Transformer, TransformerConfig
     from aic_core.spec import RunSpec
 
-# Names of the torch side, imported when first asked for (`from aic_core.kinds import Positional` works as before).
-_LAZY = {"Positional": "aic_core.nn.positional", "Transformer": "aic_core.nn.transformer", "TransformerConfig": "aic_core.nn.transformer"}
+# Names of the torch side, imported when first asked for (`from aic_core.plugins.kinds import Positional` works as before).
+_LAZY = {"Positional": "aic_core.model.nn.positional", "Transformer": "aic_core.model.nn.transformer", "TransformerConfig": "aic_core.model.nn.transformer"}
 
 
 def __getattr__(name: str) -> Any:
@@ -45,7 +45,7 @@ def __getattr__(name: str) -> Any:
 
 
 def _new_dist() -> Dist:
-    from aic_core.distributed import Dist
+    from aic_core.train.distributed import Dist
 
     return Dist()
 
@@ -96,7 +96,7 @@ class ModelPlugin(Plugin):
         options leave it unset."""
 
     def build(self, options: PluginOptions, config: TransformerConfig, positional: Positional) -> Transformer:
-        from aic_core.nn.transformer import Transformer
+        from aic_core.model.nn.transformer import Transformer
 
         return Transformer(config, positional)
 
@@ -218,8 +218,8 @@ class TrainJob:
     spec: RunSpec
     resolved_spec: dict[str, Any]
     model: Transformer
-    train_data: Any  # aic_core.data.TokenData
-    val_data: Any  # aic_core.data.TokenData
+    train_data: Any  # aic_core.data.tokens.TokenData
+    val_data: Any  # aic_core.data.tokens.TokenData
     run_dir: Path
     tokenizer_path: Path
     tokenizer_hash: str
@@ -251,7 +251,7 @@ class TrainJob:
         return self._write(step, weights, trainer_state, metrics)
 
     def _write(self, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any] | None, metrics: dict[str, float] | None) -> Path:
-        from aic_core.checkpoint import adapter_files, clean_stale, prune_checkpoints, save_checkpoint, tensors_sha256
+        from aic_core.train.checkpoint import adapter_files, clean_stale, prune_checkpoints, save_checkpoint, tensors_sha256
 
         if not self._cleaned:
             clean_stale(self.run_dir)

@@ -2,7 +2,7 @@
 
 A plugin module implements the hooks it needs and is listed under the entry-point group `aic`:
 
-    from aic_core.hookspecs import hookimpl
+    from aic_core.plugins.hookspecs import hookimpl
 
     @hookimpl
     def aic_register_models(register):
@@ -24,27 +24,27 @@ Register = Callable[[type], None]
 
 @hookspec
 def aic_register_models(register: Register) -> None:
-    """Register model plugin classes (subclasses of aic_core.kinds.ModelPlugin)."""
+    """Register model plugin classes (subclasses of aic_core.plugins.kinds.ModelPlugin)."""
 
 
 @hookspec
 def aic_register_positional_encodings(register: Register) -> None:
-    """Register positional-encoding plugin classes (subclasses of aic_core.kinds.PositionalPlugin)."""
+    """Register positional-encoding plugin classes (subclasses of aic_core.plugins.kinds.PositionalPlugin)."""
 
 
 @hookspec
 def aic_register_adapters(register: Register) -> None:
-    """Register adapter plugin classes (subclasses of aic_core.kinds.AdapterPlugin)."""
+    """Register adapter plugin classes (subclasses of aic_core.plugins.kinds.AdapterPlugin)."""
 
 
 @hookspec
 def aic_register_tokenizers(register: Register) -> None:
-    """Register tokenizer plugin classes (subclasses of aic_core.kinds.TokenizerPlugin)."""
+    """Register tokenizer plugin classes (subclasses of aic_core.plugins.kinds.TokenizerPlugin)."""
 
 
 @hookspec
 def aic_register_trainers(register: Register) -> None:
-    """Register trainer plugin classes (subclasses of aic_core.kinds.TrainerPlugin)."""
+    """Register trainer plugin classes (subclasses of aic_core.plugins.kinds.TrainerPlugin)."""
 
 
 HOOK_FOR_KIND = {

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from aic_core.checkpoint import STATE, load_weights, model_state, write_checkpoint_dir
-from aic_core.data import file_sha256
+from aic_core.train.checkpoint import STATE, load_weights, model_state, write_checkpoint_dir
+from aic_core.data.tokens import file_sha256
 from aic_core.errors import CheckpointError, PluginError
-from aic_core.kinds import Tokenizer
-from aic_core.loading import (
+from aic_core.plugins.kinds import Tokenizer
+from aic_core.model.loading import (
     HF_CONFIG,
     build_from_section,
     hf_tokenizer,
@@ -38,8 +38,8 @@ from aic_core.loading import (
     open_source,
     read_hf_config,
 )
-from aic_core.nn.transformer import Transformer
-from aic_core.registry import Registry, get_registry
+from aic_core.model.nn.transformer import Transformer
+from aic_core.plugins.registry import Registry, get_registry
 from aic_core.spec import parse_spec, resolved_dict
 
 # Logits of a conversion must agree with the source's to this, times max(1, the largest |logit|).

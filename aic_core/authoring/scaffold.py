@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from aic_core.errors import AicError, did_you_mean
-from aic_core.kinds import KINDS
+from aic_core.plugins.kinds import KINDS
 
 _NAME = re.compile(r"^[a-z][a-z0-9]*([-_][a-z0-9]+)*$")
 RESERVED = {"core": "aic_core", "plugins": "aic_plugins"}  # import packages of aic itself
@@ -58,7 +58,7 @@ def check_arguments(kind: str, name: str) -> None:
 def new_plugin(kind: str, name: str, folder: Path | None = None) -> Path:
     """Write the package for a `kind` plugin called `name` into `folder` (default ./aic-NAME); return the folder."""
     check_arguments(kind, name)
-    from aic_core.registry import get_registry
+    from aic_core.plugins.registry import get_registry
 
     existing = get_registry().plugins(kind).get(name)
     if existing is not None:

@@ -20,9 +20,9 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel
 
-from aic_core import hookspecs
+from aic_core.plugins import hookspecs
 from aic_core.errors import PluginError, did_you_mean
-from aic_core.kinds import BASES, KINDS, Plugin
+from aic_core.plugins.kinds import BASES, KINDS, Plugin
 
 ENTRY_POINT_GROUP = "aic"
 BUILTIN_DISTRIBUTION = "aic"
@@ -186,15 +186,15 @@ class Registry:
     def _invalid(kind: str, cls: Any) -> str | None:
         base = BASES[kind]
         if not (inspect.isclass(cls) and issubclass(cls, base)):
-            return f"registered {cls!r}, which is not a subclass of aic_core.kinds.{base.__name__}"
+            return f"registered {cls!r}, which is not a subclass of aic_core.plugins.kinds.{base.__name__}"
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not _NAME_RE.match(name):
             return f"class {cls.__name__} needs a `name` of lower-case letters, digits, '_', '-', '.' (got {name!r})"
         options = getattr(cls, "Options", None)
         if not (inspect.isclass(options) and issubclass(options, BaseModel)):
-            return f"{cls.__name__}.Options must be a Pydantic model (subclass aic_core.kinds.PluginOptions); got {options!r}"
+            return f"{cls.__name__}.Options must be a Pydantic model (subclass aic_core.plugins.kinds.PluginOptions); got {options!r}"
         if options.model_config.get("extra") != "forbid":
-            return f"{cls.__name__}.Options must forbid unknown keys (model_config extra='forbid'; subclass aic_core.kinds.PluginOptions)"
+            return f"{cls.__name__}.Options must forbid unknown keys (model_config extra='forbid'; subclass aic_core.plugins.kinds.PluginOptions)"
         if "type" in options.model_fields:
             return f"{cls.__name__}.Options must not define a field named 'type': the spec uses it to pick the plugin"
         taken = [f for f in SECTION_KEYS.get(kind, ()) if f in options.model_fields]

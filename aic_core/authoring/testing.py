@@ -3,7 +3,7 @@
 A plugin package tests itself against the same contract the built-ins pass, in two ways:
 
     # tests/test_contract.py of a plugin package (pytest collects the inherited test_* methods)
-    from aic_core.testing import PositionalContract
+    from aic_core.authoring.testing import PositionalContract
     from my_package.positional import Sinusoidal
 
     class TestSinusoidal(PositionalContract):
@@ -34,9 +34,9 @@ from pydantic import ValidationError
 from torch import nn
 
 from aic_core.errors import AicError, PluginError
-from aic_core.kinds import BASES, KINDS, ModelPlugin, Plugin, PluginOptions, Positional, Tokenizer
-from aic_core.nn.transformer import Transformer, TransformerConfig
-from aic_core.registry import ENTRY_POINT_GROUP, Registry
+from aic_core.plugins.kinds import BASES, KINDS, ModelPlugin, Plugin, PluginOptions, Positional, Tokenizer
+from aic_core.model.nn.transformer import Transformer, TransformerConfig
+from aic_core.plugins.registry import ENTRY_POINT_GROUP, Registry
 from aic_core.spec import format_validation_error, json_schema, spec_model
 
 # The shape every check builds: small enough for a CPU, with grouped-query heads (4 query, 2 KV) and a
@@ -113,7 +113,7 @@ def _classes_module(classes: tuple[type, ...]) -> Any:
     """A module object whose hooks register these classes, as a plugin module would."""
     import types
 
-    from aic_core.hookspecs import HOOK_FOR_KIND, hookimpl
+    from aic_core.plugins.hookspecs import HOOK_FOR_KIND, hookimpl
 
     module = types.ModuleType("aic_contract_plugins")
     for kind, hook in HOOK_FOR_KIND.items():
@@ -145,7 +145,7 @@ def registry_of(*classes: type) -> Registry:
 
 
 def _installed(kind: str, name: str) -> type[Plugin]:
-    from aic_core.registry import get_registry
+    from aic_core.plugins.registry import get_registry
 
     plugin = get_registry().plugins(kind).get(name)
     if plugin is None:
@@ -202,7 +202,7 @@ def check_options(cls: type, options: dict[str, Any] | None = None) -> None:
     """Options is a Pydantic model that refuses unknown keys, has a JSON Schema, and accepts `options`."""
     options = options or {}
     if getattr(cls, "kind", None) not in KINDS or not (isinstance(cls, type) and issubclass(cls, BASES[cls.kind])):
-        raise ContractError(f"{cls!r} is not a subclass of one of aic_core.kinds' plugin bases ({', '.join(b.__name__ for b in BASES.values())}).")
+        raise ContractError(f"{cls!r} is not a subclass of one of aic_core.plugins.kinds' plugin bases ({', '.join(b.__name__ for b in BASES.values())}).")
     problem = Registry._invalid(cls.kind, cls)
     if problem:
         _fail(cls, problem)
@@ -212,7 +212,7 @@ def check_options(cls: type, options: dict[str, Any] | None = None) -> None:
     except ValidationError:
         pass
     else:
-        _fail(cls, "Options accepted an unknown key.", "Subclass aic_core.kinds.PluginOptions (extra='forbid'): a typo in a spec must be an error.")
+        _fail(cls, "Options accepted an unknown key.", "Subclass aic_core.plugins.kinds.PluginOptions (extra='forbid'): a typo in a spec must be an error.")
     try:
         json.dumps(Options.model_json_schema())
     except Exception as exc:  # noqa: BLE001 - any failure here breaks `aic schema`
@@ -235,7 +235,7 @@ def check_registration(cls: type, module: str | None = None) -> None:
         _fail(cls, f"the registry refuses its module '{module}': {exc}")
     plugin = registry.plugins(cls.kind).get(cls.name)
     if type(plugin) is not cls:
-        from aic_core.hookspecs import HOOK_FOR_KIND
+        from aic_core.plugins.hookspecs import HOOK_FOR_KIND
 
         _fail(cls, f"module '{module}' does not register this class.",
               f"Add `@hookimpl def {HOOK_FOR_KIND[cls.kind]}(register): register({cls.__name__})` to {module}.")
@@ -285,7 +285,7 @@ def _ids(shape: tuple[int, int], vocab_size: int, seed: int = 0) -> torch.Tensor
 def _check_runs(cls: type, model: Transformer, what: str, kv_cache: bool = True) -> None:
     """Forward shapes, the KV cache against full recomputation (if `kv_cache`), left padding against no
     padding, greedy decoding with and without the cache, and positions past block_size when allowed."""
-    from aic_core.generation import generate
+    from aic_core.generate import generate
     from aic_core.spec import SamplerSpec
 
     c, V = model.config, model.config.vocab_size
@@ -347,7 +347,7 @@ def _check_state_dict(cls: type, model: Transformer, rebuild: Any, what: str) ->
     """The weights save to safetensors and load into a freshly built model, which then computes the same logits."""
     from safetensors.torch import save
 
-    from aic_core.checkpoint import model_state
+    from aic_core.train.checkpoint import model_state
 
     state = model_state(model)
     try:
@@ -410,7 +410,7 @@ def check_positional(cls: type, options: dict[str, Any] | None = None) -> None:
     def build() -> Positional:
         positional = plugin.build(section, config)
         if not isinstance(positional, Positional):
-            _fail(cls, f"build() returned {type(positional).__name__}, not an aic_core.kinds.Positional.", "Subclass Positional (an nn.Module).")
+            _fail(cls, f"build() returned {type(positional).__name__}, not an aic_core.plugins.kinds.Positional.", "Subclass Positional (an nn.Module).")
         return positional
 
     torch.manual_seed(0)
@@ -465,7 +465,7 @@ def check_model(
     gradients are right, whose KV cache and left padding match full recomputation, and whose weights round-trip.
 
     `positional`: a PositionalPlugin class or an installed one's name (default: the model's default_positional)."""
-    from aic_core.nn.transformer import TransformerConfig as Config
+    from aic_core.model.nn.transformer import TransformerConfig as Config
 
     pos_cls = _positional_class(positional or cls.default_positional)
     positional_section = _plugin_section("positional", pos_cls, positional_options or {})
@@ -474,7 +474,7 @@ def check_model(
     vocab = CONTRACT_CONFIG.vocab_size
     config = plugin.config(spec.model, vocab)
     if not isinstance(config, Config):
-        _fail(cls, f"config() returned {type(config).__name__}, not an aic_core.nn.transformer.TransformerConfig.")
+        _fail(cls, f"config() returned {type(config).__name__}, not an aic_core.model.nn.transformer.TransformerConfig.")
     if config.vocab_size < vocab:
         _fail(cls, f"config() gives vocab_size {config.vocab_size} for a tokenizer of {vocab} ids.",
               "Use the `vocab_size` argument when the options leave the vocabulary unset.")
@@ -485,7 +485,7 @@ def check_model(
     def build() -> Transformer:
         model = plugin.build(spec.model, config, pos_plugin.build(spec.model.positional, config))
         if not isinstance(model, Transformer):
-            _fail(cls, f"build() returned {type(model).__name__}, not an aic_core.nn.transformer.Transformer (or subclass).",
+            _fail(cls, f"build() returned {type(model).__name__}, not an aic_core.model.nn.transformer.Transformer (or subclass).",
                   "Build the core Transformer and change its modules, or subclass it: generation, checkpoints and "
                   "trainers use its forward(idx, targets, positions, attention_mask, cache, last_only), new_cache() and wte.")
         return model
@@ -533,7 +533,7 @@ def check_tokenizer(
     loaded = plugin.load(section, path)
     for tok, how in ((trained, "the tokenizer train() returned"), (loaded, "the tokenizer load() returned")):
         if not isinstance(tok, Tokenizer):
-            _fail(cls, f"{how} is a {type(tok).__name__}, not an aic_core.kinds.Tokenizer.")
+            _fail(cls, f"{how} is a {type(tok).__name__}, not an aic_core.plugins.kinds.Tokenizer.")
         if not isinstance(tok.vocab_size, int) or tok.vocab_size <= 0:
             _fail(cls, f"{how} has vocab_size {tok.vocab_size!r}; it must be a positive int.")
         for special in ("bos_id", "eos_id"):
@@ -652,9 +652,9 @@ def check_trainer(cls: type, options: dict[str, Any] | None = None, tmp_dir: Pat
             return check_trainer(cls, options, tmp, resume)
     import numpy as np
 
-    from aic_core.checkpoint import list_checkpoints, open_checkpoint
-    from aic_core.data import TokenData, file_sha256
-    from aic_core.kinds import TrainJob
+    from aic_core.train.checkpoint import list_checkpoints, open_checkpoint
+    from aic_core.data.tokens import TokenData, file_sha256
+    from aic_core.plugins.kinds import TrainJob
 
     for caps in ("devices", "precisions"):
         value = getattr(cls, caps)

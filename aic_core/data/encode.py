@@ -39,7 +39,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from aic_core.data_inputs import DataFile, ReadOptions, text_column, where_not_utf8
+from aic_core.data.inputs import DataFile, ReadOptions, text_column, where_not_utf8
 from aic_core.errors import DataError
 
 TASK_BYTES = 1 << 20  # input bytes per task: what the parent holds per task in flight

@@ -1,6 +1,0 @@
-"""Transformer building blocks."""
-
-from aic_core.nn.kv_cache import KVCache
-from aic_core.nn.transformer import Transformer, TransformerConfig
-
-__all__ = ["KVCache", "Transformer", "TransformerConfig"]
