@@ -22,8 +22,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from aic_core.plugins.registry import get_registry
     from aic_core.model.loading import load_spec
+    from aic_core.plugins.registry import get_registry
     from aic_core.spec import resolved_dict
 
     registry = get_registry()
@@ -34,7 +34,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.resolved:
         print(json.dumps(resolved_dict(spec, registry), indent=2))
     else:
-        print(f"{args.spec}: valid ({spec.model.type} + {spec.model.positional.type}, tokenizer {spec.tokenizer.type}, trainer {spec.train.trainer.type})")
+        print(
+            f"{args.spec}: valid ({spec.model.type} + {spec.model.positional.type}, tokenizer {spec.tokenizer.type}, trainer {spec.train.trainer.type})"
+        )
     return 0
 
 
@@ -99,15 +101,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from aic_core.generate import stream
     from aic_core.model.loading import load_checkpoint_model
     from aic_core.spec import SamplerSpec
+
     device = _device(args.device)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise AicError(f"--max-new-tokens: {args.max_new_tokens}; give at least 1 (or leave it out for the spec's generate.max_new_tokens).")
+        raise AicError(
+            f"--max-new-tokens: {args.max_new_tokens}; give at least 1 (or leave it out for the spec's generate.max_new_tokens)."
+        )
     loaded = load_checkpoint_model(Path(args.run), device="cpu")
     if args.adapter:
         from aic_core.model.loading import load_adapter
 
         if loaded.spec.adapter is not None:
-            raise AicError(f"--adapter: {args.run} already holds a '{loaded.spec.adapter.type}' adapter; pass its plain base model instead.")
+            raise AicError(
+                f"--adapter: {args.run} already holds a '{loaded.spec.adapter.type}' adapter; pass its plain base model instead."
+            )
         load_adapter(loaded.model, Path(args.adapter))
     loaded.model.to(device=device, dtype=_generate_dtype(args.dtype, device)).eval()
     g = loaded.spec.generate
@@ -133,7 +140,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     stop = args.stop if args.stop is not None else g.stop
     decode_step = args.decode_step or g.decode_step
     if decode_step in ("graph", "compile") and device.type != "cuda":
-        where = f"--decode-step {decode_step}" if args.decode_step else f"the spec's generate.decode_step ({decode_step!r})"
+        where = (
+            f"--decode-step {decode_step}" if args.decode_step else f"the spec's generate.decode_step ({decode_step!r})"
+        )
         raise AicError(
             f"{where}: that step runs in a CUDA graph, but the model is on {device.type}. "
             "Pass --decode-step eager (or auto), or --device cuda on a machine with a GPU."
@@ -143,7 +152,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             print(f"=== sample {i + 1} ===")
         sys.stdout.write(prompt)
         sys.stdout.flush()
-        for deltas in stream(loaded.model, loaded.tokenizer, [prompt], max_new, sampler, stop=stop, seed=seed, use_cache=not args.no_cache, decode_step=decode_step):
+        for deltas in stream(
+            loaded.model,
+            loaded.tokenizer,
+            [prompt],
+            max_new,
+            sampler,
+            stop=stop,
+            seed=seed,
+            use_cache=not args.no_cache,
+            decode_step=decode_step,
+        ):
             if deltas[0]:
                 sys.stdout.write(deltas[0])
                 sys.stdout.flush()
@@ -168,7 +187,9 @@ def _device(name: str):
     import torch
 
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
-        raise AicError(f"--device: unknown device {name!r}. Use auto (CUDA if there is a GPU, else the CPU), cpu, cuda or cuda:N.")
+        raise AicError(
+            f"--device: unknown device {name!r}. Use auto (CUDA if there is a GPU, else the CPU), cpu, cuda or cuda:N."
+        )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
@@ -181,8 +202,14 @@ def _device(name: str):
 
 
 def _report(verb: str, source: str, report) -> None:
-    hf = "transformers is not installed, not compared" if report.vs_transformers is None else f"{report.vs_transformers:.2e}"
-    print(f"{verb} {source} -> {report.out}: {report.parameters:,} parameters; tokenizer: {report.tokenizer or 'none in the source'}")
+    hf = (
+        "transformers is not installed, not compared"
+        if report.vs_transformers is None
+        else f"{report.vs_transformers:.2e}"
+    )
+    print(
+        f"{verb} {source} -> {report.out}: {report.parameters:,} parameters; tokenizer: {report.tokenizer or 'none in the source'}"
+    )
     back = "" if report.vs_reload is None else f"; after reading back {report.vs_reload:.2e}"
     print(f"  max abs logit difference on fixed inputs: against transformers {hf}{back}")
 
@@ -192,7 +219,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
     report = import_hf_folder(Path(args.source), Path(args.out))
     _report("imported", args.source, report)
-    print(f"  use it: `aic generate {args.out}`, or \"model\": {{\"init_from\": \"{args.out}\"}} in a spec")
+    print(f'  use it: `aic generate {args.out}`, or "model": {{"init_from": "{args.out}"}} in a spec')
     return 0
 
 
@@ -201,23 +228,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if args.format == "peft":
         report = export_peft(Path(args.run), Path(args.out), base_name=args.base_name)
-        compared = "peft or transformers is not installed, not compared" if report.vs_transformers is None else f"{report.vs_transformers:.2e}"
+        compared = (
+            "peft or transformers is not installed, not compared"
+            if report.vs_transformers is None
+            else f"{report.vs_transformers:.2e}"
+        )
         print(f"exported the adapter of {args.run} -> {report.out}: {report.parameters:,} adapter parameters")
         print(f"  base_model_name_or_path: {report.base}")
         print(f"  max abs logit difference on fixed inputs, PEFT on the base's HF export against aic: {compared}")
         for note in report.notes:
             print(f"  note: {note}")
-        print(f"  load it: peft.AutoPeftModelForCausalLM.from_pretrained({str(args.out)!r}) (a relative base is read from the current folder)")
+        print(
+            f"  load it: peft.AutoPeftModelForCausalLM.from_pretrained({str(args.out)!r}) (a relative base is read from the current folder)"
+        )
         return 0
     if args.base_name is not None:
-        raise AicError(f"--base-name {args.base_name}: only for --format peft (it names the base of an exported adapter).")
+        raise AicError(
+            f"--base-name {args.base_name}: only for --format peft (it names the base of an exported adapter)."
+        )
     report = export_hf(Path(args.run), Path(args.out))
     _report("exported", args.run, report)
     if report.vs_tokenizer is not None:
         print(f"  transformers.AutoTokenizer: aic's ids and text on {report.vs_tokenizer} fixed texts")
     for note in report.notes:
         print(f"  note: {note}")
-    tokenizer = f", transformers.AutoTokenizer.from_pretrained({str(args.out)!r})" if "tokenizer.json" in (report.tokenizer or "") else ""
+    tokenizer = (
+        f", transformers.AutoTokenizer.from_pretrained({str(args.out)!r})"
+        if "tokenizer.json" in (report.tokenizer or "")
+        else ""
+    )
     print(f"  load it: transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r}){tokenizer}")
     return 0
 
@@ -241,21 +280,37 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aic", description="Build, train and run GPT-style models from a JSON spec.")
-    parser.add_argument("--strict", action="store_true", help="fail if any plugin fails to load (also AIC_STRICT_PLUGINS=1)")
+    parser.add_argument(
+        "--strict", action="store_true", help="fail if any plugin fails to load (also AIC_STRICT_PLUGINS=1)"
+    )
     parser.add_argument("--version", action="version", version=f"aic {__version__}")
     # DeepSpeed's launcher passes --local_rank=N before the command; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     # --strict is accepted before or after the command.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--strict", action="store_true", default=argparse.SUPPRESS, help="fail if any plugin fails to load")
+    common.add_argument(
+        "--strict", action="store_true", default=argparse.SUPPRESS, help="fail if any plugin fails to load"
+    )
 
     p = sub.add_parser("run", parents=[common], help="run a spec: tokenizer, train, eval, generate")
     p.add_argument("spec", help="the JSON run spec")
-    p.add_argument("--stage", action="append", metavar="STAGE", help="run only these stages (tokenizer, train, eval, generate); repeat or comma-separate")
+    p.add_argument(
+        "--stage",
+        action="append",
+        metavar="STAGE",
+        help="run only these stages (tokenizer, train, eval, generate); repeat or comma-separate",
+    )
     p.add_argument("--resume", action="store_true", help="continue training from the run's latest checkpoint")
-    p.add_argument("--stop-at", type=int, metavar="STEP", help="stop training after this step (with a checkpoint); continue later with --resume")
-    p.add_argument("--output-dir", metavar="DIR", help="the run directory, instead of the spec's output_dir (default: runs/<name>)")
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        metavar="STEP",
+        help="stop training after this step (with a checkpoint); continue later with --resume",
+    )
+    p.add_argument(
+        "--output-dir", metavar="DIR", help="the run directory, instead of the spec's output_dir (default: runs/<name>)"
+    )
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("validate", parents=[common], help="check a spec without running it")
@@ -264,62 +319,144 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser(
-        "plan", parents=[common], help="parameters, FLOPs per token and per-device memory of a spec, and whether it fits",
+        "plan",
+        parents=[common],
+        help="parameters, FLOPs per token and per-device memory of a spec, and whether it fits",
         description="Plan a spec before running it: parameters, FLOPs per token, and per-device memory (weights, gradients, "
         "optimizer state, activations, logits/loss buffer, KV cache) for its trainer and for DeepSpeed ZeRO stages 1-3, "
         "and whether that fits the device. Nothing is allocated.",
     )
     p.add_argument("spec", help="the JSON run spec")
-    p.add_argument("--world-size", type=int, default=1, metavar="N", help="processes (devices) the run would use (default: 1)")
-    p.add_argument("--device-memory", type=float, metavar="GiB", help="memory of one device in GiB (default: this machine's GPU, else the CPU's available memory)")
-    p.add_argument("--device", metavar="DEVICE", help="plan for cpu or cuda (default: the spec's train.trainer.device as it resolves here)")
+    p.add_argument(
+        "--world-size", type=int, default=1, metavar="N", help="processes (devices) the run would use (default: 1)"
+    )
+    p.add_argument(
+        "--device-memory",
+        type=float,
+        metavar="GiB",
+        help="memory of one device in GiB (default: this machine's GPU, else the CPU's available memory)",
+    )
+    p.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="plan for cpu or cuda (default: the spec's train.trainer.device as it resolves here)",
+    )
     p.add_argument("--json", action="store_true", help="the plan as JSON (bytes), for tools")
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("schema", parents=[common], help="print the JSON Schema of a spec, with the installed plugins' options")
+    p = sub.add_parser(
+        "schema", parents=[common], help="print the JSON Schema of a spec, with the installed plugins' options"
+    )
     p.set_defaults(func=_cmd_schema)
 
     p = sub.add_parser("plugins", parents=[common], help="list plugins: name, kind, distribution, version, status")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_plugins)
 
-    p = sub.add_parser("new-plugin", parents=[common], help="write a plugin package (entry point, plugin, contract tests) to start from")
+    p = sub.add_parser(
+        "new-plugin",
+        parents=[common],
+        help="write a plugin package (entry point, plugin, contract tests) to start from",
+    )
     p.add_argument("kind", metavar="KIND", help="model, positional, adapter, tokenizer or trainer")
-    p.add_argument("name", metavar="NAME", help="the plugin's name, e.g. my-positions (package aic-NAME, import aic_NAME)")
+    p.add_argument(
+        "name", metavar="NAME", help="the plugin's name, e.g. my-positions (package aic-NAME, import aic_NAME)"
+    )
     p.add_argument("--dir", metavar="DIR", help="the folder to write (default: ./aic-NAME); must not exist or be empty")
     p.set_defaults(func=_cmd_new_plugin)
 
     p = sub.add_parser(
-        "generate", parents=[common], help="generate text from a run, checkpoint or Hugging Face folder, streaming",
+        "generate",
+        parents=[common],
+        help="generate text from a run, checkpoint or Hugging Face folder, streaming",
         description="Stream text from a model. Flags left out take their value from the spec's generate section "
         "(for a Hugging Face folder: aic's defaults).",
     )
-    p.add_argument("run", help="a run directory (its latest checkpoint), a checkpoints/step-N folder, an `aic import` folder or a Hugging Face model folder")
-    p.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: the spec's generate.prompts, else the empty prompt)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate per prompt, at least 1 (default: generate.max_new_tokens, 200)")
-    p.add_argument("--temperature", type=float, metavar="T", help="softmax temperature; 0 is greedy (default: generate.sampler.temperature, 0.8)")
-    p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens (default: generate.sampler.top_k, off)")
-    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: the smallest set of tokens with probability >= P (default: generate.sampler.top_p, off)")
-    p.add_argument("--min-p", type=float, metavar="P", help="drop tokens less likely than P times the most likely one (default: generate.sampler.min_p, off)")
-    p.add_argument("--repetition-penalty", type=float, metavar="R", help="penalise tokens already in the text by R (>1 discourages repeats) (default: generate.sampler.repetition_penalty, 1.0)")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="stop a sample when its text contains TEXT; repeat for several (default: generate.stop, none)")
-    p.add_argument("--seed", type=int, help="sampling seed (default: generate.seed, else the spec's seed)")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step instead of using the KV cache")
-    p.add_argument("--device", default="auto", help="auto (CUDA if there is a GPU, else the CPU), cpu, cuda or cuda:N (default: auto)")
     p.add_argument(
-        "--decode-step", choices=["auto", "eager", "graph", "compile"],
+        "run",
+        help="a run directory (its latest checkpoint), a checkpoints/step-N folder, an `aic import` folder or a Hugging Face model folder",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help="a prompt; repeat for several (default: the spec's generate.prompts, else the empty prompt)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help="tokens to generate per prompt, at least 1 (default: generate.max_new_tokens, 200)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        help="softmax temperature; 0 is greedy (default: generate.sampler.temperature, 0.8)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        metavar="K",
+        help="sample from the K most likely tokens (default: generate.sampler.top_k, off)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        metavar="P",
+        help="nucleus sampling: the smallest set of tokens with probability >= P (default: generate.sampler.top_p, off)",
+    )
+    p.add_argument(
+        "--min-p",
+        type=float,
+        metavar="P",
+        help="drop tokens less likely than P times the most likely one (default: generate.sampler.min_p, off)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="R",
+        help="penalise tokens already in the text by R (>1 discourages repeats) (default: generate.sampler.repetition_penalty, 1.0)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="stop a sample when its text contains TEXT; repeat for several (default: generate.stop, none)",
+    )
+    p.add_argument("--seed", type=int, help="sampling seed (default: generate.seed, else the spec's seed)")
+    p.add_argument(
+        "--no-cache", action="store_true", help="recompute the whole sequence each step instead of using the KV cache"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA if there is a GPU, else the CPU), cpu, cuda or cuda:N (default: auto)",
+    )
+    p.add_argument(
+        "--decode-step",
+        choices=["auto", "eager", "graph", "compile"],
         help="how each decode step runs: auto is a CUDA graph on a GPU and eager on the CPU; compile adds torch.compile, "
         "the fastest steps after a compile of 7-13 s, for long generations (default: generate.decode_step, auto)",
     )
     p.add_argument(
-        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
         help="precision of the weights and the KV cache: auto is bfloat16 on a CUDA GPU that supports it, else float32 (default: auto)",
     )
-    p.add_argument("--adapter", metavar="CKPT", help="put this adapter (a checkpoint of an adapter run) onto the model first (default: none)")
+    p.add_argument(
+        "--adapter",
+        metavar="CKPT",
+        help="put this adapter (a checkpoint of an adapter run) onto the model first (default: none)",
+    )
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("import", parents=[common], help="convert a model from another format into an aic checkpoint folder")
-    p.add_argument("format", choices=["hf"], help="hf: a Hugging Face transformers folder (config.json + model.safetensors)")
+    p = sub.add_parser(
+        "import", parents=[common], help="convert a model from another format into an aic checkpoint folder"
+    )
+    p.add_argument(
+        "format", choices=["hf"], help="hf: a Hugging Face transformers folder (config.json + model.safetensors)"
+    )
     p.add_argument("source", help="the folder to import")
     p.add_argument("out", help="the aic checkpoint folder to write (must not exist yet)")
     p.set_defaults(func=_cmd_import)
@@ -327,12 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", parents=[common], help="convert an aic run or checkpoint into another format")
     p.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoints/step-N folder")
     p.add_argument(
-        "--format", choices=["hf", "peft"], default="hf",
+        "--format",
+        choices=["hf", "peft"],
+        default="hf",
         help="hf: config.json, model.safetensors and tokenizer files that transformers loads (default); peft: a LoRA run's adapter alone, for peft",
     )
     p.add_argument("out", help="the folder to write (must not exist yet)")
     p.add_argument(
-        "--base-name", metavar="NAME",
+        "--base-name",
+        metavar="NAME",
         help="peft only: base_model_name_or_path in adapter_config.json, the HF export of the base that "
         "peft.AutoPeftModelForCausalLM loads (a folder, relative to where it is loaded from, or a Hub name). "
         "Default: the run's model.init_from if that is an HF folder, else hf/BASE_RUN_NAME, where "
@@ -341,12 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("merge", parents=[common], help="fold a run's adapter into its base: a plain checkpoint (and an HF export)")
+    p = sub.add_parser(
+        "merge", parents=[common], help="fold a run's adapter into its base: a plain checkpoint (and an HF export)"
+    )
     p.add_argument("run", help="a run directory trained with an adapter, or one of its checkpoints")
     p.add_argument("out", help="the folder to write (must not exist yet)")
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("report", parents=[common], help="summarise a run: summary.json and report.png (loss against steps and tokens)")
+    p = sub.add_parser(
+        "report", parents=[common], help="summarise a run: summary.json and report.png (loss against steps and tokens)"
+    )
     p.add_argument("run", help="a run directory (its metrics.jsonl, spec and latest checkpoint)")
     p.set_defaults(func=_cmd_report)
     return parser
@@ -410,7 +554,10 @@ def _main(args: argparse.Namespace) -> int:
             raise
         # A collective failed because a peer process stopped (it printed why), or timed out (AIC_DIST_TIMEOUT).
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"aic: error: rank {rank}: lost contact with the other processes ({first}); the one that stopped first says why above.", file=sys.stderr)
+        print(
+            f"aic: error: rank {rank}: lost contact with the other processes ({first}); the one that stopped first says why above.",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aic_core.train.checkpoint import latest_checkpoint, open_checkpoint, write_atomic, write_json
 from aic_core.errors import AicError, CheckpointError
 from aic_core.spec import TENSORBOARD_MISSING, check_log_to  # noqa: F401 - the log_to check lives with the spec
+from aic_core.train.checkpoint import latest_checkpoint, open_checkpoint, write_atomic, write_json
 
 METRICS, SUMMARY, PNG, EVAL, RESOLVED = "metrics.jsonl", "summary.json", "report.png", "eval.json", "spec.resolved.json"
 MATPLOTLIB_HINT = 'report.png needs matplotlib: pip install "aic[report]"'
@@ -109,7 +109,9 @@ def _host() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "gpus": gpus}
 
 
@@ -123,7 +125,9 @@ def summarize(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     resolved = json.loads(resolved_path.read_text()) if resolved_path.is_file() else {}
     spec = ckpt.state["spec"] if ckpt is not None else resolved  # what trained the final weights
     if "train" not in spec:
-        raise CheckpointError(f"{run_dir}: has neither a checkpoint nor {RESOLVED}, so its training settings are unknown. Pass a run directory that `aic run` wrote.")
+        raise CheckpointError(
+            f"{run_dir}: has neither a checkpoint nor {RESOLVED}, so its training settings are unknown. Pass a run directory that `aic run` wrote."
+        )
     train = spec["train"]
     block_size = ckpt.state["model_config"]["block_size"] if ckpt is not None else spec["model"].get("block_size")
     tokens_per_step = train["batch_size"] * train["grad_accum"] * (train.get("seq_len") or block_size)
@@ -132,7 +136,9 @@ def summarize(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     steps = ckpt.step if ckpt is not None else train_lines[-1]["step"]
     segs = segments(records, tokens_per_step)
     wall = sum(end - start for start, _, end, _ in segs)
-    trained = sum(end - start for _, start, _, end in segs) * tokens_per_step  # steps trained twice after a crash count twice
+    trained = (
+        sum(end - start for _, start, _, end in segs) * tokens_per_step
+    )  # steps trained twice after a crash count twice
 
     val: dict[str, Any] = {}
     eval_path = run_dir / EVAL
@@ -228,10 +234,16 @@ def _table(s: dict[str, Any]) -> list[str]:
         ("steps", f"{s['steps']:,} of {s['steps_planned']:,}"),
         ("tokens", f"{s['tokens']:,} ({s['tokens_per_step']:,} a step)"),
         ("parameters", f"{fmt(s['parameters'], ',')} ({fmt(s['trainable_parameters'], ',')} trainable)"),
-        ("wall time", f"{s['wall_time_s']:.1f} s" + (f" in {s['segments']} segments (resumed)" if s["segments"] > 1 else "")),
+        (
+            "wall time",
+            f"{s['wall_time_s']:.1f} s" + (f" in {s['segments']} segments (resumed)" if s["segments"] > 1 else ""),
+        ),
         ("tokens/s", fmt(s["tokens_per_s"], ",.0f")),
         ("train loss", f"{s['train_loss']:.4f} (step {s['train_loss_step']})"),
-        ("val loss", f"{fmt(s['val_loss'], '.4f')} (ppl {fmt(s['val_ppl'], '.2f')}, {fmt(s['val_bpb'], '.4f')} bits per byte)"),
+        (
+            "val loss",
+            f"{fmt(s['val_loss'], '.4f')} (ppl {fmt(s['val_ppl'], '.2f')}, {fmt(s['val_bpb'], '.4f')} bits per byte)",
+        ),
         ("trainer", ", ".join(f"{k} {v}" for k, v in trainer.items())),
         ("host now", f"{host['cpu']} ({host['cpu_count']} cores); GPUs: {', '.join(host['gpus']) or 'none'}"),
     ]
@@ -247,7 +259,12 @@ def write_report(run_dir: Path, echo: Callable[[str], None] = print) -> dict[str
     for line in _table(summary):
         echo(line)
     try:
-        fig = draw(_last_by_step([r for r in records if _is_train(r)], "loss"), _last_by_step(records, "val_loss"), summary["tokens_per_step"], _title(summary))
+        fig = draw(
+            _last_by_step([r for r in records if _is_train(r)], "loss"),
+            _last_by_step(records, "val_loss"),
+            summary["tokens_per_step"],
+            _title(summary),
+        )
     except ImportError:
         echo(MATPLOTLIB_HINT)
         return summary

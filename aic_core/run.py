@@ -1,11 +1,11 @@
 """The pipeline behind `aic run`: tokenizer -> train -> eval -> generate, into one run directory.
 
-    run_dir/spec.resolved.json   the spec with defaults filled in, and versions
-    run_dir/tokenizer.model      the trained tokenizer
-    run_dir/checkpoints/step-N/  weights, trainer state, state.json, tokenizer copy
-    run_dir/metrics.jsonl        training loss, validation metrics
-    run_dir/eval.json            the eval stage's result
-    run_dir/samples.txt          the generate stage's samples
+run_dir/spec.resolved.json   the spec with defaults filled in, and versions
+run_dir/tokenizer.model      the trained tokenizer
+run_dir/checkpoints/step-N/  weights, trainer state, state.json, tokenizer copy
+run_dir/metrics.jsonl        training loss, validation metrics
+run_dir/eval.json            the eval stage's result
+run_dir/samples.txt          the generate stage's samples
 """
 
 from __future__ import annotations
@@ -20,15 +20,14 @@ from typing import Any
 
 import torch
 
-from aic_core.train.checkpoint import (
-    Checkpoint,
-    latest_checkpoint,
-    open_checkpoint,
-    write_atomic,
-    write_json,
+from aic_core.data.tokens import (
+    ReadOptions,
+    check_data_files,
+    file_sha256,
+    load_splits,
+    token_cache_dir,
+    tokenizer_corpus,
 )
-from aic_core.data.tokens import ReadOptions, check_data_files, file_sha256, load_splits, token_cache_dir, tokenizer_corpus
-from aic_core.train.distributed import Dist, launcher_world, setup
 from aic_core.errors import (
     AicError,
     CheckpointError,
@@ -38,7 +37,6 @@ from aic_core.errors import (
     did_you_mean,
 )
 from aic_core.generate import generate
-from aic_core.plugins.kinds import TrainJob
 from aic_core.model.loading import (
     Loaded,
     build_model,
@@ -48,10 +46,19 @@ from aic_core.model.loading import (
     open_source,
 )
 from aic_core.plan.memory import check_fits
+from aic_core.plugins.kinds import TrainJob
 from aic_core.plugins.registry import Registry, get_registry
 from aic_core.report import write_report
 from aic_core.spec import RunSpec, resolved_dict
+from aic_core.train.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    open_checkpoint,
+    write_atomic,
+    write_json,
+)
 from aic_core.train.common import MetricsLog, evaluate, resolve_device
+from aic_core.train.distributed import Dist, launcher_world, setup
 
 STAGES = ("tokenizer", "train", "eval", "generate")
 TOKENIZER_FILE = "tokenizer.model"
@@ -69,8 +76,13 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
 
 # What a resumed run may change without breaking exactness: bookkeeping, not the math of the steps done.
 RESUME_FREE = {
-    "train.checkpoint_every", "train.log_every", "train.keep_last", "train.log_to", "train.activation_checkpointing",
-    "train.trainer.compile", "train.trainer.device",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.keep_last",
+    "train.log_to",
+    "train.activation_checkpointing",
+    "train.trainer.compile",
+    "train.trainer.device",
 }
 
 
@@ -93,7 +105,11 @@ def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint, echo: Callable[[s
             f"A run resumes with the model it was trained with: undo the change, or start a new run (a new name or output_dir)."
         )
     changes = [c for key in ("seed", "data", "train") for c in _diff(spec_dict.get(key), old.get(key), key)]
-    changes = [c for c in changes if c.split(":")[0] not in RESUME_FREE and not c.startswith(("data.cache_dir:", "data.workers:"))]
+    changes = [
+        c
+        for c in changes
+        if c.split(":")[0] not in RESUME_FREE and not c.startswith(("data.cache_dir:", "data.workers:"))
+    ]
     steps = [c for c in changes if c.startswith("train.steps:")]
     changes = [c for c in changes if not c.startswith("train.steps:")]
     trainer = [c for c in changes if c.startswith("train.trainer.")]
@@ -102,7 +118,7 @@ def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint, echo: Callable[[s
             f"--resume: the spec changes the trainer checkpoint {ckpt.path.name} was written by ({'; '.join(trainer[:4])}). "
             f"Its optimizer state is in that trainer's layout (a ZeRO stage shards it differently), so the run cannot "
             f"continue exactly under the new setting. Undo the change to resume; or, to go on from these weights with "
-            f"the new setting, start a new run with \"model\": {{\"init_from\": \"{ckpt.path}\"}} (the weights carry over; "
+            f'the new setting, start a new run with "model": {{"init_from": "{ckpt.path}"}} (the weights carry over; '
             f"AdamW's moments and the learning-rate schedule start afresh)."
         )
     if changes:
@@ -139,12 +155,18 @@ def _check_run_dir(run_dir: Path) -> None:
     """The run directory must be a folder aic can write, before any work."""
     where = f"{run_dir} (output_dir, default runs/<name>)"
     if run_dir.exists() and not run_dir.is_dir():
-        raise SpecError(f"output_dir: {where} is a file, not a folder. Set output_dir to a folder, or move the file away.")
+        raise SpecError(
+            f"output_dir: {where} is a file, not a folder. Set output_dir to a folder, or move the file away."
+        )
     existing = next((p for p in [run_dir, *run_dir.parents] if p.exists()), Path("."))
     if not existing.is_dir():
-        raise SpecError(f"output_dir: {where}: {existing} is a file, so the folder cannot be made. Choose another output_dir.")
+        raise SpecError(
+            f"output_dir: {where}: {existing} is a file, so the folder cannot be made. Choose another output_dir."
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise SpecError(f"output_dir: {where}: {existing} is not writable by this user. Choose another output_dir or fix its permissions.")
+        raise SpecError(
+            f"output_dir: {where}: {existing} is not writable by this user. Choose another output_dir or fix its permissions."
+        )
 
 
 class RunLock:
@@ -279,7 +301,14 @@ def _check_world(spec: RunSpec, stages: list[str], world: tuple[int, int, int, i
 
 
 def _pipeline(
-    spec: RunSpec, spec_path: str | Path, stages: list[str], resume: bool, stop_at: int | None, registry: Registry, echo: Callable[[str], None], dist: Dist
+    spec: RunSpec,
+    spec_path: str | Path,
+    stages: list[str],
+    resume: bool,
+    stop_at: int | None,
+    registry: Registry,
+    echo: Callable[[str], None],
+    dist: Dist,
 ) -> Path:
     run_dir = spec.run_dir
     ckpt_dir = latest_checkpoint(run_dir)
@@ -291,7 +320,9 @@ def _pipeline(
         ckpt = open_checkpoint(ckpt_dir) if ckpt_dir is not None else None
         if "train" in stages:
             if resume and ckpt is None:
-                raise CheckpointError(f"--resume: {run_dir} holds no checkpoint to resume from. Run without --resume to start training.")
+                raise CheckpointError(
+                    f"--resume: {run_dir} holds no checkpoint to resume from. Run without --resume to start training."
+                )
             if not resume and ckpt is not None:
                 raise CheckpointError(
                     f"{run_dir} already holds a trained checkpoint ({ckpt.path.name}); nothing was changed. "
@@ -301,7 +332,9 @@ def _pipeline(
                 _check_resume(resolved, ckpt, echo)
                 _check_stop_at(stop_at, spec, ckpt)
                 if ckpt.step >= spec.train.steps:
-                    echo(f"resume: {ckpt.path.name} is already at train.steps ({spec.train.steps}); nothing left to train (raise train.steps to train further)")
+                    echo(
+                        f"resume: {ckpt.path.name} is already at train.steps ({spec.train.steps}); nothing left to train (raise train.steps to train further)"
+                    )
         elif ckpt is not None and ({"eval", "generate"} & set(stages)):
             _check_same_model(resolved, ckpt, stages)
         if ckpt is not None and resume and tok_path.is_file() and ckpt.state["tokenizer_hash"] != file_sha256(tok_path):
@@ -317,7 +350,9 @@ def _pipeline(
         if "tokenizer" in stages:
             _tokenizer_stage(spec, registry, tok_path, ckpt is not None, echo)
         if not tok_path.is_file():
-            raise DataError(f"{tok_path}: no tokenizer in the run directory yet. Run the tokenizer stage first: `aic run {spec_path} --stage tokenizer`.")
+            raise DataError(
+                f"{tok_path}: no tokenizer in the run directory yet. Run the tokenizer stage first: `aic run {spec_path} --stage tokenizer`."
+            )
 
     dist.once(prepare)
     tokenizer_hash = file_sha256(tok_path)
@@ -327,28 +362,65 @@ def _pipeline(
     if "train" in stages:
         torch.manual_seed(spec.seed)  # the same seed gives the same initial weights, on every rank
         trainer = registry.get("trainer", spec.train.trainer.type)
-        model = trainer.build_model(spec.train.trainer, spec, dist, lambda: build_model(spec, registry, tokenizer.vocab_size, init_weights=not resume))
+        model = trainer.build_model(
+            spec.train.trainer,
+            spec,
+            dist,
+            lambda: build_model(spec, registry, tokenizer.vocab_size, init_weights=not resume),
+        )
         if dist.rank:  # dropout masks differ between ranks
             torch.manual_seed(spec.seed + dist.rank)
         if spec.model.init_from and not resume:
             echo(f"model: weights from {spec.model.init_from}")
         seq_len = spec.train.seq_len or model.config.block_size
         if seq_len > model.config.block_size:
-            raise SpecError(f"train.seq_len: {seq_len} is longer than the model's context (block_size {model.config.block_size}). Lower train.seq_len or raise model.block_size.")
+            raise SpecError(
+                f"train.seq_len: {seq_len} is longer than the model's context (block_size {model.config.block_size}). Lower train.seq_len or raise model.block_size."
+            )
         t0 = time.perf_counter()
 
         def splits(may_encode: bool = True):
             cache = token_cache_dir(spec.data.cache_dir)
-            return load_splits(spec.data.train, spec.data.val, spec.data.val_fraction, tokenizer, tokenizer_hash, cache, seq_len, ReadOptions.of(spec.data), echo, may_encode)
+            return load_splits(
+                spec.data.train,
+                spec.data.val,
+                spec.data.val_fraction,
+                tokenizer,
+                tokenizer_hash,
+                cache,
+                seq_len,
+                ReadOptions.of(spec.data),
+                echo,
+                may_encode,
+            )
 
-        built = dist.once(splits, local=True)  # each machine encodes the corpus once; the other ranks then map the cache
+        built = dist.once(
+            splits, local=True
+        )  # each machine encodes the corpus once; the other ranks then map the cache
         train_data, val_data = dist.each(lambda: built or splits(may_encode=False))
-        echo(f"data: {len(train_data):,} training and {len(val_data):,} validation tokens ({time.perf_counter() - t0:.1f}s)")
+        echo(
+            f"data: {len(train_data):,} training and {len(val_data):,} validation tokens ({time.perf_counter() - t0:.1f}s)"
+        )
         total, trainable = model.num_params(), model.num_params(trainable_only=True)
-        adapted = f"; {spec.adapter.type}: {trainable:,} trainable ({100 * trainable / total:.2f}%)" if spec.adapter else ""
+        adapted = (
+            f"; {spec.adapter.type}: {trainable:,} trainable ({100 * trainable / total:.2f}%)" if spec.adapter else ""
+        )
         echo(f"model: {spec.model.type} + {spec.model.positional.type}, {total:,} parameters{adapted}")
         adapter = registry.get("adapter", spec.adapter.type) if spec.adapter else None
-        job = TrainJob(spec, resolved, model, train_data, val_data, run_dir, tok_path, tokenizer_hash, ckpt_dir if resume else None, stop_at, adapter, dist)
+        job = TrainJob(
+            spec,
+            resolved,
+            model,
+            train_data,
+            val_data,
+            run_dir,
+            tok_path,
+            tokenizer_hash,
+            ckpt_dir if resume else None,
+            stop_at,
+            adapter,
+            dist,
+        )
         t0 = time.perf_counter()
         try:
             trainer.train(spec.train.trainer, job)
@@ -378,7 +450,9 @@ def _pipeline(
     return run_dir
 
 
-def _tokenizer_stage(spec: RunSpec, registry: Registry, tok_path: Path, has_checkpoints: bool, echo: Callable[[str], None]) -> None:
+def _tokenizer_stage(
+    spec: RunSpec, registry: Registry, tok_path: Path, has_checkpoints: bool, echo: Callable[[str], None]
+) -> None:
     if has_checkpoints and tok_path.is_file():
         echo(f"tokenizer: reusing {tok_path} (the run already has checkpoints)")
     elif spec.model.init_from:
@@ -392,7 +466,9 @@ def _tokenizer_stage(spec: RunSpec, registry: Registry, tok_path: Path, has_chec
             with tokenizer_corpus(spec.data.train, ReadOptions.of(spec.data), tok_path.parent) as (files, corpus):
                 trained = plugin.train(spec.tokenizer, files, tok_path)
             sample = getattr(trained, "training_sample", None)  # what the plugin sampled from the corpus, if it says
-            echo(f"tokenizer: trained {spec.tokenizer.type} in {time.perf_counter() - t0:.1f}s on {corpus}{f'; {sample}' if sample else ''} -> {tok_path}")
+            echo(
+                f"tokenizer: trained {spec.tokenizer.type} in {time.perf_counter() - t0:.1f}s on {corpus}{f'; {sample}' if sample else ''} -> {tok_path}"
+            )
         else:  # nothing to learn from the corpus; the plugin still writes its file
             plugin.train(spec.tokenizer, [], tok_path)
             echo(f"tokenizer: {spec.tokenizer.type} needs no training; wrote {tok_path}")
@@ -406,7 +482,9 @@ def _report(run_dir: Path, echo: Callable[[str], None]) -> None:
         warnings.warn(f"report: not written ({exc}). Try `aic report {run_dir}` after fixing it.", stacklevel=2)
 
 
-def _eval_stage(run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable[[str], None], trained: Loaded | None) -> None:
+def _eval_stage(
+    run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable[[str], None], trained: Loaded | None
+) -> None:
     """Evaluate the latest checkpoint with the spec's eval and data sections: the model just trained, or (a stage
     run alone) the checkpoint's, loaded from disk."""
     loaded = trained or load_checkpoint_model(run_dir, registry, resolve_device("auto"))
@@ -414,11 +492,19 @@ def _eval_stage(run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable
     trained = loaded.checkpoint.state["spec"]
     metrics = loaded.checkpoint.state.get("metrics") or {}
     same = all(trained.get(k) == resolved_dict(spec, registry).get(k) for k in ("eval", "data", "seed"))
-    if "val_loss" not in metrics or not same:  # the trainer evaluated its last step as this spec would; else evaluate here
+    if (
+        "val_loss" not in metrics or not same
+    ):  # the trainer evaluated its last step as this spec would; else evaluate here
         seq_len = spec.train.seq_len or loaded.model.config.block_size
         tok_hash = loaded.checkpoint.state["tokenizer_hash"]
         _, val = load_splits(
-            spec.data.train, spec.data.val, spec.data.val_fraction, loaded.tokenizer, tok_hash, token_cache_dir(spec.data.cache_dir), seq_len,
+            spec.data.train,
+            spec.data.val,
+            spec.data.val_fraction,
+            loaded.tokenizer,
+            tok_hash,
+            token_cache_dir(spec.data.cache_dir),
+            seq_len,
             ReadOptions.of(spec.data),
         )
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
@@ -428,10 +514,14 @@ def _eval_stage(run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable
         log.close()
     result = {"checkpoint": str(loaded.checkpoint.path), "step": loaded.checkpoint.step, **metrics}
     write_json(run_dir / "eval.json", result)
-    echo(f"eval: step {result['step']}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  val_bpb {metrics['val_bpb']:.4f}")
+    echo(
+        f"eval: step {result['step']}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  val_bpb {metrics['val_bpb']:.4f}"
+    )
 
 
-def _generate_stage(run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable[[str], None], trained: Loaded | None) -> None:
+def _generate_stage(
+    run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable[[str], None], trained: Loaded | None
+) -> None:
     """Samples from the latest checkpoint for the spec's generate section (the model just trained, or from disk)."""
     loaded = trained or load_checkpoint_model(run_dir, registry, resolve_device("auto"))
     g = spec.generate
@@ -439,8 +529,21 @@ def _generate_stage(run_dir: Path, spec: RunSpec, registry: Registry, echo: Call
         echo("generate: no prompts in the spec's generate section; skipped")
         return
     seed = spec.seed if g.seed is None else g.seed
-    texts = generate(loaded.model, loaded.tokenizer, g.prompts, g.max_new_tokens, g.sampler, stop=g.stop, seed=seed, use_cache=g.use_cache, decode_step=g.decode_step)
-    parts = [f"=== sample {i + 1} (step {loaded.checkpoint.step}) ===\n{p}{t}\n" for i, (p, t) in enumerate(zip(g.prompts, texts))]
+    texts = generate(
+        loaded.model,
+        loaded.tokenizer,
+        g.prompts,
+        g.max_new_tokens,
+        g.sampler,
+        stop=g.stop,
+        seed=seed,
+        use_cache=g.use_cache,
+        decode_step=g.decode_step,
+    )
+    parts = [
+        f"=== sample {i + 1} (step {loaded.checkpoint.step}) ===\n{p}{t}\n"
+        for i, (p, t) in enumerate(zip(g.prompts, texts))
+    ]
     write_atomic(run_dir / "samples.txt", "\n".join(parts))
     for part in parts:
         echo(part)

@@ -67,16 +67,23 @@ class DataSpec(Section):
         description="What to train on: files, folders (their data files by suffix, recursively) and glob patterns "
         "('shards/*.jsonl', '**' for any depth), relative to the spec file. Files are read in order, each sorted by path.",
     )
-    val: list[DataPath] = Field(default_factory=list, description="Validation data, as data.train; if empty, the tail of the training data.")
-    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="Fraction of the training tokens held out when `val` is empty.")
+    val: list[DataPath] = Field(
+        default_factory=list, description="Validation data, as data.train; if empty, the tail of the training data."
+    )
+    val_fraction: float = Field(
+        0.05, gt=0, lt=0.5, description="Fraction of the training tokens held out when `val` is empty."
+    )
     format: Literal["auto", "text", "jsonl", "parquet"] = Field(
         "auto",
         description="How files are read: 'text' (UTF-8), 'jsonl' (one JSON object a line), 'parquet' (needs pip install "
         "\"aic[parquet]\"); 'auto' goes by suffix: .jsonl/.ndjson, .parquet/.pq, anything else text.",
     )
-    text_field: str = Field("text", min_length=1, description="The JSONL field, or Parquet column, that holds each document's text.")
+    text_field: str = Field(
+        "text", min_length=1, description="The JSONL field, or Parquet column, that holds each document's text."
+    )
     separator: str | None = Field(
-        None, min_length=1,
+        None,
+        min_length=1,
         description="In text files, the string between documents (e.g. '<|endoftext|>'), replaced by the end-of-text token; "
         "null: each text file is one document.",
     )
@@ -85,8 +92,14 @@ class DataSpec(Section):
         description="JSONL/Parquet rows that are not JSON, lack text_field, hold a non-string or invalid UTF-8: 'refuse' stops "
         "and names the first few (file and line); 'skip' leaves them out and reports how many.",
     )
-    workers: int | None = Field(None, gt=0, description="Processes that encode the corpus (default: the CPUs available). The tokens are the same for any number.")
-    cache_dir: str | None = Field(None, description="Where encoded token arrays are cached (default: $AIC_CACHE_DIR or ~/.cache/aic).")
+    workers: int | None = Field(
+        None,
+        gt=0,
+        description="Processes that encode the corpus (default: the CPUs available). The tokens are the same for any number.",
+    )
+    cache_dir: str | None = Field(
+        None, description="Where encoded token arrays are cached (default: $AIC_CACHE_DIR or ~/.cache/aic)."
+    )
 
 
 class TrainSpec(Section):
@@ -104,12 +117,15 @@ class TrainSpec(Section):
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this value; 0 turns clipping off.")
     checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: only at the end).")
     keep_last: int | None = Field(
-        None, ge=1, description="Keep only the newest N checkpoints, deleting older ones as new ones are saved (null: keep all). "
-        "The checkpoint `latest` names and the one a --resume started from are never deleted."
+        None,
+        ge=1,
+        description="Keep only the newest N checkpoints, deleting older ones as new ones are saved (null: keep all). "
+        "The checkpoint `latest` names and the one a --resume started from are never deleted.",
     )
     activation_checkpointing: bool = Field(
-        False, description="Recompute each transformer block's activations during the backward pass instead of storing them: "
-        "much less activation memory for about one more forward pass per step; the gradients are the same."
+        False,
+        description="Recompute each transformer block's activations during the backward pass instead of storing them: "
+        "much less activation memory for about one more forward pass per step; the gradients are the same.",
     )
     log_every: int = Field(10, gt=0, description="Write training loss to metrics.jsonl every N steps.")
     log_to: list[Literal["jsonl", "tensorboard"]] = Field(
@@ -146,7 +162,9 @@ class GenerateSpec(Section):
     prompts: list[str] = Field(default_factory=list)
     max_new_tokens: int = Field(200, gt=0)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
-    stop: list[str] = Field(default_factory=list, description="Stop a sequence when its new text contains one of these.")
+    stop: list[str] = Field(
+        default_factory=list, description="Stop a sequence when its new text contains one of these."
+    )
     seed: int | None = Field(None, description="Sampling seed (default: the run's seed).")
     use_cache: bool = True
     decode_step: DecodeStep = Field(
@@ -168,7 +186,9 @@ class ModelSpec(Section):
 
 
 class RunSpec(ModelSpec):
-    output_dir: str | None = Field(None, description="Run directory (default: runs/<name>, relative to the working directory).")
+    output_dir: str | None = Field(
+        None, description="Run directory (default: runs/<name>, relative to the working directory)."
+    )
     data: DataSpec
     tokenizer: TokenizerSection
     train: TrainSpec
@@ -211,7 +231,9 @@ def _union(variants: list[type[BaseModel]], fallback: type[BaseModel]) -> Any:
 
 
 def _cache_key(registry: Registry) -> tuple:
-    return tuple((kind, tuple(registry.names(kind))) for kind in ("model", "positional", "adapter", "tokenizer", "trainer"))
+    return tuple(
+        (kind, tuple(registry.names(kind))) for kind in ("model", "positional", "adapter", "tokenizer", "trainer")
+    )
 
 
 _models: dict[tuple[int, bool], tuple[tuple, type[ModelSpec]]] = {}
@@ -223,7 +245,10 @@ def spec_model(registry: Registry, model_only: bool = False) -> type[RunSpec]:
     cached = _models.get((id(registry), model_only))
     if cached and cached[0] == key:
         return cached[1]
-    kinds = {kind: list(registry.plugins(kind).values()) for kind in ("model", "positional", "adapter", "tokenizer", "trainer")}
+    kinds = {
+        kind: list(registry.plugins(kind).values())
+        for kind in ("model", "positional", "adapter", "tokenizer", "trainer")
+    }
     positional = _union([_variant(PositionalSection, p) for p in kinds["positional"]], PositionalSection)
     model = _union([_variant(ModelSection, p, positional=(positional, ...)) for p in kinds["model"]], ModelSection)
     tokenizer = _union([_variant(TokenizerSection, p) for p in kinds["tokenizer"]], TokenizerSection)
@@ -289,7 +314,9 @@ def _check_plugin_types(raw: dict[str, Any], registry: Registry, source: str, mo
         installed = ", ".join(f"'{n}'" for n in registry.names(kind)) or "none"
         name = node.get("type")
         if name is None:
-            raise SpecError(f"{source}: {where} is missing: say which {kind} plugin to use. Installed {kind} plugins: {installed}.")
+            raise SpecError(
+                f"{source}: {where} is missing: say which {kind} plugin to use. Installed {kind} plugins: {installed}."
+            )
         if not isinstance(name, str) or name not in registry.names(kind):
             raise SpecError(
                 f"{source}: {where}: unknown {kind} plugin {name!r}{did_you_mean(name, registry.names(kind))}. "
@@ -357,10 +384,11 @@ def format_validation_error(exc: ValidationError, cls: type[BaseModel], raw: Any
         else:
             msg = err["msg"]
             if msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
+                msg = msg[len("Value error, ") :]
             lines.append(f"{where}: {msg} (got {err.get('input')!r}).")
     return (
-        f"{source}: the spec is invalid:\n  - " + "\n  - ".join(lines)
+        f"{source}: the spec is invalid:\n  - "
+        + "\n  - ".join(lines)
         + "\nFix the spec and run `aic validate` again; `aic schema` lists every allowed key."
     )
 
@@ -404,13 +432,21 @@ def parse_spec(
     return spec
 
 
-def _fill_from_init(raw: dict[str, Any], registry: Registry, source: str, base_dir: Path | None, open_source: Callable[[Path, Registry], Any]) -> None:
+def _fill_from_init(
+    raw: dict[str, Any],
+    registry: Registry,
+    source: str,
+    base_dir: Path | None,
+    open_source: Callable[[Path, Registry], Any],
+) -> None:
     """model.init_from: make the path absolute; take the model and tokenizer sections' unset keys from the source."""
     model = raw.get("model")
     if not isinstance(model, dict) or model.get("init_from") is None:
         return
     if not isinstance(model["init_from"], str) or not model["init_from"]:
-        raise SpecError(f"{source}: model.init_from: expected the path of a run, checkpoint or Hugging Face folder (got {model['init_from']!r}).")
+        raise SpecError(
+            f"{source}: model.init_from: expected the path of a run, checkpoint or Hugging Face folder (got {model['init_from']!r})."
+        )
     path = Path(model["init_from"]).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
@@ -423,9 +459,16 @@ def _fill_from_init(raw: dict[str, Any], registry: Registry, source: str, base_d
             f"{source}: model.type: {model['type']!r}, but the init_from source {path} holds a {src.model_section['type']!r} model. "
             f"Remove model.type (it comes from the source) or start from a {model['type']!r} checkpoint."
         )
-    merged = {**src.model_section, **{k: v for k, v in model.items() if k != "positional"}, "init_from": str(path.resolve())}
+    merged = {
+        **src.model_section,
+        **{k: v for k, v in model.items() if k != "positional"},
+        "init_from": str(path.resolve()),
+    }
     positional = model.get("positional")
-    if isinstance(positional, dict) and positional.get("type", src.model_section["positional"]["type"]) == src.model_section["positional"]["type"]:
+    if (
+        isinstance(positional, dict)
+        and positional.get("type", src.model_section["positional"]["type"]) == src.model_section["positional"]["type"]
+    ):
         merged["positional"] = {**src.model_section["positional"], **positional}
     elif positional is not None:
         merged["positional"] = positional  # another encoding: the weights decide whether it loads
@@ -486,14 +529,20 @@ def _section_of(spec: RunSpec, path: tuple[str, ...]) -> Any:
     return node
 
 
-def load_spec_file(path: str | Path, registry: Registry, open_source: Callable[[Path, Registry], Any] | None = None) -> RunSpec:
+def load_spec_file(
+    path: str | Path, registry: Registry, open_source: Callable[[Path, Registry], Any] | None = None
+) -> RunSpec:
     """A spec file, validated. `aic_core.model.loading.load_spec` passes `open_source`, which reads a `model.init_from`
     source (the spec module itself opens no models)."""
     path = Path(path)
     if path.is_dir():
-        raise SpecError(f"{path}: is a directory, not a spec file. Pass the path of a JSON run spec, e.g. examples/austen-tiny.json.")
+        raise SpecError(
+            f"{path}: is a directory, not a spec file. Pass the path of a JSON run spec, e.g. examples/austen-tiny.json."
+        )
     if not path.is_file():
-        raise SpecError(f"{path}: spec file not found. Pass the path of a JSON run spec, e.g. examples/austen-tiny.json.")
+        raise SpecError(
+            f"{path}: spec file not found. Pass the path of a JSON run spec, e.g. examples/austen-tiny.json."
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -46,7 +46,15 @@ def run_mode(mode: str, steps: int, warmup: int, threads: int) -> dict:
     torch.manual_seed(0)
     registry = Registry(strict=False)
     plugin, rope = registry.get("model", "llama"), registry.get("positional", "rope")
-    options = plugin.Options(n_layer=LAYERS, n_head=HEADS, n_kv_head=KV_HEADS, n_embd=WIDTH, mlp_hidden=HIDDEN, block_size=CONTEXT, vocab_size=VOCAB)
+    options = plugin.Options(
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_kv_head=KV_HEADS,
+        n_embd=WIDTH,
+        mlp_hidden=HIDDEN,
+        block_size=CONTEXT,
+        vocab_size=VOCAB,
+    )
     config = plugin.config(options, VOCAB)
     model = plugin.build(options, config, rope.build(rope.Options(), config))
     if mode == "lora":
@@ -88,9 +96,23 @@ def main() -> None:
         return
     rows = []
     for mode in ("full", "lora"):
+
         def child(steps: int, warmup: int, env: dict) -> dict:
-            cmd = [sys.executable, __file__, "--child", mode, "--steps", str(steps), "--warmup", str(warmup), "--threads", str(args.threads)]
-            return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.splitlines()[-1])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--steps",
+                str(steps),
+                "--warmup",
+                str(warmup),
+                "--threads",
+                str(args.threads),
+            ]
+            return json.loads(
+                subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.splitlines()[-1]
+            )
 
         timed = child(args.steps, args.warmup, dict(os.environ))
         # Memory in a process of its own: mmapped allocations are slow, so they are not timed.
@@ -108,7 +130,9 @@ def main() -> None:
             f"{r['peak']:,.0f} | {r['peak'] - r['before']:,.0f} |"
         )
     full, lora = rows
-    print(f"\nLoRA / full: step time {lora['ms'] / full['ms']:.2f}x, training memory {(lora['peak'] - lora['before']) / (full['peak'] - full['before']):.2f}x")
+    print(
+        f"\nLoRA / full: step time {lora['ms'] / full['ms']:.2f}x, training memory {(lora['peak'] - lora['before']) / (full['peak'] - full['before']):.2f}x"
+    )
 
 
 if __name__ == "__main__":

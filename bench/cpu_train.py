@@ -35,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from nanogpt_model import GPT, GPTConfig
 
 LAYERS, HEADS, WIDTH, CONTEXT, BATCH, VOCAB = 4, 4, 256, 256, 8, 4096
-TRAIN = TrainSpec(trainer={"type": "torch"}, steps=1, lr=1e-4)  # the spec's AdamW defaults: betas (0.9, 0.95), weight decay 0.1
+TRAIN = TrainSpec(
+    trainer={"type": "torch"}, steps=1, lr=1e-4
+)  # the spec's AdamW defaults: betas (0.9, 0.95), weight decay 0.1
 
 
 def aic_gpt2() -> torch.nn.Module:
@@ -48,8 +50,17 @@ def aic_gpt2() -> torch.nn.Module:
 
 def hf_gpt2() -> torch.nn.Module:
     config = transformers.GPT2Config(
-        n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH, n_positions=CONTEXT, vocab_size=VOCAB,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_embd=WIDTH,
+        n_positions=CONTEXT,
+        vocab_size=VOCAB,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="sdpa",
     )
     model = transformers.GPT2LMHeadModel(config)
     assert model.config._attn_implementation == "sdpa"
@@ -57,7 +68,11 @@ def hf_gpt2() -> torch.nn.Module:
 
 
 def nanogpt() -> torch.nn.Module:
-    return GPT(GPTConfig(block_size=CONTEXT, vocab_size=VOCAB, n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH, dropout=0.0, bias=True))
+    return GPT(
+        GPTConfig(
+            block_size=CONTEXT, vocab_size=VOCAB, n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH, dropout=0.0, bias=True
+        )
+    )
 
 
 def floor(threads: int) -> None:
@@ -85,9 +100,18 @@ def floor(threads: int) -> None:
         return best(lambda: torch.mm(a, b, out=out)), 2 * m * k * n
 
     rows, seconds, flops = BATCH * CONTEXT, 0.0, 0
-    for fan_in, fan_out, count in ((WIDTH, 3 * WIDTH, LAYERS), (WIDTH, WIDTH, LAYERS), (WIDTH, 4 * WIDTH, LAYERS),
-                                   (4 * WIDTH, WIDTH, LAYERS), (WIDTH, VOCAB, 1)):
-        for t, f in (gemm(rows, fan_in, fan_out, tb=True), gemm(rows, fan_out, fan_in), gemm(fan_out, rows, fan_in, ta=True)):
+    for fan_in, fan_out, count in (
+        (WIDTH, 3 * WIDTH, LAYERS),
+        (WIDTH, WIDTH, LAYERS),
+        (WIDTH, 4 * WIDTH, LAYERS),
+        (4 * WIDTH, WIDTH, LAYERS),
+        (WIDTH, VOCAB, 1),
+    ):
+        for t, f in (
+            gemm(rows, fan_in, fan_out, tb=True),
+            gemm(rows, fan_out, fan_in),
+            gemm(fan_out, rows, fan_in, ta=True),
+        ):
             seconds, flops = seconds + count * t, flops + count * f
     q, k, v = (torch.randn(BATCH, HEADS, CONTEXT, WIDTH // HEADS, requires_grad=True) for _ in range(3))
 
@@ -97,9 +121,11 @@ def floor(threads: int) -> None:
 
     attn = LAYERS * best(attention)
     big = gemm(2048, 2048, 2048)
-    print(f"\nFloor: the step's GEMMs alone {seconds * 1e3:.1f} ms ({flops / 1e9:.1f} GFLOP at {flops / seconds / 1e9:.0f} "
-          f"GFLOP/s; a 2048^3 GEMM runs at {big[1] / big[0] / 1e9:.0f}), attention forward + backward alone "
-          f"{attn * 1e3:.1f} ms: {(seconds + attn) * 1e3:.1f} ms together.")
+    print(
+        f"\nFloor: the step's GEMMs alone {seconds * 1e3:.1f} ms ({flops / 1e9:.1f} GFLOP at {flops / seconds / 1e9:.0f} "
+        f"GFLOP/s; a 2048^3 GEMM runs at {big[1] / big[0] / 1e9:.0f}), attention forward + backward alone "
+        f"{attn * 1e3:.1f} ms: {(seconds + attn) * 1e3:.1f} ms together."
+    )
 
 
 class Runner:
@@ -124,10 +150,14 @@ class Runner:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4, help="measurements per model, in alternating order")
-    parser.add_argument("--steps", type=int, default=5, help="steps per timing (each measurement is the best of two timings)")
+    parser.add_argument(
+        "--steps", type=int, default=5, help="steps per timing (each measurement is the best of two timings)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--compile", action="store_true", help="also aic under torch.compile, its compile time reported")
+    parser.add_argument(
+        "--compile", action="store_true", help="also aic under torch.compile, its compile time reported"
+    )
     parser.add_argument("--floor", action="store_true", help="also time the step's matmuls and attention alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -139,15 +169,29 @@ def main() -> None:
     aic, nano, hf = aic_gpt2(), nanogpt(), hf_gpt2()
     runners = [
         Runner("aic gpt2", aic, adamw(aic, TRAIN, cpu), lambda: aic(inputs, targets)),
-        Runner("nanoGPT model.py", nano, nano.configure_optimizers(TRAIN.weight_decay, TRAIN.lr, (TRAIN.beta1, TRAIN.beta2), "cpu"),
-               lambda: nano(inputs, targets)[1]),
-        Runner("HF GPT2LMHeadModel (sdpa)", hf, torch.optim.AdamW(hf.parameters(), lr=TRAIN.lr), lambda: hf(input_ids=inputs, labels=inputs).loss),
+        Runner(
+            "nanoGPT model.py",
+            nano,
+            nano.configure_optimizers(TRAIN.weight_decay, TRAIN.lr, (TRAIN.beta1, TRAIN.beta2), "cpu"),
+            lambda: nano(inputs, targets)[1],
+        ),
+        Runner(
+            "HF GPT2LMHeadModel (sdpa)",
+            hf,
+            torch.optim.AdamW(hf.parameters(), lr=TRAIN.lr),
+            lambda: hf(input_ids=inputs, labels=inputs).loss,
+        ),
     ]
     compile_s = None
     if args.compile:
         compiled_model = aic_gpt2()
         compiled = torch.compile(compiled_model)
-        runner = Runner("aic gpt2, torch.compile", compiled_model, adamw(compiled_model, TRAIN, cpu), lambda: compiled(inputs, targets))
+        runner = Runner(
+            "aic gpt2, torch.compile",
+            compiled_model,
+            adamw(compiled_model, TRAIN, cpu),
+            lambda: compiled(inputs, targets),
+        )
         first = runner.step()
         compile_s = first - min(runner.step() for _ in range(3))
         runners.append(runner)
@@ -161,10 +205,14 @@ def main() -> None:
 
     tokens = BATCH * CONTEXT
     nano_r, hf_r = runners[1], runners[2]
-    print(f"CPU ({args.threads} threads), fp32, torch {torch.__version__}, transformers {transformers.__version__}; {LAYERS} layers, "
-          f"{HEADS} heads, width {WIDTH}, context {CONTEXT}, batch {BATCH}, vocab {VOCAB}; {args.rounds} rounds, each the best of "
-          f"two timings of {args.steps} steps, alternating order, after {args.warmup} warm-up steps\n")
-    print("| model | params | ms/step (best round) | tokens/s | vs nanoGPT | vs HF | vs nanoGPT, each round | vs HF, each round |")
+    print(
+        f"CPU ({args.threads} threads), fp32, torch {torch.__version__}, transformers {transformers.__version__}; {LAYERS} layers, "
+        f"{HEADS} heads, width {WIDTH}, context {CONTEXT}, batch {BATCH}, vocab {VOCAB}; {args.rounds} rounds, each the best of "
+        f"two timings of {args.steps} steps, alternating order, after {args.warmup} warm-up steps\n"
+    )
+    print(
+        "| model | params | ms/step (best round) | tokens/s | vs nanoGPT | vs HF | vs nanoGPT, each round | vs HF, each round |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
 
     def spread(a: Runner, b: Runner) -> str:
@@ -174,8 +222,10 @@ def main() -> None:
     for runner in runners:
         best = min(runner.rounds)
         params = sum(p.numel() for p in runner.model.parameters())  # tied weights count once
-        print(f"| {runner.name} | {params:,} | {best * 1e3:.1f} | {tokens / best:,.0f} | {min(nano_r.rounds) / best:.2f} | "
-              f"{min(hf_r.rounds) / best:.2f} | {spread(runner, nano_r)} | {spread(runner, hf_r)} |")
+        print(
+            f"| {runner.name} | {params:,} | {best * 1e3:.1f} | {tokens / best:,.0f} | {min(nano_r.rounds) / best:.2f} | "
+            f"{min(hf_r.rounds) / best:.2f} | {spread(runner, nano_r)} | {spread(runner, hf_r)} |"
+        )
     if compile_s is not None:
         print(f"\naic under torch.compile: first step {compile_s:.1f} s longer than a compiled step (the compile).")
     if args.floor:

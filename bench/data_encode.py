@@ -23,8 +23,8 @@ import argparse
 import json
 import os
 import re
-import shutil
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -169,7 +169,10 @@ def child(args: argparse.Namespace) -> None:
         result = run_encode(folder, args.form, int(args.child))
     watch.stopped.set()
     result["rss_mb"], result["workers_rss_mb"] = peak_rss_mb(), watch.peak
-    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)  # workers: joined by now
+    own, workers = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )  # workers: joined by now
     result["cpu_s"] = own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
     print(json.dumps(result))
 
@@ -178,7 +181,18 @@ def measure(args: argparse.Namespace, form: str, what: str) -> dict:
     """The best of --repeat runs (the least disturbed by other work on the machine)."""
     runs = []
     for _ in range(args.repeat):
-        cmd = [sys.executable, __file__, "--child", what, "--form", form, "--dir", args.dir, "--reference-mb", str(args.reference_mb)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            what,
+            "--form",
+            form,
+            "--dir",
+            args.dir,
+            "--reference-mb",
+            str(args.reference_mb),
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]) | {"load": os.getloadavg()[0]})
     return max(runs, key=lambda r: r["n_bytes"] / r["seconds"])
@@ -188,26 +202,56 @@ def measure_two_plain(args: argparse.Namespace, form: str) -> dict:
     """Two plain loops at once, each on half of the files: what two processes get from this machine's CPUs."""
     runs = []
     for _ in range(args.repeat):
-        cmds = [[sys.executable, __file__, "--child", f"plain{k}/2", "--form", form, "--dir", args.dir, "--reference-mb", str(args.reference_mb)] for k in (0, 1)]
+        cmds = [
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                f"plain{k}/2",
+                "--form",
+                form,
+                "--dir",
+                args.dir,
+                "--reference-mb",
+                str(args.reference_mb),
+            ]
+            for k in (0, 1)
+        ]
         t0 = time.perf_counter()
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO) for cmd in cmds]
         halves = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
         seconds = time.perf_counter() - t0
-        runs.append({
-            "seconds": seconds, "n_bytes": sum(h["n_bytes"] for h in halves), "tokens": sum(h["tokens"] for h in halves),
-            "rss_mb": max(h["rss_mb"] for h in halves), "workers_rss_mb": 0, "load": os.getloadavg()[0], "cpu_s": sum(h["cpu_s"] for h in halves),
-        })
+        runs.append(
+            {
+                "seconds": seconds,
+                "n_bytes": sum(h["n_bytes"] for h in halves),
+                "tokens": sum(h["tokens"] for h in halves),
+                "rss_mb": max(h["rss_mb"] for h in halves),
+                "workers_rss_mb": 0,
+                "load": os.getloadavg()[0],
+                "cpu_s": sum(h["cpu_s"] for h in halves),
+            }
+        )
     return max(runs, key=lambda r: r["n_bytes"] / r["seconds"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=int, default=1000, help="corpus size in MB of document text (default 1000)")
-    parser.add_argument("--dir", default="/tmp/aic-bench-data", help="where the corpus is built (default /tmp/aic-bench-data)")
+    parser.add_argument(
+        "--dir", default="/tmp/aic-bench-data", help="where the corpus is built (default /tmp/aic-bench-data)"
+    )
     parser.add_argument("--forms", default="text,jsonl", help="text, jsonl or both (default)")
     parser.add_argument("--workers", default="1,2", help="worker counts to measure (default 1,2)")
-    parser.add_argument("--reference-mb", type=float, default=0, help="stop the plain loops after this many MB (default: the whole corpus)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the fastest is shown (default 1)")
+    parser.add_argument(
+        "--reference-mb",
+        type=float,
+        default=0,
+        help="stop the plain loops after this many MB (default: the whole corpus)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each measurement; the fastest is shown (default 1)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--form", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -219,14 +263,22 @@ def main() -> None:
     t0 = time.perf_counter()
     build(folder, args.size_mb)
     tokenizer(folder)
-    print(f"corpus: {args.size_mb} MB of Austen chapters under {folder} (built in {time.perf_counter() - t0:.0f}s); {os.cpu_count()} CPUs; "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    print("| form | encoder | MB/s | tokens/s | vs plain loop | seconds | CPU seconds, all its processes | peak RSS, encoding process | peak RSS, a worker | load avg after |")
+    print(
+        f"corpus: {args.size_mb} MB of Austen chapters under {folder} (built in {time.perf_counter() - t0:.0f}s); {os.cpu_count()} CPUs; "
+        f"load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    print(
+        "| form | encoder | MB/s | tokens/s | vs plain loop | seconds | CPU seconds, all its processes | peak RSS, encoding process | peak RSS, a worker | load avg after |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for form in args.forms.split(","):
         plain = measure(args, form, "plain")
         plain_rate = plain["n_bytes"] / plain["seconds"] / 1e6
-        rows = [("plain loop of SentencePieceProcessor.encode", plain), ("2 plain loops at once, half the files each (the CPUs' ceiling)", measure_two_plain(args, form))]
+        rows = [
+            ("plain loop of SentencePieceProcessor.encode", plain),
+            ("2 plain loops at once, half the files each (the CPUs' ceiling)", measure_two_plain(args, form)),
+        ]
         rows += [(f"aic, {w} worker{'s' if w != '1' else ''}", measure(args, form, w)) for w in args.workers.split(",")]
         for name, r in rows:
             rate = r["n_bytes"] / r["seconds"] / 1e6

@@ -69,8 +69,10 @@ def measure(model, batch: int, mode: str, top: int) -> dict:
     for e in kernels:
         per_name[e.name].append(e.time_range.elapsed_us())
     busy = sum(sum(v) for v in per_name.values()) / n
-    print(f"\n{mode}, batch {batch}: replay {best * 1e3:.3f} ms/step ({batch / best:,.0f} tok/s), "
-          f"{len(kernels) / n:.0f} kernels/step, GPU {busy:.1f} us/step, build {build_s:.1f} s")
+    print(
+        f"\n{mode}, batch {batch}: replay {best * 1e3:.3f} ms/step ({batch / best:,.0f} tok/s), "
+        f"{len(kernels) / n:.0f} kernels/step, GPU {busy:.1f} us/step, build {build_s:.1f} s"
+    )
     print("| kernel | per step | us/step | us each |")
     print("|---|---:|---:|---:|")
     rows = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))
@@ -92,7 +94,9 @@ def main() -> None:
     print("\n| mode | batch | ms/step | tok/s | kernels/step | GPU us/step |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['mode']} | {r['batch']} | {r['ms_step']:.3f} | {r['batch'] / r['ms_step'] * 1e3:,.0f} | {r['kernels']:.0f} | {r['gpu_us']:.1f} |")
+        print(
+            f"| {r['mode']} | {r['batch']} | {r['ms_step']:.3f} | {r['batch'] / r['ms_step'] * 1e3:,.0f} | {r['kernels']:.0f} | {r['gpu_us']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ def _attend(kind: str):
             S = k.shape[-2]
             bias = attn_mask.expand(B, H, G, S).reshape(B * H, G, S)
             scores = torch.baddbmm(bias, q.reshape(B * H, G, D), k.reshape(B * H, S, D).transpose(1, 2), alpha=scale)
-            return torch.bmm(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v.reshape(B * H, S, D)).view(B, H, G, D)
+            return torch.bmm(
+                torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v.reshape(B * H, S, D)
+            ).view(B, H, G, D)
         raise ValueError(f"unknown attention variant {kind!r}")
 
     return sdpa
@@ -138,7 +140,11 @@ def main() -> None:
     torch.manual_seed(0)
     if args.smoke:
         model, new, modes = aic_model(SMOKE["gpt2"]).eval(), 8, ["eager"]
-        plan = [(a, g, {}, ("eager",), (1, 2)) for a, g, flags, _, _ in PLAN if a not in ("efficient", "cudnn") and not flags]
+        plan = [
+            (a, g, {}, ("eager",), (1, 2))
+            for a, g, flags, _, _ in PLAN
+            if a not in ("efficient", "cudnn") and not flags
+        ]
         args.repeats = 1
     else:
         if not torch.cuda.is_available():
@@ -158,11 +164,17 @@ def main() -> None:
                 except Exception as exc:  # a backend this card or shape does not have: say so, go on
                     if args.smoke:  # the smoke run checks the script itself: no failure is expected there
                         raise
-                    print(f"| {attn} | {gelu} | {flags or ''} | {mode} | {batch} | failed: {type(exc).__name__}: {str(exc)[:80]} | | |", flush=True)
+                    print(
+                        f"| {attn} | {gelu} | {flags or ''} | {mode} | {batch} | failed: {type(exc).__name__}: {str(exc)[:80]} | | |",
+                        flush=True,
+                    )
                     continue
                 base = shipped.setdefault((mode, batch), tokens)
                 same = int((tokens == base).sum())
-                print(f"| {attn} | {gelu} | {flags or ''} | {mode} | {batch} | {ms:.3f} | {batch / ms * 1e3:,.0f} | {same} of {base.numel()} |", flush=True)
+                print(
+                    f"| {attn} | {gelu} | {flags or ''} | {mode} | {batch} | {ms:.3f} | {batch / ms * 1e3:,.0f} | {same} of {base.numel()} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,30 @@ from aic_core.spec import SamplerSpec
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "data" / "northangerabbey.txt"
 GREEDY = SamplerSpec(temperature=0)
 SAMPLING = SamplerSpec(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1)
-FULL = {"layers": 12, "heads": 12, "width": 768, "positions": 1024, "vocab": 50257, "learned": 16000, "prompt": 128, "new": 256, "batches": [1, 16], "repeats": 3}
-SMOKE = {"layers": 2, "heads": 2, "width": 64, "positions": 128, "vocab": 1024, "learned": 600, "prompt": 16, "new": 8, "batches": [1, 2], "repeats": 1}
+FULL = {
+    "layers": 12,
+    "heads": 12,
+    "width": 768,
+    "positions": 1024,
+    "vocab": 50257,
+    "learned": 16000,
+    "prompt": 128,
+    "new": 256,
+    "batches": [1, 16],
+    "repeats": 3,
+}
+SMOKE = {
+    "layers": 2,
+    "heads": 2,
+    "width": 64,
+    "positions": 128,
+    "vocab": 1024,
+    "learned": 600,
+    "prompt": 16,
+    "new": 8,
+    "batches": [1, 2],
+    "repeats": 1,
+}
 
 
 def sync(device: torch.device) -> None:
@@ -111,14 +133,18 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, one repeat: checks that the script runs")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes on the CPU, one repeat: checks that the script runs"
+    )
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: 1 16)")
     parser.add_argument("--new-tokens", type=int, help="new tokens per row (default: 256)")
     parser.add_argument("--repeats", type=int, help="timed calls per measurement, best kept (default: 3)")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     args = parser.parse_args()
     shape = dict(SMOKE if args.smoke else FULL)
-    shape.update({k: v for k, v in {"batches": args.batches, "new": args.new_tokens, "repeats": args.repeats}.items() if v})
+    shape.update(
+        {k: v for k, v in {"batches": args.batches, "new": args.new_tokens, "repeats": args.repeats}.items() if v}
+    )
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cuda = device.type == "cuda"
@@ -127,8 +153,14 @@ def main() -> None:
     try:
         torch.manual_seed(0)
         config = transformers.GPT2Config(
-            n_layer=shape["layers"], n_head=shape["heads"], n_embd=shape["width"], n_positions=shape["positions"],
-            vocab_size=shape["vocab"], bos_token_id=1, eos_token_id=2, attn_implementation="sdpa",
+            n_layer=shape["layers"],
+            n_head=shape["heads"],
+            n_embd=shape["width"],
+            n_positions=shape["positions"],
+            vocab_size=shape["vocab"],
+            bos_token_id=1,
+            eos_token_id=2,
+            attn_implementation="sdpa",
         )
         hf = transformers.GPT2LMHeadModel(config).eval()
         hf.save_pretrained(folder, safe_serialization=True)
@@ -144,9 +176,13 @@ def main() -> None:
     hf.generation_config.pad_token_id = 0
 
     bandwidth = copy_bandwidth(device)
-    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}, transformers {transformers.__version__}; {dtype}")
-    print(f"model: {shape['layers']} layers, {shape['heads']} heads, {shape['width']} wide, vocab {shape['vocab']}; "
-          f"aic weights {weight_bytes(aic) / 1e6:.1f} MB, transformers {weight_bytes(hf) / 1e6:.1f} MB; copy bandwidth {bandwidth / 1e12:.3f} TB/s")
+    print(
+        f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}, transformers {transformers.__version__}; {dtype}"
+    )
+    print(
+        f"model: {shape['layers']} layers, {shape['heads']} heads, {shape['width']} wide, vocab {shape['vocab']}; "
+        f"aic weights {weight_bytes(aic) / 1e6:.1f} MB, transformers {weight_bytes(hf) / 1e6:.1f} MB; copy bandwidth {bandwidth / 1e12:.3f} TB/s"
+    )
     print(f"prompt {shape['prompt']} tokens, {shape['new']} new tokens; aic CUDA_STEP = {generation.CUDA_STEP!r}")
 
     # The same weights through both: greedy text in float32 on a short run, a check of the fast path.
@@ -155,8 +191,12 @@ def main() -> None:
     with torch.no_grad():
         aic32, hf32 = aic.float(), hf.float()
         ours = generation.generate(aic32, tokenizer, check_texts, n_check, GREEDY)
-        theirs = hf32.generate(torch.tensor(check_ids, device=device), attention_mask=torch.ones(4, shape["prompt"], dtype=torch.long, device=device),
-                               max_new_tokens=n_check, do_sample=False)[:, shape["prompt"] :]
+        theirs = hf32.generate(
+            torch.tensor(check_ids, device=device),
+            attention_mask=torch.ones(4, shape["prompt"], dtype=torch.long, device=device),
+            max_new_tokens=n_check,
+            do_sample=False,
+        )[:, shape["prompt"] :]
         same = sum(o == tokenizer.decode(t.tolist()) for o, t in zip(ours, theirs))
         aic, hf = aic32.to(dtype), hf32.to(dtype)
     print(f"check, float32, greedy, {n_check} tokens: aic's text equals transformers' for {same} of 4 prompts")
@@ -176,15 +216,25 @@ def main() -> None:
             return generation.generate(aic, tokenizer, texts, n, sampler, seed=0, decode_step=step)
 
         def hf_call(n: int, input_ids: torch.Tensor = input_ids, **kw: object) -> object:
-            return hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n, do_sample=False, **kw)
+            return hf.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n, do_sample=False, **kw
+            )
 
         systems = {
-            f"aic, default step ({generation.CUDA_STEP if cuda else 'eager'})": functools.partial(aic_call, step="auto", sampler=GREEDY),
-            **({"aic, decode_step='compile'": functools.partial(aic_call, step="compile", sampler=GREEDY)} if cuda else {}),
+            f"aic, default step ({generation.CUDA_STEP if cuda else 'eager'})": functools.partial(
+                aic_call, step="auto", sampler=GREEDY
+            ),
+            **(
+                {"aic, decode_step='compile'": functools.partial(aic_call, step="compile", sampler=GREEDY)}
+                if cuda
+                else {}
+            ),
             "aic, decode_step='eager'": functools.partial(aic_call, step="eager", sampler=GREEDY),
             "aic, sampling, default step": functools.partial(aic_call, step="auto", sampler=SAMPLING),
             "transformers, dynamic cache": hf_call,
-            "transformers, static cache" + (" + compile" if cuda else " (no compile off CUDA)"): functools.partial(hf_call, cache_implementation="static"),
+            "transformers, static cache" + (" + compile" if cuda else " (no compile off CUDA)"): functools.partial(
+                hf_call, cache_implementation="static"
+            ),
         }
         for name, call in systems.items():
             try:
@@ -198,11 +248,17 @@ def main() -> None:
                 continue
             model_bytes = weight_bytes(aic if name.startswith("aic") else hf)
             tok_s = batch * shape["new"] / full
-            results.append({
-                "batch": batch, "system": name, "first_call_s": first, "ttft_ms": ttft * 1e3,
-                "ms_per_step": (full - ttft) / (shape["new"] - 1) * 1e3, "tok_s": tok_s,
-                "floor_share": tok_s / (batch * bandwidth / model_bytes),
-            })
+            results.append(
+                {
+                    "batch": batch,
+                    "system": name,
+                    "first_call_s": first,
+                    "ttft_ms": ttft * 1e3,
+                    "ms_per_step": (full - ttft) / (shape["new"] - 1) * 1e3,
+                    "tok_s": tok_s,
+                    "floor_share": tok_s / (batch * bandwidth / model_bytes),
+                }
+            )
             print(f"  batch {batch}: {name}: {tok_s:,.0f} tok/s (first call {first:.1f} s)", flush=True)
 
     peer = "transformers, static cache" + (" + compile" if cuda else " (no compile off CUDA)")
@@ -210,17 +266,31 @@ def main() -> None:
         rows = [r for r in results if r["batch"] == batch]
         ref = next((r["tok_s"] for r in rows if r["system"] == peer and "tok_s" in r), float("nan"))
         print(f"\nbatch {batch}, prompt {shape['prompt']}, {shape['new']} new tokens, {dtype}")
-        print("| system | first call (s) | TTFT (ms) | ms/step | tok/s | x transformers static | share of bandwidth floor |")
+        print(
+            "| system | first call (s) | TTFT (ms) | ms/step | tok/s | x transformers static | share of bandwidth floor |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             if "error" in r:
                 print(f"| {r['system']} | failed: {r['error'][:120]} | | | | | |")
                 continue
-            print(f"| {r['system']} | {r['first_call_s']:.2f} | {r['ttft_ms']:.1f} | {r['ms_per_step']:.3f} | {r['tok_s']:,.0f} | "
-                  f"{r['tok_s'] / ref:.2f} | {100 * r['floor_share']:.1f} % |")
+            print(
+                f"| {r['system']} | {r['first_call_s']:.2f} | {r['ttft_ms']:.1f} | {r['ms_per_step']:.3f} | {r['tok_s']:,.0f} | "
+                f"{r['tok_s'] / ref:.2f} | {100 * r['floor_share']:.1f} % |"
+            )
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype), "shape": shape,
-                                               "copy_bandwidth": bandwidth, "results": results}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": torch.cuda.get_device_name() if cuda else "cpu",
+                    "dtype": str(dtype),
+                    "shape": shape,
+                    "copy_bandwidth": bandwidth,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

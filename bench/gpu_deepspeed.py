@@ -45,7 +45,13 @@ MODELS = {
 # DeepSpeed settings tried beside the defaults (train.trainer.config), for the ZeRO-1/2 overhead at one GPU.
 VARIANTS = {
     "overlap": {"zero_optimization": {"overlap_comm": True}},
-    "big-buckets": {"zero_optimization": {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000, "overlap_comm": True}},
+    "big-buckets": {
+        "zero_optimization": {
+            "reduce_bucket_size": 500_000_000,
+            "allgather_bucket_size": 500_000_000,
+            "overlap_comm": True,
+        }
+    },
 }
 
 
@@ -60,8 +66,17 @@ def make_spec(model: dict, batch: int, seq_len: int, trainer: dict, steps: int, 
         "tokenizer": {"type": "sentencepiece", "vocab_size": model["vocab_size"]},
         "model": {**model, "dropout": 0.0},
         # grad_accum = world: each process runs one micro-batch of `batch` a step, as the one-GPU run does.
-        "train": {"trainer": trainer, "steps": steps, "batch_size": batch, "seq_len": seq_len, "grad_accum": world,
-                  "lr": 3e-4, "warmup_steps": 2, "log_every": log_every, "checkpoint_every": 0},
+        "train": {
+            "trainer": trainer,
+            "steps": steps,
+            "batch_size": batch,
+            "seq_len": seq_len,
+            "grad_accum": world,
+            "lr": 3e-4,
+            "warmup_steps": 2,
+            "log_every": log_every,
+            "checkpoint_every": 0,
+        },
         "eval": {"batches": 1, "every": 0},
     }
     return parse_spec(raw, get_registry(), check=False)
@@ -82,8 +97,13 @@ def count_host_reads(trainer_module: str, warmup: int) -> tuple[collections.Coun
         def read(self, *args, _original=original, _name=name, **kwargs):
             if calls[0] > warmup:
                 frames = traceback.extract_stack(limit=16)[:-1]
-                caller = next((f for f in reversed(frames) if "/torch/" not in f.filename or "/torch/optim/" in f.filename), frames[-1])
-                where = caller.filename.split("site-packages/")[-1].replace(str(Path(__file__).resolve().parents[1]) + "/", "")
+                caller = next(
+                    (f for f in reversed(frames) if "/torch/" not in f.filename or "/torch/optim/" in f.filename),
+                    frames[-1],
+                )
+                where = caller.filename.split("site-packages/")[-1].replace(
+                    str(Path(__file__).resolve().parents[1]) + "/", ""
+                )
                 counts[f"{_name} in {caller.name} ({where}:{caller.lineno})"] += 1
             return _original(self, *args, **kwargs)
 
@@ -101,11 +121,11 @@ def count_host_reads(trainer_module: str, warmup: int) -> tuple[collections.Coun
 
 def run_one(cfg: dict) -> dict:
     from aic_core.data.tokens import TokenData
-    from aic_core.train.distributed import launcher_world, setup, teardown
-    from aic_core.plugins.kinds import TrainJob
     from aic_core.model.loading import build_model
     from aic_core.plan.memory import plan
+    from aic_core.plugins.kinds import TrainJob
     from aic_core.plugins.registry import get_registry
+    from aic_core.train.distributed import launcher_world, setup, teardown
 
     model, batch, seq_len = MODELS[cfg["model"]]
     device = cfg["device"]
@@ -129,7 +149,12 @@ def run_one(cfg: dict) -> dict:
     net = trainer.build_model(options, spec, dist, lambda: build_model(spec, registry, model["vocab_size"]))
     host_reads = count_host_reads(f"aic_plugins.trainers.{cfg['trainer']}", 3) if cfg.get("host_reads") else None
     rng = np.random.default_rng(0)
-    tokens = TokenData(rng.integers(0, model["vocab_size"], size=4_000_000, dtype=np.uint32 if model["vocab_size"] > 65535 else np.uint16), 4_000_000 * 4)
+    tokens = TokenData(
+        rng.integers(
+            0, model["vocab_size"], size=4_000_000, dtype=np.uint32 if model["vocab_size"] > 65535 else np.uint16
+        ),
+        4_000_000 * 4,
+    )
     with tempfile.TemporaryDirectory(prefix="aic-bench-") as tmp:
         run_dir = Path(tmp)
         (run_dir / "tokenizer.model").write_bytes(b"unused")
@@ -161,9 +186,17 @@ def run_one(cfg: dict) -> dict:
     name = ("ddp" if world[1] > 1 else "torch") if cfg["trainer"] == "torch" else f"zero-{cfg['stage']}"
     name += f" {cfg['variant']}" if cfg.get("variant") else ""
     return {
-        "model": cfg["model"], "name": name, "world": world[1], "tokens_per_s": statistics.median(rates) if rates else None,
-        "peak": max(peaks), "planned": predicted.total, "planned_strategy": predicted.name, "losses": [r["loss"] for r in records if "loss" in r],
-        "host_reads": None if host_reads is None else {"steps": host_reads[1][0] - 3, "by_caller": dict(host_reads[0].most_common())},
+        "model": cfg["model"],
+        "name": name,
+        "world": world[1],
+        "tokens_per_s": statistics.median(rates) if rates else None,
+        "peak": max(peaks),
+        "planned": predicted.total,
+        "planned_strategy": predicted.name,
+        "losses": [r["loss"] for r in records if "loss" in r],
+        "host_reads": None
+        if host_reads is None
+        else {"steps": host_reads[1][0] - 3, "by_caller": dict(host_reads[0].most_common())},
     }
 
 
@@ -176,9 +209,17 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--variants", action="store_true", help="also ZeRO-1/2 with the DeepSpeed settings in VARIANTS")
     parser.add_argument("--quick", action="store_true", help="tiny model, 6 steps (a smoke test)")
-    parser.add_argument("--world-size", type=int, default=1, help="processes (GPUs) per configuration, launched by torchrun")
-    parser.add_argument("--profile", action="store_true", help="print cProfile's top functions (host time) for each configuration")
-    parser.add_argument("--host-reads", action="store_true", help="count the host's reads of tensor values (GPU syncs) per step, by caller")
+    parser.add_argument(
+        "--world-size", type=int, default=1, help="processes (GPUs) per configuration, launched by torchrun"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="print cProfile's top functions (host time) for each configuration"
+    )
+    parser.add_argument(
+        "--host-reads",
+        action="store_true",
+        help="count the host's reads of tensor values (GPU syncs) per step, by caller",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a configuration, as JSON: run it in this process
     args = parser.parse_args()
     if args.one:
@@ -197,27 +238,50 @@ def main() -> None:
         for stage in args.stages:
             configs.append({"model": model, "trainer": "deepspeed", "stage": stage, "world": args.world_size})
             if args.variants and stage in (1, 2):
-                configs += [{"model": model, "trainer": "deepspeed", "stage": stage, "variant": v, "world": args.world_size} for v in VARIANTS]
+                configs += [
+                    {"model": model, "trainer": "deepspeed", "stage": stage, "variant": v, "world": args.world_size}
+                    for v in VARIANTS
+                ]
     rows = []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     for cfg in configs:
-        cfg.update(device=args.device, steps=args.steps, log_every=args.log_every, profile=args.profile, host_reads=args.host_reads)
+        cfg.update(
+            device=args.device,
+            steps=args.steps,
+            log_every=args.log_every,
+            profile=args.profile,
+            host_reads=args.host_reads,
+        )
         launch = [sys.executable]
         if cfg["world"] > 1:
             launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg["world"])]
-        proc = subprocess.run([*launch, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True, env=env, check=False)
+        proc = subprocess.run(
+            [*launch, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True, env=env, check=False
+        )
         if args.profile:
-            print(f"## {cfg}\n" + "\n".join(x for x in proc.stdout.splitlines() if not x.startswith("RESULT ")), flush=True)
+            print(
+                f"## {cfg}\n" + "\n".join(x for x in proc.stdout.splitlines() if not x.startswith("RESULT ")),
+                flush=True,
+            )
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(f"{cfg}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue
-        rows.append(json.loads(line[len("RESULT "):]))
+        rows.append(json.loads(line[len("RESULT ") :]))
         print(f"# {rows[-1]}", file=sys.stderr, flush=True)
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else args.device
-    print(f"\ndevice: {device}; torch {torch.__version__}; {args.steps} steps, tokens/s = median of the logged intervals after the first")
-    print("per GPU: tokens/s divided by the processes; scaling: that over the one-process torch trainer's; peak: the largest of the processes'\n")
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else args.device
+    )
+    print(
+        f"\ndevice: {device}; torch {torch.__version__}; {args.steps} steps, tokens/s = median of the logged intervals after the first"
+    )
+    print(
+        "per GPU: tokens/s divided by the processes; scaling: that over the one-process torch trainer's; peak: the largest of the processes'\n"
+    )
     print("| model | trainer | processes | tokens/s | per GPU | scaling | peak GiB | plan GiB | plan / peak |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     base = {r["model"]: r["tokens_per_s"] for r in rows if r["name"] == "torch" and r["world"] == 1}
@@ -227,11 +291,15 @@ def main() -> None:
         scaling = f"{per / base[r['model']]:.3f}" if per and base.get(r["model"]) else "-"
         peak = f"{r['peak'] / GiB:.2f}" if r["peak"] else "-"
         fit = f"{r['planned'] / r['peak']:.3f}" if r["peak"] else "-"
-        print(f"| {r['model']} | {r['name']} | {r['world']} | {f'{rate:,.0f}' if rate else '-'} | {f'{per:,.0f}' if per else '-'} | {scaling} | "
-              f"{peak} | {r['planned'] / GiB:.2f} | {fit} |")
+        print(
+            f"| {r['model']} | {r['name']} | {r['world']} | {f'{rate:,.0f}' if rate else '-'} | {f'{per:,.0f}' if per else '-'} | {scaling} | "
+            f"{peak} | {r['planned'] / GiB:.2f} | {fit} |"
+        )
     if args.host_reads:
-        print(f"\nhost reads of tensor values per step (each a GPU sync on CUDA), steps 4-{args.steps}, log and evaluation steps included"
-              " (counting them slows every read: take tokens/s from a run without --host-reads):")
+        print(
+            f"\nhost reads of tensor values per step (each a GPU sync on CUDA), steps 4-{args.steps}, log and evaluation steps included"
+            " (counting them slows every read: take tokens/s from a run without --host-reads):"
+        )
         for r in rows:
             reads = r["host_reads"]
             per_step = sum(reads["by_caller"].values()) / max(reads["steps"], 1)
@@ -241,6 +309,7 @@ def main() -> None:
     print("\nlosses (first steps; same seed, same data):")
     for r in rows:
         print(f"  {r['model']:15s} {r['name']:18s} x{r['world']} {' '.join(f'{x:.4f}' for x in r['losses'][:4])}")
+
 
 if __name__ == "__main__":
     main()

@@ -44,7 +44,12 @@ KERNELS = [
     ("gpt2 learned dropout", {"type": "gpt2", **SMALL, "dropout": 0.1}, 8, 512),
     ("gpt2 alibi dropout", {"type": "gpt2", **SMALL, "dropout": 0.1, "positional": {"type": "alibi"}}, 8, 512),
     ("llama rope", {"type": "llama", **SMALL, "n_kv_head": 4, "mlp_hidden": 2048}, 8, 512),
-    ("llama alibi", {"type": "llama", **SMALL, "n_kv_head": 4, "mlp_hidden": 2048, "positional": {"type": "alibi"}}, 8, 512),
+    (
+        "llama alibi",
+        {"type": "llama", **SMALL, "n_kv_head": 4, "mlp_hidden": 2048, "positional": {"type": "alibi"}},
+        8,
+        512,
+    ),
     ("llama rope dropout", {"type": "llama", **SMALL, "n_kv_head": 4, "mlp_hidden": 2048, "dropout": 0.1}, 8, 512),
     ("gpt2 lora", {"type": "gpt2", **SMALL}, 8, 512, {"type": "lora", "r": 8, "targets": ["all-linear"]}),
 ]
@@ -59,8 +64,13 @@ def make_spec(model: dict, batch: int, seq_len: int, ckpt: bool, adapter: dict |
         "data": {"train": ["unused.txt"]},
         "tokenizer": {"type": "sentencepiece", "vocab_size": 4096},
         "model": model,
-        "train": {"trainer": {"type": "torch", "device": device}, "steps": 3, "batch_size": batch, "seq_len": seq_len,
-                  "activation_checkpointing": ckpt},
+        "train": {
+            "trainer": {"type": "torch", "device": device},
+            "steps": 3,
+            "batch_size": batch,
+            "seq_len": seq_len,
+            "activation_checkpointing": ckpt,
+        },
     }
     if adapter:
         raw["adapter"] = adapter
@@ -159,9 +169,20 @@ def run_one(name: str, model: dict, batch: int, seq_len: int, ckpt: bool, adapte
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         peak = torch.cuda.max_memory_allocated() if cuda else 0
-        phases[step] = {"before": before, "forward": after_forward, "backward": after_backward, "peak_fb": peak_fb, "peak": peak}
+        phases[step] = {
+            "before": before,
+            "forward": after_forward,
+            "backward": after_backward,
+            "peak_fb": peak_fb,
+            "peak": peak,
+        }
         if step == 0:
-            opt_state = sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+            opt_state = sum(
+                v.numel() * v.element_size()
+                for st in optimizer.state.values()
+                for v in st.values()
+                if torch.is_tensor(v)
+            )
             out["other_persistent"] = allocated() - m_weights - opt_state
     steady = phases[2]
     out.update(
@@ -171,11 +192,26 @@ def run_one(name: str, model: dict, batch: int, seq_len: int, ckpt: bool, adapte
         forward_delta=steady["forward"] - steady["before"],
         peak=max(ph["peak"] for ph in phases.values()),
         loss=float(loss),
-        plan={k: getattr(s, k) for k in ("weights", "gradients", "optimizer", "weight_copies", "activations", "logits", "buffers", "workspace", "total", "peak_at")},
+        plan={
+            k: getattr(s, k)
+            for k in (
+                "weights",
+                "gradients",
+                "optimizer",
+                "weight_copies",
+                "activations",
+                "logits",
+                "buffers",
+                "workspace",
+                "total",
+                "peak_at",
+            )
+        },
         plan_logprobs=4 * batch * seq_len * V,
         # What the forward leaves allocated: saved activations, log-probs and the bf16 weight copies the backward
         # pass needs (with checkpointing only the head's).
-        plan_forward=s.activations + 4 * batch * seq_len * V
+        plan_forward=s.activations
+        + 4 * batch * seq_len * V
         + (2 * net.config.padded_vocab_size * net.config.n_embd if ckpt else s.weight_copies),
         phases=phases,
     )
@@ -198,15 +234,22 @@ def table(results: list[dict]) -> str:
         p = r["plan"]
         where = f"{r['name']}, {r['batch']}x{r['seq_len']}"
         ck = "on" if r["ckpt"] else "off"
-        rows = [("weights", p["weights"], r["weights"]), ("optimizer state", p["optimizer"], r["optimizer"]),
-                ("gradients", p["gradients"], r["gradients"])]
+        rows = [
+            ("weights", p["weights"], r["weights"]),
+            ("optimizer state", p["optimizer"], r["optimizer"]),
+            ("gradients", p["gradients"], r["gradients"]),
+        ]
         if "saved_activations" in r:
-            rows += [("autocast weight copies (saved)", p["weight_copies"], r["saved_weight_copies"]),
-                     ("activations (saved)", p["activations"], r["saved_activations"]),
-                     ("log-probs (saved)", r["plan_logprobs"], r["saved_logprobs"])]
+            rows += [
+                ("autocast weight copies (saved)", p["weight_copies"], r["saved_weight_copies"]),
+                ("activations (saved)", p["activations"], r["saved_activations"]),
+                ("log-probs (saved)", r["plan_logprobs"], r["saved_logprobs"]),
+            ]
         rows += [("allocated by the forward (all it saves)", r["plan_forward"], r["forward_delta"])]
-        rows += [("CUDA workspaces (other persistent)", p["workspace"], r["other_persistent"]),
-                 (f"**peak** (plan: {p['peak_at']})", p["total"], r["peak"])]
+        rows += [
+            ("CUDA workspaces (other persistent)", p["workspace"], r["other_persistent"]),
+            (f"**peak** (plan: {p['peak_at']})", p["total"], r["peak"]),
+        ]
         for comp, planned, measured in rows:
             lines.append(f"| {where} | {ck} | {comp} | {mib(planned)} | {mib(measured)} | {pct(planned, measured)} |")
     return "\n".join(lines)
@@ -215,7 +258,9 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--kernels", action="store_true", help="also the small models that exercise each attention kernel")
+    parser.add_argument(
+        "--kernels", action="store_true", help="also the small models that exercise each attention kernel"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -237,16 +282,24 @@ def main() -> None:
         configs = shrunk
     results = []
     for config in configs:
-        proc = subprocess.run([sys.executable, __file__, "--device", args.device, "--one", json.dumps(config)], check=False, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--device", args.device, "--one", json.dumps(config)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode:
             print(f"{config[0]} ckpt={config[4]}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(r)
-        print(f"{r['name']} {r['batch']}x{r['seq_len']} ckpt={r['ckpt']}: kernel planned {r['kernel_planned']}, measured "
-              f"{r.get('kernel_measured', '-')}; peak plan {r['plan']['total'] / GiB:.2f} GiB, measured {r['peak'] / GiB:.2f} GiB "
-              f"({pct(r['plan']['total'], r['peak'])}); loss {r['loss']:.3f}; step 3 MiB: "
-              + ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in r["phases"]["2"].items()), flush=True)
+        print(
+            f"{r['name']} {r['batch']}x{r['seq_len']} ckpt={r['ckpt']}: kernel planned {r['kernel_planned']}, measured "
+            f"{r.get('kernel_measured', '-')}; peak plan {r['plan']['total'] / GiB:.2f} GiB, measured {r['peak'] / GiB:.2f} GiB "
+            f"({pct(r['plan']['total'], r['peak'])}); loss {r['loss']:.3f}; step 3 MiB: "
+            + ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in r["phases"]["2"].items()),
+            flush=True,
+        )
     print()
     print(table(results))
     print()

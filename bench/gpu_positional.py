@@ -94,13 +94,17 @@ def main() -> None:
         rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     precision = "bf16 autocast" if args.device == "cuda" else "fp32"
-    print(f"{name}, {precision}; {args.layers} layers, 12 heads (llama: 4 KV heads), width 768, context {args.context}, "
-          f"batch {args.batch}, vocab {VOCAB}; median of {args.steps} steps after {args.warmup} warm-up, torch {torch.__version__}\n")
+    print(
+        f"{name}, {precision}; {args.layers} layers, 12 heads (llama: 4 KV heads), width 768, context {args.context}, "
+        f"batch {args.batch}, vocab {VOCAB}; median of {args.steps} steps after {args.warmup} warm-up, torch {torch.__version__}\n"
+    )
     print("| model | positional | params | ms/step | tokens/s | peak memory MiB |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['positional']} | {r['params']:,} | {r['ms']:.1f} | "
-              f"{args.batch * args.context / r['ms'] * 1000:,.0f} | {r['peak']:,.0f} |")
+        print(
+            f"| {r['model']} | {r['positional']} | {r['params']:,} | {r['ms']:.1f} | "
+            f"{args.batch * args.context / r['ms'] * 1000:,.0f} | {r['peak']:,.0f} |"
+        )
 
 
 if __name__ == "__main__":

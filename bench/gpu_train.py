@@ -87,14 +87,33 @@ def aic_model(s: Shape) -> torch.nn.Module:
 def hf_model(s: Shape) -> torch.nn.Module:
     if s.family == "gpt2":
         config = transformers.GPT2Config(
-            n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, n_positions=s.context, vocab_size=s.vocab,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
+            n_layer=s.n_layer,
+            n_head=s.n_head,
+            n_embd=s.n_embd,
+            n_positions=s.context,
+            vocab_size=s.vocab,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+            attn_implementation="sdpa",
         )
         return transformers.GPT2LMHeadModel(config)
     config = transformers.LlamaConfig(
-        hidden_size=s.n_embd, intermediate_size=s.mlp_hidden, num_hidden_layers=s.n_layer, num_attention_heads=s.n_head,
-        num_key_value_heads=s.n_kv_head, max_position_embeddings=s.context, vocab_size=s.vocab, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, attention_dropout=0.0, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
+        hidden_size=s.n_embd,
+        intermediate_size=s.mlp_hidden,
+        num_hidden_layers=s.n_layer,
+        num_attention_heads=s.n_head,
+        num_key_value_heads=s.n_kv_head,
+        max_position_embeddings=s.context,
+        vocab_size=s.vocab,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="sdpa",
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -185,8 +204,15 @@ def run(name: str, model: torch.nn.Module, loss_fn, s: Shape, compiled: bool, ar
         sync(device)
         best = min(best, (time.perf_counter() - t0) / args.steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    row = {"name": name, "compiled": compiled, "ms": best * 1e3, "tok_s": s.batch * s.context / best, "peak_gib": peak,
-           "compile_s": first - best if compiled else None, "loss": float(loss)}
+    row = {
+        "name": name,
+        "compiled": compiled,
+        "ms": best * 1e3,
+        "tok_s": s.batch * s.context / best,
+        "peak_gib": peak,
+        "compile_s": first - best if compiled else None,
+        "loss": float(loss),
+    }
     del model, optimizer, forward
     gc.collect()
     torch._dynamo.reset()
@@ -228,9 +254,11 @@ def main() -> None:
     torch.manual_seed(0)
     peak = matmul_peak(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{name}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}; {str(dtype).removeprefix('torch.')} matmul peak measured: {peak / 1e12:.1f} TFLOP/s; "
-          f"best of {args.repeats} timings of {args.steps} steps after {args.warmup} warm-up steps\n")
+    print(
+        f"{name}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; {str(dtype).removeprefix('torch.')} matmul peak measured: {peak / 1e12:.1f} TFLOP/s; "
+        f"best of {args.repeats} timings of {args.steps} steps after {args.warmup} warm-up steps\n"
+    )
     modes = [False] if args.no_compile else [True] if args.compiled_only else [False, True]
     summary = []
     for workload in args.only or list(shapes):
@@ -249,15 +277,29 @@ def main() -> None:
                 finally:
                     aic_transformer.lm_head_loss = chunked
             if workload != "gpt2-nobias":  # transformers' GPT-2 has biases: gpt2's rows are its peer
-                rows.append(run("HF " + ("GPT2LMHeadModel" if s.family == "gpt2" else "LlamaForCausalLM"), hf_model(s), hf_loss, s, compiled, args, device))
-        print(f"### {workload}: {s.n_layer} layers, {s.n_head} heads{f' ({s.n_kv_head} KV)' if s.n_kv_head else ''}, width {s.n_embd}, "
-              f"vocab {s.vocab}, {'biases' if s.bias else 'no biases'}, batch {s.batch} x context {s.context}; {fpt / 1e9:.3f} GFLOP/token\n")
+                rows.append(
+                    run(
+                        "HF " + ("GPT2LMHeadModel" if s.family == "gpt2" else "LlamaForCausalLM"),
+                        hf_model(s),
+                        hf_loss,
+                        s,
+                        compiled,
+                        args,
+                        device,
+                    )
+                )
+        print(
+            f"### {workload}: {s.n_layer} layers, {s.n_head} heads{f' ({s.n_kv_head} KV)' if s.n_kv_head else ''}, width {s.n_embd}, "
+            f"vocab {s.vocab}, {'biases' if s.bias else 'no biases'}, batch {s.batch} x context {s.context}; {fpt / 1e9:.3f} GFLOP/token\n"
+        )
         print("| model | mode | tokens/s | ms/step | MFU | peak memory GiB | compile s | loss |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else ""
-            print(f"| {r['name']} | {'compiled' if r['compiled'] else 'eager'} | {r['tok_s']:,.0f} | {r['ms']:.1f} | "
-                  f"{100 * r['tok_s'] * fpt / peak:.1f} % | {r['peak_gib']:.2f} | {compile_s} | {r['loss']:.3f} |")
+            print(
+                f"| {r['name']} | {'compiled' if r['compiled'] else 'eager'} | {r['tok_s']:,.0f} | {r['ms']:.1f} | "
+                f"{100 * r['tok_s'] * fpt / peak:.1f} % | {r['peak_gib']:.2f} | {compile_s} | {r['loss']:.3f} |"
+            )
         print()
         for compiled in modes:
             aic = next(r for r in rows if r["name"] == "aic" and r["compiled"] == compiled)
@@ -266,7 +308,9 @@ def main() -> None:
             if hf_rows:
                 summary.append(f"{workload}, {mode}: aic / HF = {aic['tok_s'] / hf_rows[0]['tok_s']:.2f}")
             if workload.startswith("gpt2") and compiled and not args.smoke:
-                summary.append(f"{workload}, compiled: aic / nanoGPT's compiled figure ({NANOGPT_COMPILED:,} tok/s) = {aic['tok_s'] / NANOGPT_COMPILED:.2f}")
+                summary.append(
+                    f"{workload}, compiled: aic / nanoGPT's compiled figure ({NANOGPT_COMPILED:,} tok/s) = {aic['tok_s'] / NANOGPT_COMPILED:.2f}"
+                )
     print("Ratios (tokens/s):")
     for line in summary:
         print(f"- {line}")

@@ -35,7 +35,9 @@ def main() -> int:
         return 2
     texts = paragraphs()
     plugin = SentencePiece()
-    print(f"transformers {transformers.__version__}; {len(texts):,} paragraphs, {sum(len(t) for t in texts) / 1e6:.1f} M characters")
+    print(
+        f"transformers {transformers.__version__}; {len(texts):,} paragraphs, {sum(len(t) for t in texts) / 1e6:.1f} M characters"
+    )
     print("| model_type | use_fast | ids equal | text equal | AutoTokenizer s | aic s |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for model_type in ("bpe", "unigram"):
@@ -55,7 +57,9 @@ def main() -> int:
                 hf_s = time.perf_counter() - t0
                 ids_ok = sum(g == e for g, e in zip(got, expected))
                 text_ok = sum(hf.decode(g) == t for g, t in zip(got, texts))
-                print(f"| {model_type} | {fast} | {ids_ok}/{len(texts)} | {text_ok}/{len(texts)} | {hf_s:.2f} | {aic_s:.2f} |")
+                print(
+                    f"| {model_type} | {fast} | {ids_ok}/{len(texts)} | {text_ok}/{len(texts)} | {hf_s:.2f} | {aic_s:.2f} |"
+                )
     return 0
 
 

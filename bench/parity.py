@@ -17,16 +17,36 @@ import transformers
 from aic_core.model.loading import import_hf
 
 GPT2 = dict(n_layer=3, n_head=4, n_embd=64, n_positions=128, vocab_size=1000, bos_token_id=0, eos_token_id=0)
-LLAMA = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=8, max_position_embeddings=128,
-             vocab_size=1000, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    max_position_embeddings=128,
+    vocab_size=1000,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 CASES = {
     "gpt2, tied": (transformers.GPT2Config, transformers.GPT2LMHeadModel, GPT2),
     "gpt2, untied": (transformers.GPT2Config, transformers.GPT2LMHeadModel, {**GPT2, "tie_word_embeddings": False}),
     "llama, GQA 8/2": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {**LLAMA, "num_key_value_heads": 2}),
     "llama, MHA 8/8": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {**LLAMA, "num_key_value_heads": 8}),
-    "llama, MQA 8/1, tied": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {**LLAMA, "num_key_value_heads": 1, "tie_word_embeddings": True}),
-    "llama, rope linear x2": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-                              {**LLAMA, "num_key_value_heads": 2, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}}),
+    "llama, MQA 8/1, tied": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        {**LLAMA, "num_key_value_heads": 1, "tie_word_embeddings": True},
+    ),
+    "llama, rope linear x2": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        {
+            **LLAMA,
+            "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0},
+        },
+    ),
 }
 
 
@@ -44,7 +64,10 @@ def main() -> None:
             full = model(idx)
             diff_hf = (full - hf(idx).logits).abs().max().item()
             cache = model.new_cache(2, idx.shape[1])
-            stepped = torch.cat([model(idx[:, :40], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(40, 50)], dim=1)
+            stepped = torch.cat(
+                [model(idx[:, :40], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(40, 50)],
+                dim=1,
+            )
             diff_cache = (stepped - full).abs().max().item()
         print(f"| {name} | {diff_hf:.1e} | {diff_cache:.1e} |")
 

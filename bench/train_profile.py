@@ -105,21 +105,27 @@ def profile_one(workload: str, s, args, device, peak: float) -> None:
     n = args.steps
     busy_ms = sum(sum(v) for v in per_class.values()) / n / 1e3
     tokens_step = s.batch * s.context
-    print(f"### {workload}: {tokens_step / wall:,.0f} tok/s, {wall * 1e3:.1f} ms/step wall, "
-          f"MFU {100 * tokens_step / wall * fpt / peak:.1f} %, {len(events) / n:.0f} kernels/step, "
-          f"GPU busy {busy_ms:.1f} ms/step\n")
+    print(
+        f"### {workload}: {tokens_step / wall:,.0f} tok/s, {wall * 1e3:.1f} ms/step wall, "
+        f"MFU {100 * tokens_step / wall * fpt / peak:.1f} %, {len(events) / n:.0f} kernels/step, "
+        f"GPU busy {busy_ms:.1f} ms/step\n"
+    )
     print("| class | kernels/step | GPU ms/step | share of wall |")
     print("|---|---:|---:|---:|")
     for label in ("matmul", "attention", "fused", "optimizer", "other"):
         times = per_class.get(label, [])
-        print(f"| {label} | {len(times) / n:.0f} | {sum(times) / n / 1e3:.2f} | {100 * sum(times) / n / 1e3 / (wall * 1e3):.1f} % |")
+        print(
+            f"| {label} | {len(times) / n:.0f} | {sum(times) / n / 1e3:.2f} | {100 * sum(times) / n / 1e3 / (wall * 1e3):.1f} % |"
+        )
     idle = wall * 1e3 - busy_ms
     print(f"| idle (no kernel running) | | {idle:.2f} | {100 * idle / (wall * 1e3):.1f} % |")
     matmul_ms = sum(per_class.get("matmul", [])) / n / 1e3
     if matmul_ms > 0:
         rate = tokens_step * matmul_fpt / (matmul_ms / 1e3)
-        print(f"\nmatmul at {rate / 1e12:.0f} TFLOP/s = {100 * rate / peak:.1f} % of the measured peak "
-              f"({tokens_step * matmul_fpt / 1e12:.2f} TFLOP of linear layers per step)")
+        print(
+            f"\nmatmul at {rate / 1e12:.0f} TFLOP/s = {100 * rate / peak:.1f} % of the measured peak "
+            f"({tokens_step * matmul_fpt / 1e12:.2f} TFLOP of linear layers per step)"
+        )
     print("\n| top kernels | class | per step | GPU ms/step |")
     print("|---|---|---:|---:|")
     for name, times in sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
@@ -132,7 +138,9 @@ def profile_one(workload: str, s, args, device, peak: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=["gpt2", "gpt2-nobias", "tinyllama"], default=["gpt2", "tinyllama"])
+    parser.add_argument(
+        "--only", nargs="+", choices=["gpt2", "gpt2-nobias", "tinyllama"], default=["gpt2", "tinyllama"]
+    )
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (and timed steps before them)")
     parser.add_argument("--warmup", type=int, default=3, help="steps before timing (the first compiles)")
     parser.add_argument("--top", type=int, default=15)
@@ -150,8 +158,10 @@ def main() -> None:
     torch.manual_seed(0)
     peak = matmul_peak(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{name}; torch {torch.__version__}; matmul peak measured {peak / 1e12:.1f} TFLOP/s; "
-          f"{args.steps} profiled steps after {args.warmup} warm-up\n")
+    print(
+        f"{name}; torch {torch.__version__}; matmul peak measured {peak / 1e12:.1f} TFLOP/s; "
+        f"{args.steps} profiled steps after {args.warmup} warm-up\n"
+    )
     for workload in args.only:
         profile_one(workload, shapes[workload], args, device, peak)
 

@@ -18,7 +18,12 @@ AIC = [sys.executable, "-m", "aic_core.cli"]
 
 
 def pip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", *args, "-q", "--disable-pip-version-check"], check=False, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "pip", *args, "-q", "--disable-pip-version-check"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
 
 
 @contextmanager
@@ -32,7 +37,9 @@ def installed(folders: list[Path], distributions: list[str]) -> Iterator[None]:
             metadata.distribution(dist)
         except metadata.PackageNotFoundError:
             continue
-        pytest.skip(f"{dist} is already installed in this environment; this test installs and removes it, so uninstall it first")
+        pytest.skip(
+            f"{dist} is already installed in this environment; this test installs and removes it, so uninstall it first"
+        )
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
     try:
         done = pip("install", "--no-deps", *isolation, *(str(f) for f in folders))
@@ -45,7 +52,9 @@ def installed(folders: list[Path], distributions: list[str]) -> Iterator[None]:
 
 def copy_package(src: Path, dest: Path) -> Path:
     """A clean copy of a package folder: building it writes build/ and *.egg-info next to its sources."""
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".pytest_cache", "runs"))
+    shutil.copytree(
+        src, dest, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".pytest_cache", "runs")
+    )
     return dest
 
 
@@ -59,4 +68,6 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run(cmd: list[str], cwd: Path | None = None, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=cwd, env=clean_env(**env), timeout=timeout)
+    return subprocess.run(
+        cmd, check=False, capture_output=True, text=True, cwd=cwd, env=clean_env(**env), timeout=timeout
+    )

@@ -34,8 +34,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from aic_core.errors import AicError, PluginError
-from aic_core.plugins.kinds import BASES, KINDS, ModelPlugin, Plugin, PluginOptions, Positional, Tokenizer
 from aic_core.model.nn.transformer import Transformer, TransformerConfig
+from aic_core.plugins.kinds import BASES, KINDS, ModelPlugin, Plugin, PluginOptions, Positional, Tokenizer
 from aic_core.plugins.registry import ENTRY_POINT_GROUP, Registry
 from aic_core.spec import format_validation_error, json_schema, spec_model
 
@@ -73,7 +73,9 @@ class ContractError(AssertionError):
 
 def _fail(cls: Any, what: str, fix: str = "") -> NoReturn:
     kind, name = getattr(cls, "kind", "?"), getattr(cls, "name", getattr(cls, "__name__", repr(cls)))
-    raise ContractError(f"{kind} plugin '{name}' ({getattr(cls, '__qualname__', cls)}): {what}" + (f" {fix}" if fix else ""))
+    raise ContractError(
+        f"{kind} plugin '{name}' ({getattr(cls, '__qualname__', cls)}): {what}" + (f" {fix}" if fix else "")
+    )
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -162,22 +164,37 @@ def _validate(registry: Registry, raw: dict[str, Any], model_only: bool, cls: ty
     try:
         spec = spec_cls.model_validate(raw)
     except ValidationError as exc:
-        _fail(cls, "the options given to the check do not validate: " + format_validation_error(exc, spec_cls, raw, "contract spec"),
-              "Pass options that are valid for this plugin (the `options` of the contract class).")
+        _fail(
+            cls,
+            "the options given to the check do not validate: "
+            + format_validation_error(exc, spec_cls, raw, "contract spec"),
+            "Pass options that are valid for this plugin (the `options` of the contract class).",
+        )
     dumped = spec.model_dump(mode="json")
     try:
         again = spec_cls.model_validate(dumped).model_dump(mode="json")
     except ValidationError as exc:
-        _fail(cls, f"the options' JSON form does not validate again ({exc.errors()[0]['msg']}); a resolved spec could not be reloaded.",
-              "Make every field serialise to JSON that the field itself accepts.")
+        _fail(
+            cls,
+            f"the options' JSON form does not validate again ({exc.errors()[0]['msg']}); a resolved spec could not be reloaded.",
+            "Make every field serialise to JSON that the field itself accepts.",
+        )
     if again != dumped:
-        _fail(cls, f"the options change when read back from JSON: {dumped} -> {again}.", "Make validation idempotent: JSON in, the same JSON out.")
+        _fail(
+            cls,
+            f"the options change when read back from JSON: {dumped} -> {again}.",
+            "Make validation idempotent: JSON in, the same JSON out.",
+        )
     return spec
 
 
 def _plugin_section(kind: str, cls: type, options: dict[str, Any]) -> dict[str, Any]:
     if "type" in options:
-        _fail(cls, "the options given to the check contain 'type'.", "Pass the plugin's own options only; the check adds the type.")
+        _fail(
+            cls,
+            "the options given to the check contain 'type'.",
+            "Pass the plugin's own options only; the check adds the type.",
+        )
     return {"type": cls.name, **options}
 
 
@@ -202,7 +219,9 @@ def check_options(cls: type, options: dict[str, Any] | None = None) -> None:
     """Options is a Pydantic model that refuses unknown keys, has a JSON Schema, and accepts `options`."""
     options = options or {}
     if getattr(cls, "kind", None) not in KINDS or not (isinstance(cls, type) and issubclass(cls, BASES[cls.kind])):
-        raise ContractError(f"{cls!r} is not a subclass of one of aic_core.plugins.kinds' plugin bases ({', '.join(b.__name__ for b in BASES.values())}).")
+        raise ContractError(
+            f"{cls!r} is not a subclass of one of aic_core.plugins.kinds' plugin bases ({', '.join(b.__name__ for b in BASES.values())})."
+        )
     problem = Registry._invalid(cls.kind, cls)
     if problem:
         _fail(cls, problem)
@@ -212,15 +231,27 @@ def check_options(cls: type, options: dict[str, Any] | None = None) -> None:
     except ValidationError:
         pass
     else:
-        _fail(cls, "Options accepted an unknown key.", "Subclass aic_core.plugins.kinds.PluginOptions (extra='forbid'): a typo in a spec must be an error.")
+        _fail(
+            cls,
+            "Options accepted an unknown key.",
+            "Subclass aic_core.plugins.kinds.PluginOptions (extra='forbid'): a typo in a spec must be an error.",
+        )
     try:
         json.dumps(Options.model_json_schema())
     except Exception as exc:  # noqa: BLE001 - any failure here breaks `aic schema`
-        _fail(cls, f"Options has no JSON Schema ({type(exc).__name__}: {exc}).", "Use field types Pydantic can describe in JSON.")
+        _fail(
+            cls,
+            f"Options has no JSON Schema ({type(exc).__name__}: {exc}).",
+            "Use field types Pydantic can describe in JSON.",
+        )
     try:
         Options.model_validate(options)
     except ValidationError as exc:
-        _fail(cls, f"Options refuses the options given to the check {options}: {exc.errors()[0]['msg']}.", "Pass valid options.")
+        _fail(
+            cls,
+            f"Options refuses the options given to the check {options}: {exc.errors()[0]['msg']}.",
+            "Pass valid options.",
+        )
 
 
 def check_registration(cls: type, module: str | None = None) -> None:
@@ -237,8 +268,11 @@ def check_registration(cls: type, module: str | None = None) -> None:
     if type(plugin) is not cls:
         from aic_core.plugins.hookspecs import HOOK_FOR_KIND
 
-        _fail(cls, f"module '{module}' does not register this class.",
-              f"Add `@hookimpl def {HOOK_FOR_KIND[cls.kind]}(register): register({cls.__name__})` to {module}.")
+        _fail(
+            cls,
+            f"module '{module}' does not register this class.",
+            f"Add `@hookimpl def {HOOK_FOR_KIND[cls.kind]}(register): register({cls.__name__})` to {module}.",
+        )
     schema = json.dumps(json_schema(registry))
     if json.dumps(cls.name) not in schema:
         _fail(cls, "the plugin does not appear in the spec's JSON Schema (`aic schema`).")
@@ -252,8 +286,11 @@ def check_entry_point(cls: type, module: str | None = None) -> None:
     module = module or cls.__module__
     eps = [ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.value.split(":")[0] == module]
     if not eps:
-        _fail(cls, f"no installed entry point of group '{ENTRY_POINT_GROUP}' names module '{module}'.",
-              f'Add `{cls.name} = "{module}"` under [project.entry-points.{ENTRY_POINT_GROUP}] in pyproject.toml and reinstall (pip install -e .).')
+        _fail(
+            cls,
+            f"no installed entry point of group '{ENTRY_POINT_GROUP}' names module '{module}'.",
+            f'Add `{cls.name} = "{module}"` under [project.entry-points.{ENTRY_POINT_GROUP}] in pyproject.toml and reinstall (pip install -e .).',
+        )
     try:
         registry = Registry(eps[:1], strict=True, pinned=[eps[0].dist.metadata["Name"]] if eps[0].dist else None)
     except PluginError as exc:
@@ -294,18 +331,27 @@ def _check_runs(cls: type, model: Transformer, what: str, kv_cache: bool = True)
     with torch.no_grad():
         full = model(idx)
     if tuple(full.shape) != (2, T, V):
-        _fail(cls, f"{what}: logits have shape {tuple(full.shape)}; expected (batch, time, vocab_size) = (2, {T}, {V}).")
+        _fail(
+            cls, f"{what}: logits have shape {tuple(full.shape)}; expected (batch, time, vocab_size) = (2, {T}, {V})."
+        )
     if not torch.isfinite(full).all():
         _fail(cls, f"{what}: the logits hold NaN or inf.")
 
     with torch.no_grad():
         cache = model.new_cache(2, T)
-        pieces = [model(idx[:, :6], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(6, T)] if kv_cache else [full]
+        pieces = (
+            [model(idx[:, :6], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(6, T)]
+            if kv_cache
+            else [full]
+        )
     diff = _close(torch.cat(pieces, dim=1), full)
     if diff > TOLERANCE:
-        _fail(cls, f"{what}: decoding with the KV cache (a 6-token prompt, then one token at a time) differs from recomputing "
-                   f"the whole sequence by {diff:.2e}.",
-              "Attention must see each token at its absolute position (`positions`), whatever the cache holds.")
+        _fail(
+            cls,
+            f"{what}: decoding with the KV cache (a 6-token prompt, then one token at a time) differs from recomputing "
+            f"the whole sequence by {diff:.2e}.",
+            "Attention must see each token at its absolute position (`positions`), whatever the cache holds.",
+        )
 
     # Left padding: row 0 is a 5-token sequence padded on the left to T; it must match the same 5 tokens alone.
     pad = T - 5
@@ -319,11 +365,17 @@ def _check_runs(cls: type, model: Transformer, what: str, kv_cache: bool = True)
         alone = model(idx[:1, pad:])
     diff = _close(out[0, pad:], alone[0])
     if diff > TOLERANCE:
-        _fail(cls, f"{what}: a left-padded sequence gives logits {diff:.2e} away from the same tokens without padding.",
-              "Use the given `positions` (not the slot index) and let the core's attention mask hide the padding.")
+        _fail(
+            cls,
+            f"{what}: a left-padded sequence gives logits {diff:.2e} away from the same tokens without padding.",
+            "Use the given `positions` (not the slot index) and let the core's attention mask hide the padding.",
+        )
 
     tokenizer = _IdTokenizer(V)
-    prompts = [tokenizer.decode(idx[0, :3].tolist()), tokenizer.decode(idx[1, :7].tolist())]  # different lengths: left padding
+    prompts = [
+        tokenizer.decode(idx[0, :3].tolist()),
+        tokenizer.decode(idx[1, :7].tolist()),
+    ]  # different lengths: left padding
     greedy = SamplerSpec(temperature=0.0)
     with torch.no_grad():
         cached = generate(model, tokenizer, prompts, 5, greedy, use_cache=kv_cache)
@@ -339,8 +391,11 @@ def _check_runs(cls: type, model: Transformer, what: str, kv_cache: bool = True)
         with torch.no_grad():
             logits = model(idx, positions=far)
         if not torch.isfinite(logits).all():
-            _fail(cls, f"{what}: positions past block_size give NaN or inf, but max_positions is None (no limit).",
-                  "Set `max_positions` on the Positional module to the largest position it can represent.")
+            _fail(
+                cls,
+                f"{what}: positions past block_size give NaN or inf, but max_positions is None (no limit).",
+                "Set `max_positions` on the Positional module to the largest position it can represent.",
+            )
 
 
 def _check_state_dict(cls: type, model: Transformer, rebuild: Any, what: str) -> None:
@@ -353,21 +408,30 @@ def _check_state_dict(cls: type, model: Transformer, rebuild: Any, what: str) ->
     try:
         save(state)
     except Exception as exc:  # noqa: BLE001
-        _fail(cls, f"{what}: the state dict cannot be saved as safetensors ({type(exc).__name__}: {' '.join(str(exc).split())}).",
-              "Do not share one tensor between two state-dict entries (tie weights by reusing them in forward instead).")
+        _fail(
+            cls,
+            f"{what}: the state dict cannot be saved as safetensors ({type(exc).__name__}: {' '.join(str(exc).split())}).",
+            "Do not share one tensor between two state-dict entries (tie weights by reusing them in forward instead).",
+        )
     torch.manual_seed(1)
     other = rebuild().eval()
     try:
         other.load_state_dict(state)
     except RuntimeError as exc:
-        _fail(cls, f"{what}: a freshly built model does not load its state dict: {exc}",
-              "Build the same modules, with the same names and shapes, for the same options.")
+        _fail(
+            cls,
+            f"{what}: a freshly built model does not load its state dict: {exc}",
+            "Build the same modules, with the same names and shapes, for the same options.",
+        )
     idx = _ids((2, min(model.config.block_size, 8)), model.config.vocab_size, seed=1)
     with torch.no_grad():
         diff = _close(other(idx), model(idx))
     if diff > TOLERANCE:
-        _fail(cls, f"{what}: after loading the state dict, a freshly built model's logits differ by {diff:.2e}.",
-              "Every tensor the forward depends on must be a parameter or a persistent buffer, or be rebuilt from the options.")
+        _fail(
+            cls,
+            f"{what}: after loading the state dict, a freshly built model's logits differ by {diff:.2e}.",
+            "Every tensor the forward depends on must be a parameter or a persistent buffer, or be rebuilt from the options.",
+        )
 
 
 def _check_gradients(cls: type, model: Transformer, what: str) -> None:
@@ -383,13 +447,19 @@ def _check_gradients(cls: type, model: Transformer, what: str) -> None:
         logits = model(idx).double()
     reference = nn.functional.cross_entropy(logits.reshape(-1, c.vocab_size), targets.reshape(-1), ignore_index=-1)
     if abs(loss.item() - reference.item()) > TOLERANCE:
-        _fail(cls, f"{what}: the loss {loss.item():.6f} is not the mean cross-entropy of its logits ({reference.item():.6f}), "
-                   "with target -1 ignored.")
+        _fail(
+            cls,
+            f"{what}: the loss {loss.item():.6f} is not the mean cross-entropy of its logits ({reference.item():.6f}), "
+            "with target -1 ignored.",
+        )
     loss.backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     if unused:
-        _fail(cls, f"{what}: these trainable parameters get no gradient: {', '.join(unused[:6])}.",
-              "Use every parameter in forward, or freeze it (requires_grad=False): DDP stops on unused parameters.")
+        _fail(
+            cls,
+            f"{what}: these trainable parameters get no gradient: {', '.join(unused[:6])}.",
+            "Use every parameter in forward, or freeze it (requires_grad=False): DDP stops on unused parameters.",
+        )
     bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
     if bad:
         _fail(cls, f"{what}: these parameters get NaN or inf gradients: {', '.join(bad[:6])}.")
@@ -410,7 +480,11 @@ def check_positional(cls: type, options: dict[str, Any] | None = None) -> None:
     def build() -> Positional:
         positional = plugin.build(section, config)
         if not isinstance(positional, Positional):
-            _fail(cls, f"build() returned {type(positional).__name__}, not an aic_core.plugins.kinds.Positional.", "Subclass Positional (an nn.Module).")
+            _fail(
+                cls,
+                f"build() returned {type(positional).__name__}, not an aic_core.plugins.kinds.Positional.",
+                "Subclass Positional (an nn.Module).",
+            )
         return positional
 
     torch.manual_seed(0)
@@ -419,10 +493,16 @@ def check_positional(cls: type, options: dict[str, Any] | None = None) -> None:
         _fail(cls, "the capabilities `extrapolates` and `supports_kv_cache` must be booleans.")
     limit = positional.max_positions
     if limit is not None and (not isinstance(limit, int) or limit < config.block_size):
-        _fail(cls, f"max_positions is {limit!r}; it must be None (no limit) or an int of at least block_size ({config.block_size}).")
+        _fail(
+            cls,
+            f"max_positions is {limit!r}; it must be None (no limit) or an int of at least block_size ({config.block_size}).",
+        )
     if cls.extrapolates and limit is not None:
-        _fail(cls, f"declares extrapolates=True but its Positional has max_positions={limit}.",
-              "Set max_positions = None for an encoding that works at any position, or extrapolates = False.")
+        _fail(
+            cls,
+            f"declares extrapolates=True but its Positional has max_positions={limit}.",
+            "Set max_positions = None for an encoding that works at any position, or extrapolates = False.",
+        )
 
     B, T, Tk, H, Hkv, D = 2, 3, 7, config.n_head, config.kv_heads, config.head_dim
     x = torch.randn(B, T, config.n_embd)
@@ -432,12 +512,24 @@ def check_positional(cls: type, options: dict[str, Any] | None = None) -> None:
         embedded = positional.embed(x, q_pos)
         q, k = positional.rotate(torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D), q_pos)
         bias = positional.attn_bias(q_pos, k_pos)
-    for got, want, hook in ((embedded, (B, T, config.n_embd), "embed"), (q, (B, H, T, D), "rotate (q)"), (k, (B, Hkv, T, D), "rotate (k)")):
+    for got, want, hook in (
+        (embedded, (B, T, config.n_embd), "embed"),
+        (q, (B, H, T, D), "rotate (q)"),
+        (k, (B, Hkv, T, D), "rotate (k)"),
+    ):
         if tuple(got.shape) != want or not torch.isfinite(got).all():
             _fail(cls, f"{hook} returned shape {tuple(got.shape)} (expected {want}) or non-finite values.")
     if bias is not None:
-        if bias.dim() != 4 or bias.shape[0] not in (1, B) or bias.shape[1] not in (1, H) or tuple(bias.shape[2:]) != (T, Tk):
-            _fail(cls, f"attn_bias returned shape {tuple(bias.shape)}; expected (B or 1, n_head or 1, Tq, Tk) = ({B}, {H}, {T}, {Tk}).")
+        if (
+            bias.dim() != 4
+            or bias.shape[0] not in (1, B)
+            or bias.shape[1] not in (1, H)
+            or tuple(bias.shape[2:]) != (T, Tk)
+        ):
+            _fail(
+                cls,
+                f"attn_bias returned shape {tuple(bias.shape)}; expected (B or 1, n_head or 1, Tq, Tk) = ({B}, {H}, {T}, {Tk}).",
+            )
         causal = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None].expand(bias.shape[0], bias.shape[1], T, Tk)
         if not torch.isfinite(bias[causal]).all():
             _fail(cls, "attn_bias is not finite for some key at or before its query.")
@@ -469,25 +561,38 @@ def check_model(
 
     pos_cls = _positional_class(positional or cls.default_positional)
     positional_section = _plugin_section("positional", pos_cls, positional_options or {})
-    spec = _model_spec(cls, options or {}, registry_of(cls, pos_cls), model={"type": "x", "positional": positional_section})
+    spec = _model_spec(
+        cls, options or {}, registry_of(cls, pos_cls), model={"type": "x", "positional": positional_section}
+    )
     plugin, pos_plugin = cls(), pos_cls()
     vocab = CONTRACT_CONFIG.vocab_size
     config = plugin.config(spec.model, vocab)
     if not isinstance(config, Config):
-        _fail(cls, f"config() returned {type(config).__name__}, not an aic_core.model.nn.transformer.TransformerConfig.")
+        _fail(
+            cls, f"config() returned {type(config).__name__}, not an aic_core.model.nn.transformer.TransformerConfig."
+        )
     if config.vocab_size < vocab:
-        _fail(cls, f"config() gives vocab_size {config.vocab_size} for a tokenizer of {vocab} ids.",
-              "Use the `vocab_size` argument when the options leave the vocabulary unset.")
+        _fail(
+            cls,
+            f"config() gives vocab_size {config.vocab_size} for a tokenizer of {vocab} ids.",
+            "Use the `vocab_size` argument when the options leave the vocabulary unset.",
+        )
     if config.block_size < MIN_BLOCK_SIZE:
-        _fail(cls, f"the options give block_size {config.block_size}; the checks decode sequences of up to {MIN_BLOCK_SIZE} tokens.",
-              f"Pass options with a block_size of at least {MIN_BLOCK_SIZE} (and a small width, so the check takes seconds).")
+        _fail(
+            cls,
+            f"the options give block_size {config.block_size}; the checks decode sequences of up to {MIN_BLOCK_SIZE} tokens.",
+            f"Pass options with a block_size of at least {MIN_BLOCK_SIZE} (and a small width, so the check takes seconds).",
+        )
 
     def build() -> Transformer:
         model = plugin.build(spec.model, config, pos_plugin.build(spec.model.positional, config))
         if not isinstance(model, Transformer):
-            _fail(cls, f"build() returned {type(model).__name__}, not an aic_core.model.nn.transformer.Transformer (or subclass).",
-                  "Build the core Transformer and change its modules, or subclass it: generation, checkpoints and "
-                  "trainers use its forward(idx, targets, positions, attention_mask, cache, last_only), new_cache() and wte.")
+            _fail(
+                cls,
+                f"build() returned {type(model).__name__}, not an aic_core.model.nn.transformer.Transformer (or subclass).",
+                "Build the core Transformer and change its modules, or subclass it: generation, checkpoints and "
+                "trainers use its forward(idx, targets, positions, attention_mask, cache, last_only), new_cache() and wte.",
+            )
         return model
 
     torch.manual_seed(0)
@@ -505,7 +610,11 @@ def check_model(
 
 
 def check_tokenizer(
-    cls: type, options: dict[str, Any] | None = None, tmp_dir: Path | str | None = None, corpus: str | None = None, sample: str | None = None
+    cls: type,
+    options: dict[str, Any] | None = None,
+    tmp_dir: Path | str | None = None,
+    corpus: str | None = None,
+    sample: str | None = None,
 ) -> None:
     """train() writes exactly one file at `path` and returns a tokenizer; load() reads it back; encode/decode
     round-trip `sample` exactly with ids in range, also when the text is encoded in pieces; bad files are
@@ -522,14 +631,21 @@ def check_tokenizer(
     corpus_file.write_text(corpus, encoding="utf-8")
     out = Path(tempfile.mkdtemp(prefix="tokenizer-", dir=tmp))
     path = out / "tokenizer.model"
-    if not isinstance(cls.trains, bool) or not all(isinstance(f, str) for f in cls.hf_files) or not isinstance(cls.hf_files, tuple):
+    if (
+        not isinstance(cls.trains, bool)
+        or not all(isinstance(f, str) for f in cls.hf_files)
+        or not isinstance(cls.hf_files, tuple)
+    ):
         _fail(cls, "`trains` must be a bool and `hf_files` a tuple of file names.")
 
     trained = plugin.train(section, [corpus_file], path)
     files = sorted(p.name for p in out.iterdir())
     if files != [path.name]:
-        _fail(cls, f"train() left {files} in the folder of `path`; it must write exactly the one file `path` ({path.name}).",
-              "The run directory and every checkpoint carry the tokenizer as that single file. Remove temporary files.")
+        _fail(
+            cls,
+            f"train() left {files} in the folder of `path`; it must write exactly the one file `path` ({path.name}).",
+            "The run directory and every checkpoint carry the tokenizer as that single file. Remove temporary files.",
+        )
     loaded = plugin.load(section, path)
     for tok, how in ((trained, "the tokenizer train() returned"), (loaded, "the tokenizer load() returned")):
         if not isinstance(tok, Tokenizer):
@@ -542,18 +658,32 @@ def check_tokenizer(
                 _fail(cls, f"{how} has {special} {value!r}; it must be None or an id below vocab_size.")
         ids = tok.encode(sample)
         if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids):
-            _fail(cls, f"{how}: encode() must return a non-empty list of ints in [0, vocab_size) for non-empty text; got {str(ids)[:120]}.")
+            _fail(
+                cls,
+                f"{how}: encode() must return a non-empty list of ints in [0, vocab_size) for non-empty text; got {str(ids)[:120]}.",
+            )
         if tok.decode(ids) != sample:
-            _fail(cls, f"{how}: decode(encode(text)) != text for the sample {sample!r}: got {tok.decode(ids)!r}.",
-                  "Keep whitespace and Unicode exactly (or pass a `sample` your tokenizer covers).")
+            _fail(
+                cls,
+                f"{how}: decode(encode(text)) != text for the sample {sample!r}: got {tok.decode(ids)!r}.",
+                "Keep whitespace and Unicode exactly (or pass a `sample` your tokenizer covers).",
+            )
         if tok.encode("") != [] or tok.decode([]) != "":
-            _fail(cls, f"{how}: encode('') must be [] and decode([]) ''.",
-                  "encode adds no bos/eos: the core adds eos between documents and starts empty prompts from bos itself.")
+            _fail(
+                cls,
+                f"{how}: encode('') must be [] and decode([]) ''.",
+                "encode adds no bos/eos: the core adds eos between documents and starts empty prompts from bos itself.",
+            )
         head, tail = sample[: sample.index("\n") + 1], sample[sample.index("\n") + 1 :]
         if tok.decode(tok.encode(head) + tok.encode(tail)) != sample:
-            _fail(cls, f"{how}: text encoded in two pieces (cut at a line end) does not decode to the whole text.",
-                  "The core encodes a corpus in chunks of whole lines and concatenates the ids.")
-        if tok.eos_id is not None and not isinstance(tok.decode(tok.encode(head) + [tok.eos_id] + tok.encode(tail)), str):
+            _fail(
+                cls,
+                f"{how}: text encoded in two pieces (cut at a line end) does not decode to the whole text.",
+                "The core encodes a corpus in chunks of whole lines and concatenates the ids.",
+            )
+        if tok.eos_id is not None and not isinstance(
+            tok.decode(tok.encode(head) + [tok.eos_id] + tok.encode(tail)), str
+        ):
             _fail(cls, f"{how}: decode() fails on ids that contain eos_id (the core puts it between documents).")
     if trained.vocab_size != loaded.vocab_size or trained.encode(sample) != loaded.encode(sample):
         _fail(cls, "the loaded tokenizer differs from the one train() returned (vocab_size or ids of the sample).")
@@ -564,8 +694,11 @@ def check_tokenizer(
         except AicError:
             continue
         except Exception as exc:  # noqa: BLE001
-            _fail(cls, f"load() of {what} raised {type(exc).__name__}: {exc}.",
-                  "Raise aic_core.errors.DataError naming the file and what to do, so `aic` prints one clear line.")
+            _fail(
+                cls,
+                f"load() of {what} raised {type(exc).__name__}: {exc}.",
+                "Raise aic_core.errors.DataError naming the file and what to do, so `aic` prints one clear line.",
+            )
         else:
             if what == "a missing file":
                 _fail(cls, "load() of a missing file returned a tokenizer; raise aic_core.errors.DataError instead.")
@@ -591,13 +724,20 @@ def check_adapter(cls: type, options: dict[str, Any] | None = None) -> None:
     state = model.state_dict()
     lost = sorted(set(base) - set(state))
     if lost:
-        _fail(cls, f"after apply() the base tensors {', '.join(lost[:4])} are gone from the state dict.",
-              "Keep the wrapped layer's `weight` and `bias` names, so a base checkpoint loads into the adapted model.")
+        _fail(
+            cls,
+            f"after apply() the base tensors {', '.join(lost[:4])} are gone from the state dict.",
+            "Keep the wrapped layer's `weight` and `bias` names, so a base checkpoint loads into the adapted model.",
+        )
     params = dict(model.named_parameters())
     trainable = [n for n, p in params.items() if p.requires_grad]
     unfrozen = [n for n in trainable if n in base]
     if unfrozen:
-        _fail(cls, f"apply() left base parameters trainable: {', '.join(unfrozen[:4])}.", "Freeze the base (requires_grad=False).")
+        _fail(
+            cls,
+            f"apply() left base parameters trainable: {', '.join(unfrozen[:4])}.",
+            "Freeze the base (requires_grad=False).",
+        )
     if not trainable:
         _fail(cls, "apply() added no trainable parameters.")
 
@@ -616,7 +756,10 @@ def check_adapter(cls: type, options: dict[str, Any] | None = None) -> None:
     with torch.no_grad():
         diff = _close(model(idx), adapted)
     if diff > TOLERANCE:
-        _fail(cls, f"after merge() the logits differ from the adapted model's by {diff:.2e}; merging must not change the function.")
+        _fail(
+            cls,
+            f"after merge() the logits differ from the adapted model's by {diff:.2e}; merging must not change the function.",
+        )
     plugin.unmerge(model)
     with torch.no_grad():
         diff = _close(model(idx), adapted)
@@ -629,22 +772,35 @@ def check_adapter(cls: type, options: dict[str, Any] | None = None) -> None:
 
     if hasattr(plugin, "adapter_state"):
         own = plugin.adapter_state(model)
-        if not own or set(own) & set(base) or not set(own) <= set(state) or any(t.device.type != "cpu" for t in own.values()):
-            _fail(cls, f"adapter_state() must return the adapter's own tensors, on the CPU, named as in the state dict "
-                       f"and none of the base's; got {sorted(own)[:6]}.")
+        if (
+            not own
+            or set(own) & set(base)
+            or not set(own) <= set(state)
+            or any(t.device.type != "cpu" for t in own.values())
+        ):
+            _fail(
+                cls,
+                f"adapter_state() must return the adapter's own tensors, on the CPU, named as in the state dict "
+                f"and none of the base's; got {sorted(own)[:6]}.",
+            )
     if hasattr(plugin, "remove"):
         plugin.remove(model)
         with torch.no_grad():
             diff = _close(model(idx), adapted)
         if set(model.state_dict()) != set(base) or diff > TOLERANCE:
-            _fail(cls, f"after remove() the model must be a plain model with the base's tensor names computing the adapted "
-                       f"function (logits differ by {diff:.2e}).")
+            _fail(
+                cls,
+                f"after remove() the model must be a plain model with the base's tensor names computing the adapted "
+                f"function (logits differ by {diff:.2e}).",
+            )
 
 
 # --- trainer -------------------------------------------------------------------------------------------
 
 
-def check_trainer(cls: type, options: dict[str, Any] | None = None, tmp_dir: Path | str | None = None, resume: bool = True) -> None:
+def check_trainer(
+    cls: type, options: dict[str, Any] | None = None, tmp_dir: Path | str | None = None, resume: bool = True
+) -> None:
     """train() trains a tiny model for 4 steps, writing checkpoints as train.checkpoint_every says; with
     `resume`, stopping at step 2 and resuming gives the same weights as training straight through."""
     if tmp_dir is None:
@@ -652,9 +808,9 @@ def check_trainer(cls: type, options: dict[str, Any] | None = None, tmp_dir: Pat
             return check_trainer(cls, options, tmp, resume)
     import numpy as np
 
-    from aic_core.train.checkpoint import list_checkpoints, open_checkpoint
     from aic_core.data.tokens import TokenData, file_sha256
     from aic_core.plugins.kinds import TrainJob
+    from aic_core.train.checkpoint import list_checkpoints, open_checkpoint
 
     for caps in ("devices", "precisions"):
         value = getattr(cls, caps)
@@ -666,8 +822,15 @@ def check_trainer(cls: type, options: dict[str, Any] | None = None, tmp_dir: Pat
         **_base_raw(),
         "data": {"train": ["unused.txt"]},
         "tokenizer": {"type": "contract-tokenizer"},
-        "train": {"trainer": _plugin_section("trainer", cls, options or {}), "steps": 4, "batch_size": 2, "lr": 1e-2,
-                  "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1},
+        "train": {
+            "trainer": _plugin_section("trainer", cls, options or {}),
+            "steps": 4,
+            "batch_size": 2,
+            "lr": 1e-2,
+            "warmup_steps": 1,
+            "checkpoint_every": 2,
+            "log_every": 1,
+        },
         "eval": {"batches": 1},
     }
     plugin = cls()
@@ -682,12 +845,25 @@ def check_trainer(cls: type, options: dict[str, Any] | None = None, tmp_dir: Pat
         try:
             plugin.check(spec.train.trainer, spec)
         except AicError as exc:
-            _fail(cls, f"check() refuses the contract's CPU-sized spec here: {exc}", "Pass trainer options that work on this machine.")
+            _fail(
+                cls,
+                f"check() refuses the contract's CPU-sized spec here: {exc}",
+                "Pass trainer options that work on this machine.",
+            )
         torch.manual_seed(0)
         model = Transformer(CONTRACT_CONFIG, Positional())
-        job = TrainJob(spec=spec, resolved_spec=spec.model_dump(mode="json"), model=model, train_data=data[0], val_data=data[1],
-                       run_dir=tmp / name, tokenizer_path=tokenizer_path, tokenizer_hash=file_sha256(tokenizer_path),
-                       resume_from=resume_from, stop_at=stop_at)
+        job = TrainJob(
+            spec=spec,
+            resolved_spec=spec.model_dump(mode="json"),
+            model=model,
+            train_data=data[0],
+            val_data=data[1],
+            run_dir=tmp / name,
+            tokenizer_path=tokenizer_path,
+            tokenizer_hash=file_sha256(tokenizer_path),
+            resume_from=resume_from,
+            stop_at=stop_at,
+        )
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
         plugin.train(spec.train.trainer, job)
         if resume_from is None:
@@ -699,8 +875,11 @@ def check_trainer(cls: type, options: dict[str, Any] | None = None, tmp_dir: Pat
     straight = run("straight")
     steps = [p.name for p in list_checkpoints(straight)]
     if steps != ["step-2", "step-4"]:
-        _fail(cls, f"with train.steps=4 and checkpoint_every=2 the run holds checkpoints {steps}; expected ['step-2', 'step-4'].",
-              "Save with job.save_checkpoint(step, ...) every checkpoint_every steps and at the end.")
+        _fail(
+            cls,
+            f"with train.steps=4 and checkpoint_every=2 the run holds checkpoints {steps}; expected ['step-2', 'step-4'].",
+            "Save with job.save_checkpoint(step, ...) every checkpoint_every steps and at the end.",
+        )
     if not resume:
         return
     stopped = run("resumed", stop_at=2)
@@ -708,17 +887,25 @@ def check_trainer(cls: type, options: dict[str, Any] | None = None, tmp_dir: Pat
     if steps != ["step-2"]:
         _fail(cls, f"with stop_at=2 the run holds checkpoints {steps}; expected ['step-2'] (stop with a checkpoint).")
     run("resumed", resume_from=list_checkpoints(stopped)[-1])
-    a, b = open_checkpoint(straight / "checkpoints" / "step-4").weights(), open_checkpoint(stopped / "checkpoints" / "step-4").weights()
+    a, b = (
+        open_checkpoint(straight / "checkpoints" / "step-4").weights(),
+        open_checkpoint(stopped / "checkpoints" / "step-4").weights(),
+    )
     diff = max(_close(a[k], b[k]) for k in a)
     if diff > 1e-5:
-        _fail(cls, f"stopping at step 2 and resuming gives weights {diff:.2e} away from training straight to step 4.",
-              "Save and restore the optimizer, scheduler and RNG state, and draw batches as a function of the step.")
+        _fail(
+            cls,
+            f"stopping at step 2 and resuming gives weights {diff:.2e} away from training straight to step 4.",
+            "Save and restore the optimizer, scheduler and RNG state, and draw batches as a function of the step.",
+        )
 
 
 # --- one entry point -------------------------------------------------------------------------------------
 
 
-def check_plugin(cls: type, options: dict[str, Any] | None = None, tmp_dir: Path | str | None = None, **kind_args: Any) -> None:
+def check_plugin(
+    cls: type, options: dict[str, Any] | None = None, tmp_dir: Path | str | None = None, **kind_args: Any
+) -> None:
     """Every contract check for the plugin's kind: options, registration, behaviour."""
     check_options(cls, options)
     check_registration(cls)
@@ -799,7 +986,24 @@ CONTRACTS: dict[str, type[PluginContract]] = {
 }
 
 __all__ = [
-    "CONTRACTS", "SAMPLE_TEXT", "AdapterContract", "ContractError", "ModelContract", "PluginContract", "PositionalContract",
-    "TokenizerContract", "TrainerContract", "check_adapter", "check_entry_point", "check_model", "check_options", "check_plugin",
-    "check_positional", "check_registration", "check_tokenizer", "check_trainer", "registry_of", "sample_corpus",
+    "CONTRACTS",
+    "SAMPLE_TEXT",
+    "AdapterContract",
+    "ContractError",
+    "ModelContract",
+    "PluginContract",
+    "PositionalContract",
+    "TokenizerContract",
+    "TrainerContract",
+    "check_adapter",
+    "check_entry_point",
+    "check_model",
+    "check_options",
+    "check_plugin",
+    "check_positional",
+    "check_registration",
+    "check_tokenizer",
+    "check_trainer",
+    "registry_of",
+    "sample_corpus",
 ]

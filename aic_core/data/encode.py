@@ -31,9 +31,9 @@ import types
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -46,7 +46,9 @@ TASK_BYTES = 1 << 20  # input bytes per task: what the parent holds per task in 
 WINDOW = 4  # tasks in flight per worker: enough to keep every worker busy while the parent writes
 CHUNK_CHARS = 1024  # a document is encoded in pieces of about this many characters: SentencePiece is ~1.4x faster on these than on 16 KB
 MAX_CARRY = 4 << 20  # a text with no safe cut in this many bytes is cut at a line end (or a character boundary)
-POOL_MIN_BYTES = 8 << 20  # smaller corpora are encoded in this process: workers start in ~0.4 s, about what they save on 5 MB at 2 workers
+POOL_MIN_BYTES = (
+    8 << 20
+)  # smaller corpora are encoded in this process: workers start in ~0.4 s, about what they save on 5 MB at 2 workers
 SHOWN_BAD_ROWS = 5  # bad rows named in a message
 
 Task = tuple  # ("text" | "jsonl" | "parquet", file index, first line or row, payload)
@@ -147,9 +149,13 @@ def tasks(files: list[DataFile], records: list[FileRecord], options: ReadOptions
                     yield from (_text_tasks(i, reader, sep) if f.format == "text" else _jsonl_tasks(i, reader))
             now = FileRecord.of(f.path)
         except OSError as exc:
-            raise DataError(f"{f.where} cannot be read ({exc.strerror or exc}). Check the file and its permissions.") from None
+            raise DataError(
+                f"{f.where} cannot be read ({exc.strerror or exc}). Check the file and its permissions."
+            ) from None
         if not now.same_stat(record):
-            raise DataError(f"{f.where} changed while it was being encoded (its size or modification time is not what it was). Run again once it is complete.")
+            raise DataError(
+                f"{f.where} changed while it was being encoded (its size or modification time is not what it was). Run again once it is complete."
+            )
         record.sha256 = reader.sha.hexdigest()
 
 
@@ -275,7 +281,13 @@ def rows(task: Task, text_field: str) -> Iterator[tuple[str, int, bool, int, str
         try:
             size = len(text.encode("utf-8"))
         except UnicodeEncodeError as exc:  # a lone surrogate, from a "\ud800" escape
-            yield "", 0, False, k, f"'{text_field}' is not UTF-8 text (a lone surrogate {text[exc.start]!r} at character {exc.start})"
+            yield (
+                "",
+                0,
+                False,
+                k,
+                f"'{text_field}' is not UTF-8 text (a lone surrogate {text[exc.start]!r} at character {exc.start})",
+            )
             continue
         if size:
             yield text, size, True, k, None
@@ -359,7 +371,15 @@ class Encoder:
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}[type(value)]
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        type(None): "null",
+    }[type(value)]
 
 
 def _short(value: Any) -> str:
@@ -400,7 +420,9 @@ def encode_into(
     stream = tasks(files, records, options)
     pooled = workers > 1 and sum(r.size for r in records) > max(POOL_MIN_BYTES, TASK_BYTES)
     if pooled and not _picklable(tokenizer):
-        warnings.warn(f"{label}: the tokenizer ({type(tokenizer).__name__}) cannot be sent to worker processes (it does not pickle); encoding in this process.")
+        warnings.warn(
+            f"{label}: the tokenizer ({type(tokenizer).__name__}) cannot be sent to worker processes (it does not pickle); encoding in this process."
+        )
         pooled = False
     pool = _start_pool(tokenizer, settings, workers, label) if pooled else None
     if pool is not None:
@@ -414,9 +436,13 @@ def encode_into(
         for (ids, n_docs, n_bytes, bad, n_bad), size in results:
             if bad and bad[0][1] == -1:
                 f = files[bad[0][0]]
-                raise DataError(f"{f.where} is not UTF-8 text: {where_not_utf8(f.path)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or remove it from the list.")
+                raise DataError(
+                    f"{f.where} is not UTF-8 text: {where_not_utf8(f.path)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or remove it from the list."
+                )
             summary.n_bad += n_bad
-            summary.bad += [f"{row_name(files[i], n)}: {reason}" for i, n, reason in bad][: SHOWN_BAD_ROWS - len(summary.bad)]
+            summary.bad += [f"{row_name(files[i], n)}: {reason}" for i, n, reason in bad][
+                : SHOWN_BAD_ROWS - len(summary.bad)
+            ]
             if n_bad and options.bad_rows == "refuse":
                 raise DataError(refused_message(label, files[bad[0][0]].field, summary, summary.input_bytes + size))
             out.write(ids)
@@ -440,14 +466,22 @@ def row_name(f: DataFile, n: int) -> str:
 def refused_message(label: str, field: str, summary: Summary, read: int) -> str:
     where = "; ".join(summary.bad) + (" ..." if summary.n_bad > len(summary.bad) else "")
     return (
-        f"{field}: bad rows, so {label} was not encoded (data.bad_rows is \"refuse\"): {summary.n_bad:,} in the first "
-        f"{_size(read)} read, where it stopped: {where}. Fix or remove these rows, or set data.bad_rows to \"skip\" to leave "
+        f'{field}: bad rows, so {label} was not encoded (data.bad_rows is "refuse"): {summary.n_bad:,} in the first '
+        f'{_size(read)} read, where it stopped: {where}. Fix or remove these rows, or set data.bad_rows to "skip" to leave '
         "such rows out (they are then counted and reported)."
     )
 
 
 def _size(n: int) -> str:
-    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} KB" if n >= 1e3 else f"{n} bytes"
+    return (
+        f"{n / 1e9:,.2f} GB"
+        if n >= 1e9
+        else f"{n / 1e6:,.1f} MB"
+        if n >= 1e6
+        else f"{n / 1e3:,.1f} KB"
+        if n >= 1e3
+        else f"{n} bytes"
+    )
 
 
 def _picklable(obj: Any) -> bool:
@@ -477,7 +511,12 @@ def _main_hidden() -> Iterator[None]:
 def _start_pool(tokenizer: Any, settings: Settings, workers: int, label: str) -> ProcessPoolExecutor | None:
     """Spawned workers, each holding the tokenizer; None (and a warning) if they cannot start, e.g. when Python
     cannot spawn a copy of this program (a script read from stdin)."""
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(tokenizer, settings))
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(tokenizer, settings),
+    )
     try:
         # The pool starts its processes as tasks arrive: one task a worker starts them all, here.
         with _main_hidden() if type(tokenizer).__module__ != "__main__" else nullcontext():
@@ -491,7 +530,9 @@ def _start_pool(tokenizer: Any, settings: Settings, workers: int, label: str) ->
     return pool
 
 
-def _in_workers(pool: ProcessPoolExecutor, stream: Iterator[tuple[Task, int]], workers: int) -> Iterator[tuple[tuple, int]]:
+def _in_workers(
+    pool: ProcessPoolExecutor, stream: Iterator[tuple[Task, int]], workers: int
+) -> Iterator[tuple[tuple, int]]:
     """Results in task order from the pool, at most WINDOW tasks per worker in flight."""
     pending: deque = deque()
     done = False
@@ -522,14 +563,24 @@ class Progress:
         if getattr(sys.stderr, "isatty", lambda: False)() and total > 8 * TASK_BYTES:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=f"encode {label}", unit="B", unit_scale=True, unit_divisor=1000, dynamic_ncols=True, mininterval=0.5)
+            self.bar = tqdm(
+                total=total,
+                desc=f"encode {label}",
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1000,
+                dynamic_ncols=True,
+                mininterval=0.5,
+            )
         self.tokens, self.t0 = 0, time.perf_counter()
 
     def __call__(self, n_bytes: int, n_tokens: int) -> None:
         if self.bar is not None:
             self.tokens += n_tokens
             self.bar.update(n_bytes)
-            self.bar.set_postfix_str(f"{self.tokens / max(1e-9, time.perf_counter() - self.t0) / 1e3:,.0f}k tok/s", refresh=False)
+            self.bar.set_postfix_str(
+                f"{self.tokens / max(1e-9, time.perf_counter() - self.t0) / 1e3:,.0f}k tok/s", refresh=False
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -72,7 +72,9 @@ def expand(entries: list[str], field: str, options: ReadOptions = ReadOptions())
             if path.is_dir():
                 found = _folder_files(path, options.format)
                 if not found:
-                    raise DataError(f"{where}: the folder {path} holds no data files. {_folder_hint(path, options.format)}")
+                    raise DataError(
+                        f"{where}: the folder {path} holds no data files. {_folder_hint(path, options.format)}"
+                    )
                 files += [DataFile(p, _format_of(p, options.format), where, f" (in the folder {path})") for p in found]
             else:
                 files.append(DataFile(path, _format_of(path, options.format), where))
@@ -83,9 +85,13 @@ def expand(entries: list[str], field: str, options: ReadOptions = ReadOptions())
                     f"{where}: the pattern '{entry}' matches no file. Check the pattern (relative patterns are taken from the "
                     "spec file's folder; `*` stays within a folder, `**` matches any depth, hidden files only with a leading `.`)."
                 )
-            files += [DataFile(p, _format_of(p, options.format), where, f" (from the pattern '{entry}')") for p in matches]
+            files += [
+                DataFile(p, _format_of(p, options.format), where, f" (from the pattern '{entry}')") for p in matches
+            ]
         else:
-            raise DataError(f"{where}: file not found: {path}. Check the path (relative paths are taken from the spec file's folder).")
+            raise DataError(
+                f"{where}: file not found: {path}. Check the path (relative paths are taken from the spec file's folder)."
+            )
     return files
 
 
@@ -96,7 +102,9 @@ def _exists(path: Path, where: str) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as exc:
-        raise DataError(f"{where}: {path} cannot be read ({exc.strerror or exc}). Check the path and the permissions of its folders.") from None
+        raise DataError(
+            f"{where}: {path} cannot be read ({exc.strerror or exc}). Check the path and the permissions of its folders."
+        ) from None
 
 
 def _format_of(path: Path, configured: str) -> str:
@@ -122,7 +130,11 @@ def _folder_files(folder: Path, configured: str) -> list[Path]:
 def _folder_hint(folder: Path, configured: str) -> str:
     suffixes = ", ".join(_data_suffixes(configured))
     try:
-        entries = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        entries = sorted(
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        )
     except OSError as exc:
         return f"It cannot be listed ({exc.strerror or exc}); list its files one by one."
     if not entries:
@@ -130,7 +142,7 @@ def _folder_hint(folder: Path, configured: str) -> str:
     names = ", ".join(f'"{p}"' for p in entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
     return (
         f"A folder gives its {suffixes} files (data.format: {configured}); it holds {len(entries)} others: {names}. "
-        f"List such files by name or with a glob pattern (e.g. \"{folder}/*{entries[0].suffix}\"), which reads any suffix."
+        f'List such files by name or with a glob pattern (e.g. "{folder}/*{entries[0].suffix}"), which reads any suffix.'
     )
 
 
@@ -155,18 +167,26 @@ def check_data_file(f: DataFile, options: ReadOptions = ReadOptions()) -> Path:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise DataError(f"{f.field}: file not found: {path}. Check the path (relative paths are taken from the spec file's folder).") from None
+        raise DataError(
+            f"{f.field}: file not found: {path}. Check the path (relative paths are taken from the spec file's folder)."
+        ) from None
     except OSError as exc:
-        raise DataError(f"{f.where} cannot be read ({exc.strerror or exc}). Check the path and the permissions of its folders.") from None
+        raise DataError(
+            f"{f.where} cannot be read ({exc.strerror or exc}). Check the path and the permissions of its folders."
+        ) from None
     if not stat.S_ISREG(st.st_mode):
         raise DataError(f"{f.where} is not a regular file (a device, pipe or socket). List data files.")
     if path.suffix.lower() in COMPRESSED:
-        raise DataError(f"{f.where} is compressed ({path.suffix}); aic reads plain text, JSONL and Parquet. Decompress it first (e.g. `gunzip -k {path}`).")
+        raise DataError(
+            f"{f.where} is compressed ({path.suffix}); aic reads plain text, JSONL and Parquet. Decompress it first (e.g. `gunzip -k {path}`)."
+        )
     try:
         with open(path, "rb") as fh:
             head = fh.read(1 << 16)
     except OSError as exc:
-        raise DataError(f"{f.where} cannot be read ({exc.strerror or exc}). Check its permissions (e.g. `chmod a+r {path}`).") from None
+        raise DataError(
+            f"{f.where} cannot be read ({exc.strerror or exc}). Check its permissions (e.g. `chmod a+r {path}`)."
+        ) from None
     if not head.strip() and st.st_size <= len(head):
         what = "empty (0 bytes)" if not head else "empty (only whitespace)"
         raise DataError(f"{f.where} is {what}. Give it some text or remove it from the list.")
@@ -179,7 +199,9 @@ def pyarrow_parquet(f: DataFile) -> Any:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{f.where} is a Parquet file, and reading Parquet needs pyarrow, which is not installed. Install it with `{PARQUET_EXTRA}`.") from None
+        raise DataError(
+            f"{f.where} is a Parquet file, and reading Parquet needs pyarrow, which is not installed. Install it with `{PARQUET_EXTRA}`."
+        ) from None
     return pq
 
 
@@ -189,7 +211,9 @@ def text_column(f: DataFile, name: str) -> Any:
     try:
         pfile = pq.ParquetFile(f.path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError and others for a file it cannot read
-        raise DataError(f"{f.where} is not a Parquet file pyarrow can read ({exc}). Check the file, or set data.format if it is text or JSONL.") from None
+        raise DataError(
+            f"{f.where} is not a Parquet file pyarrow can read ({exc}). Check the file, or set data.format if it is text or JSONL."
+        ) from None
     schema = pfile.schema_arrow
     if name not in schema.names:
         raise DataError(

@@ -29,13 +29,30 @@ import torch
 
 from aic_core.data import encode as data_encode
 from aic_core.data.encode import FileRecord, Progress, Summary, encode_into, refused_message, row_name, rows, tasks
-from aic_core.data.inputs import DataFile, ReadOptions, available_cpus, check_data_file, check_data_files, expand, utf8_error, where_not_utf8
+from aic_core.data.inputs import (
+    DataFile,
+    ReadOptions,
+    available_cpus,
+    check_data_file,
+    check_data_files,
+    expand,
+    utf8_error,
+    where_not_utf8,
+)
 from aic_core.errors import DataError
 from aic_core.plugins.kinds import Tokenizer
 
 __all__ = [
-    "ReadOptions", "TokenData", "check_data_files", "encode_files", "file_sha256", "load_splits", "token_cache_dir",
-    "tokenizer_corpus", "utf8_error", "where_not_utf8",
+    "ReadOptions",
+    "TokenData",
+    "check_data_files",
+    "encode_files",
+    "file_sha256",
+    "load_splits",
+    "token_cache_dir",
+    "tokenizer_corpus",
+    "utf8_error",
+    "where_not_utf8",
 ]
 
 CACHE_VERSION = 2  # of the cache key and metadata; caches of another version are never read
@@ -94,7 +111,9 @@ def cache_key(files: list[DataFile], records: list[FileRecord], read: ReadOption
         "text_field": read.text_field,
         "separator": read.separator,
         "cuts": [data_encode.CHUNK_CHARS, data_encode.TASK_BYTES, data_encode.MAX_CARRY],
-        "files": [[str(Path(r.path).resolve()), f.format, r.size, r.mtime_ns, r.ctime_ns] for f, r in zip(files, records)],
+        "files": [
+            [str(Path(r.path).resolve()), f.format, r.size, r.mtime_ns, r.ctime_ns] for f, r in zip(files, records)
+        ],
     }
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
@@ -126,7 +145,9 @@ def encode_files(
             echo(f"{field}: {len(data):,} tokens from the cache ({bin_path})")
         return data
     if not may_encode:
-        raise DataError(f"{field}: the token cache {bin_path} is missing, though another process was to write it. Check that data.cache_dir is one folder all processes of a machine share.")
+        raise DataError(
+            f"{field}: the token cache {bin_path} is missing, though another process was to write it. Check that data.cache_dir is one folder all processes of a machine share."
+        )
     workers = read.workers or available_cpus()
     started_ns = time.time_ns()
     summary = _write_cache(bin_path, meta_path, inputs, records, tokenizer, read, workers, field, started_ns)
@@ -147,8 +168,15 @@ def _dtype(tokenizer: Tokenizer) -> np.dtype:
 
 def _meta(summary: Summary, tokenizer: Tokenizer, records: list[FileRecord], started_ns: int) -> dict:
     return {
-        "version": CACHE_VERSION, "dtype": _dtype(tokenizer).name, "n_tokens": summary.n_tokens, "n_bytes": summary.n_bytes,
-        "n_docs": summary.n_docs, "n_bad": summary.n_bad, "bad": summary.bad, "started_ns": started_ns, "files": [asdict(r) for r in records],
+        "version": CACHE_VERSION,
+        "dtype": _dtype(tokenizer).name,
+        "n_tokens": summary.n_tokens,
+        "n_bytes": summary.n_bytes,
+        "n_docs": summary.n_docs,
+        "n_bad": summary.n_bad,
+        "bad": summary.bad,
+        "started_ns": started_ns,
+        "files": [asdict(r) for r in records],
     }
 
 
@@ -160,7 +188,7 @@ def _report_bad_rows(field: str, inputs: list[DataFile], meta: dict, read: ReadO
         summary = Summary(n_bad=n_bad, bad=meta["bad"])
         raise DataError(refused_message(field, inputs[0].field, summary, sum(r["size"] for r in meta["files"])))
     warnings.warn(
-        f"{field}: left out {n_bad:,} bad row{'s' if n_bad != 1 else ''} (data.bad_rows is \"skip\"), kept {meta['n_docs']:,} documents: "
+        f'{field}: left out {n_bad:,} bad row{"s" if n_bad != 1 else ""} (data.bad_rows is "skip"), kept {meta["n_docs"]:,} documents: '
         f"{'; '.join(meta['bad'])}{' ...' if n_bad > len(meta['bad']) else ''}"
     )
 
@@ -176,7 +204,12 @@ def _open_cache(bin_path: Path, meta_path: Path) -> tuple[TokenData, dict] | Non
     try:
         meta = json.loads(meta_path.read_text())
         dtype, n_tokens, n_bytes = np.dtype(meta["dtype"]), meta["n_tokens"], meta["n_bytes"]
-        if dtype not in (np.uint16, np.uint32) or type(n_tokens) is not int or type(n_bytes) is not int or n_tokens <= 0:
+        if (
+            dtype not in (np.uint16, np.uint32)
+            or type(n_tokens) is not int
+            or type(n_bytes) is not int
+            or n_tokens <= 0
+        ):
             raise ValueError(f"unexpected values {meta!r}")
         if meta.get("version") != CACHE_VERSION or not isinstance(meta.get("files"), list):
             raise ValueError(f"not a version {CACHE_VERSION} token cache")
@@ -195,7 +228,9 @@ def _open_cache(bin_path: Path, meta_path: Path) -> tuple[TokenData, dict] | Non
         meta_path.unlink(missing_ok=True)  # the metadata first: a reader never sees it without its array
         bin_path.unlink(missing_ok=True)
     except OSError as exc:
-        raise DataError(f"data.cache_dir: cannot delete the damaged token cache {bin_path} ({exc.strerror or exc}). Delete it by hand, or set data.cache_dir to a writable folder.") from None
+        raise DataError(
+            f"data.cache_dir: cannot delete the damaged token cache {bin_path} ({exc.strerror or exc}). Delete it by hand, or set data.cache_dir to a writable folder."
+        ) from None
     return None
 
 
@@ -228,7 +263,10 @@ def _write_cache(
     the same way: a reader sees a complete pair or no metadata at all (and so no cache), never a half-written
     array. Temporary files that a killed run left (same machine, process gone) are deleted first."""
     tag = f"{socket.gethostname()}.{os.getpid()}"
-    tmp, tmp_meta = bin_path.with_name(f".{bin_path.name}.{tag}.tmp"), meta_path.with_name(f".{meta_path.name}.{tag}.tmp")
+    tmp, tmp_meta = (
+        bin_path.with_name(f".{bin_path.name}.{tag}.tmp"),
+        meta_path.with_name(f".{meta_path.name}.{tag}.tmp"),
+    )
     progress = Progress(sum(r.size for r in records), field)
     try:
         bin_path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +277,9 @@ def _write_cache(
             os.fsync(out.fileno())
         if summary.n_tokens == 0:
             skipped = f" ({summary.n_bad:,} bad rows were left out)" if summary.n_bad else ""
-            raise DataError(f"{field}: no documents to encode{skipped}: every row is empty or bad. Check data.text_field and the files.")
+            raise DataError(
+                f"{field}: no documents to encode{skipped}: every row is empty or bad. Check data.text_field and the files."
+            )
         os.replace(tmp, bin_path)
         with open(tmp_meta, "w") as f:
             f.write(json.dumps(_meta(summary, tokenizer, records, started_ns)))
@@ -304,10 +344,14 @@ def tokenizer_corpus(entries: list[str], read: ReadOptions, folder: Path) -> Ite
                 for task, _ in tasks([f], [FileRecord.of(f.path)], read):
                     for text, _, ends, k, problem in rows(task, read.text_field):
                         if k == -1:
-                            raise DataError(f"{f.where} is not UTF-8 text: {where_not_utf8(f.path)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or remove it from the list.")
+                            raise DataError(
+                                f"{f.where} is not UTF-8 text: {where_not_utf8(f.path)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or remove it from the list."
+                            )
                         if problem is not None:
                             summary.n_bad += 1
-                            summary.bad += [f"{row_name(f, task[2] + k)}: {problem}"][: data_encode.SHOWN_BAD_ROWS - len(summary.bad)]
+                            summary.bad += [f"{row_name(f, task[2] + k)}: {problem}"][
+                                : data_encode.SHOWN_BAD_ROWS - len(summary.bad)
+                            ]
                             if read.bad_rows == "refuse":
                                 raise DataError(refused_message("data.train", f.field, summary, f.path.stat().st_size))
                             continue

@@ -23,12 +23,10 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from aic_core.errors import GenerationError
-from aic_core.plugins.kinds import Tokenizer
+from aic_core.generate.sampling import sample_next
 from aic_core.model.nn.transformer import Transformer
+from aic_core.plugins.kinds import Tokenizer
 from aic_core.spec import DecodeStep, SamplerSpec
-
-from aic_core.generate.sampling import changes_logits, sample_next
-
 
 # --- decoding ------------------------------------------------------------------------------------
 
@@ -86,7 +84,9 @@ def stream(
     """
     prompt_ids = _encode_prompts(model, tokenizer, prompts, max_new_tokens)
     step_modes = _step_modes(decode_step, use_cache, model.wte.weight.device)
-    return _decode(model, tokenizer, prompt_ids, max_new_tokens, sampler, [s for s in stop if s], seed, use_cache, step_modes)
+    return _decode(
+        model, tokenizer, prompt_ids, max_new_tokens, sampler, [s for s in stop if s], seed, use_cache, step_modes
+    )
 
 
 def _step_modes(decode_step: str, use_cache: bool, device: torch.device) -> tuple[str, ...]:
@@ -111,9 +111,13 @@ def _step_modes(decode_step: str, use_cache: bool, device: torch.device) -> tupl
     return (decode_step,)
 
 
-def _encode_prompts(model: Transformer, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+def _encode_prompts(
+    model: Transformer, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int
+) -> list[list[int]]:
     if not prompts:
-        raise GenerationError("No prompts to generate from: give at least one prompt (an empty string starts from the beginning-of-text token).")
+        raise GenerationError(
+            "No prompts to generate from: give at least one prompt (an empty string starts from the beginning-of-text token)."
+        )
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens is {max_new_tokens}; it must be at least 1.")
     start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
@@ -123,7 +127,9 @@ def _encode_prompts(model: Transformer, tokenizer: Tokenizer, prompts: list[str]
         ids = tokenizer.encode(prompt)
         if not ids:
             if start is None:
-                raise GenerationError(f"Prompt {i} is empty and the tokenizer has no bos or eos token to start from; give a non-empty prompt.")
+                raise GenerationError(
+                    f"Prompt {i} is empty and the tokenizer has no bos or eos token to start from; give a non-empty prompt."
+                )
             ids = [start]
         n = len(ids)
         if n > context and max_positions is not None:  # rope, alibi (max_positions None) run past block_size
@@ -132,7 +138,11 @@ def _encode_prompts(model: Transformer, tokenizer: Tokenizer, prompts: list[str]
                 f"Shorten the prompt to at most {context} tokens."
             )
         if max_positions is not None and n + max_new_tokens > max_positions:
-            fix = f"lower max_new_tokens to {max_positions - n}" if max_positions > n else f"shorten the prompt below {max_positions} tokens"
+            fix = (
+                f"lower max_new_tokens to {max_positions - n}"
+                if max_positions > n
+                else f"shorten the prompt below {max_positions} tokens"
+            )
             raise GenerationError(
                 f"Prompt {i} is {n} tokens long and max_new_tokens is {max_new_tokens}, so the sequence would reach "
                 f"{n + max_new_tokens} tokens, past the {max_positions} positions the positional encoding can represent "
@@ -157,7 +167,9 @@ def _decode(
     device = model.wte.weight.device
     generator = torch.Generator(device).manual_seed(seed)
     if use_cache:
-        steps: _CachedSteps | _RecomputeSteps = _CachedSteps.for_call(model, prompt_ids, max_new_tokens, sampler, step_modes)
+        steps: _CachedSteps | _RecomputeSteps = _CachedSteps.for_call(
+            model, prompt_ids, max_new_tokens, sampler, step_modes
+        )
     else:
         steps = _RecomputeSteps(len(prompt_ids), max(map(len, prompt_ids)) + max_new_tokens, sampler, device)
     batch = steps.batch
@@ -223,7 +235,9 @@ class _Batch:
         # Slots past the last generated token (the cache rounds its length up, and a graph's scratch slot) are
         # never attended to, but a captured step still looks up their positions: keep them in range for an
         # encoding that has a last position (learned embeddings would index past their table).
-        self.positions.copy_((self.slot_ids[None, :] - pads).clamp(min=0, max=None if max_positions is None else max_positions - 1))
+        self.positions.copy_(
+            (self.slot_ids[None, :] - pads).clamp(min=0, max=None if max_positions is None else max_positions - 1)
+        )
         self.valid.copy_(self.slot_ids[None, :] >= pads)  # every generated token is real too
         # Without padding, no mask at all lets attention take its fast causal path.
         self.padded = any(len(ids) < L for ids in prompt_ids)
@@ -256,7 +270,9 @@ class _RecomputeSteps:
 
     def _step(self, model: Transformer) -> None:
         b, end = self.batch, self.end
-        logits = model(b.tokens[:, :end], positions=b.positions[:, :end], attention_mask=b.mask(end), last_only=True)[:, -1]
+        logits = model(b.tokens[:, :end], positions=b.positions[:, :end], attention_mask=b.mask(end), last_only=True)[
+            :, -1
+        ]
         b.tokens[:, end] = sample_next(logits, b.tokens[:, :end], b.valid[:, :end], self.sampler, self.generator)
         self.end = end + 1
 
@@ -276,7 +292,15 @@ class _CachedSteps:
     to the model: a kept capture must not keep the model alive.
     """
 
-    def __init__(self, model: Transformer, batch_size: int, cache_len: int, sampler: SamplerSpec, step_modes: tuple[str, ...], key: tuple) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        batch_size: int,
+        cache_len: int,
+        sampler: SamplerSpec,
+        step_modes: tuple[str, ...],
+        key: tuple,
+    ) -> None:
         device = model.wte.weight.device
         self.sampler, self.step_modes, self.key = sampler, step_modes, key
         self.batch = _Batch(batch_size, cache_len + 1, device)
@@ -288,14 +312,26 @@ class _CachedSteps:
         self.in_use = False
 
     @classmethod
-    def for_call(cls, model: Transformer, prompt_ids: list[list[int]], max_new_tokens: int, sampler: SamplerSpec, step_modes: tuple[str, ...]) -> _CachedSteps:
+    def for_call(
+        cls,
+        model: Transformer,
+        prompt_ids: list[list[int]],
+        max_new_tokens: int,
+        sampler: SamplerSpec,
+        step_modes: tuple[str, ...],
+    ) -> _CachedSteps:
         """The kept capture when it fits this call and this model as it is now, else new steps."""
         cache_len = -(-(max(map(len, prompt_ids)) + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
         device = model.wte.weight.device
         # Everything a captured step depends on: the shapes, the sampler, and the model's modules and the
         # memory of its tensors (a graph reads them where they were at capture).
         key = (
-            len(prompt_ids), cache_len, repr(sampler), step_modes, model.training, torch.is_autocast_enabled(device.type),
+            len(prompt_ids),
+            cache_len,
+            repr(sampler),
+            step_modes,
+            model.training,
+            torch.is_autocast_enabled(device.type),
             tuple(map(id, model.modules())),
             tuple((t.data_ptr(), t.dtype, t.shape) for t in (*model.parameters(), *model.buffers())),
         )
@@ -308,7 +344,9 @@ class _CachedSteps:
         b, L = self.batch, self.batch.prompt_len
         self.generator = generator
         self.cache.reset()
-        logits = model(b.tokens[:, :L], positions=b.positions[:, :L], attention_mask=b.mask(L), cache=self.cache, last_only=True)[:, -1]
+        logits = model(
+            b.tokens[:, :L], positions=b.positions[:, :L], attention_mask=b.mask(L), cache=self.cache, last_only=True
+        )[:, -1]
         b.tokens[:, L] = sample_next(logits, b.tokens[:, :L], b.valid[:, :L], self.sampler, generator, self._draw())
         self.slot.fill_(L)
         self.fed = L  # the host's count of `slot`, for an eager step's window
@@ -432,7 +470,9 @@ class _TextStream:
             self.finished = True
         else:
             self.ids.append(token)
-        pending = self.tokenizer.decode(self.ids[self.prefix :])[len(self.prefix_text) :] if self.read < len(self.ids) else ""
+        pending = (
+            self.tokenizer.decode(self.ids[self.prefix :])[len(self.prefix_text) :] if self.read < len(self.ids) else ""
+        )
         base = self.confirmed - len(self.recent)
         window = self.recent + pending  # the text from character `base` on
         cut = _find_stop(window, self.stop)

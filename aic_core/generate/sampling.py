@@ -8,7 +8,6 @@ import torch
 from aic_core.spec import SamplerSpec
 
 
-
 def process_logits(
     logits: torch.Tensor, prev_ids: torch.Tensor, prev_mask: torch.Tensor | None, sampler: SamplerSpec
 ) -> torch.Tensor:
@@ -78,4 +77,9 @@ def sample_next(
 
 def changes_logits(sampler: SamplerSpec) -> bool:
     """Whether process_logits changes anything but the temperature."""
-    return sampler.repetition_penalty != 1.0 or sampler.top_k is not None or (sampler.top_p is not None and sampler.top_p < 1.0) or bool(sampler.min_p)
+    return (
+        sampler.repetition_penalty != 1.0
+        or sampler.top_k is not None
+        or (sampler.top_p is not None and sampler.top_p < 1.0)
+        or bool(sampler.min_p)
+    )

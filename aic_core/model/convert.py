@@ -23,10 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from aic_core.train.checkpoint import STATE, load_weights, model_state, write_checkpoint_dir
 from aic_core.data.tokens import file_sha256
 from aic_core.errors import CheckpointError, PluginError
-from aic_core.plugins.kinds import Tokenizer
 from aic_core.model.loading import (
     HF_CONFIG,
     build_from_section,
@@ -39,8 +37,10 @@ from aic_core.model.loading import (
     read_hf_config,
 )
 from aic_core.model.nn.transformer import Transformer
+from aic_core.plugins.kinds import Tokenizer
 from aic_core.plugins.registry import Registry, get_registry
 from aic_core.spec import parse_spec, resolved_dict
+from aic_core.train.checkpoint import STATE, load_weights, model_state, write_checkpoint_dir
 
 # Logits of a conversion must agree with the source's to this, times max(1, the largest |logit|).
 TOLERANCE = 1e-4
@@ -115,7 +115,9 @@ def _prepare_out(out: Path) -> Path:
     """A temporary sibling of `out` to write into; `out` must not hold anything yet."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out}: already exists and is not empty; nothing was written. Choose a new output folder, or remove it first.")
+        raise CheckpointError(
+            f"{out}: already exists and is not empty; nothing was written. Choose a new output folder, or remove it first."
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
     if tmp.exists():
@@ -150,7 +152,11 @@ def import_hf_folder(folder: Path, out: Path, registry: Registry | None = None) 
             "tokenizer_hash": file_sha256(tok[1]) if tok else None,
             "model_config": imported.model.config.to_dict(),
             "metrics": {},
-            "imported_from": {"format": "hf", "path": str(folder.resolve()), "architectures": read_hf_config(folder).get("architectures")},
+            "imported_from": {
+                "format": "hf",
+                "path": str(folder.resolve()),
+                "architectures": read_hf_config(folder).get("architectures"),
+            },
         }
         write_checkpoint_dir(tmp, model_state(imported.model), None, state, tok[1] if tok else None)
         reloaded = open_source(tmp, registry)
@@ -179,7 +185,9 @@ def export_hf(source: Path, out: Path, registry: Registry | None = None) -> Conv
     registry = registry or get_registry()
     src = open_source(source, registry)
     if src.format == "hf":
-        raise CheckpointError(f"{source}: is already a Hugging Face model folder; export takes an aic run directory or checkpoint.")
+        raise CheckpointError(
+            f"{source}: is already a Hugging Face model folder; export takes an aic run directory or checkpoint."
+        )
     out = Path(out)
     spec = model_spec(src.model_section, registry, str(src.path / STATE), src.tokenizer_section)
     plugin = registry.get("model", spec.model.type)
@@ -218,7 +226,9 @@ def export_hf(source: Path, out: Path, registry: Registry | None = None) -> Conv
             if files and not caught:  # complete, as the plugin did not warn: AutoTokenizer must load it
                 vs_tok = transformers_tokenizer_check(tmp, tokenizer[1], f"export of {src.path}", str(out))
         vs_hf = _check(f"export of {src.path}", reference, transformers_logits(tmp, ids), str(out))
-        vs_reload = _check(f"export of {src.path}", reference, aic_logits(import_hf(tmp, registry).model, ids), str(out))
+        vs_reload = _check(
+            f"export of {src.path}", reference, aic_logits(import_hf(tmp, registry).model, ids), str(out)
+        )
         _finish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -277,7 +287,9 @@ def merge_run(run: Path, out: Path, registry: Registry | None = None) -> MergeRe
     registry = registry or get_registry()
     loaded = load_checkpoint_model(Path(run), registry)
     if loaded.spec.adapter is None:
-        raise CheckpointError(f"{loaded.checkpoint.path}: holds no adapter, so there is nothing to merge; it already is a plain checkpoint.")
+        raise CheckpointError(
+            f"{loaded.checkpoint.path}: holds no adapter, so there is nothing to merge; it already is a plain checkpoint."
+        )
     plugin = registry.get("adapter", loaded.spec.adapter.type)
     model = loaded.model
     ids = probe_ids(model.config.vocab_size, model.config.block_size)
@@ -293,7 +305,10 @@ def merge_run(run: Path, out: Path, registry: Registry | None = None) -> MergeRe
         state = {
             **{k: v for k, v in loaded.checkpoint.state.items() if k not in ("spec",)},
             "spec": spec,
-            "merged_from": {"path": str(loaded.checkpoint.path.resolve()), "adapter": loaded.checkpoint.state["spec"]["adapter"]},
+            "merged_from": {
+                "path": str(loaded.checkpoint.path.resolve()),
+                "adapter": loaded.checkpoint.state["spec"]["adapter"],
+            },
         }
         write_checkpoint_dir(tmp, weights, None, state, loaded.checkpoint.tokenizer_path)
         _finish(tmp, Path(out))
@@ -306,7 +321,9 @@ def merge_run(run: Path, out: Path, registry: Registry | None = None) -> MergeRe
         return MergeReport(Path(out), diff, None, str(exc))
 
 
-def export_peft(run: Path, out: Path, registry: Registry | None = None, base_name: str | None = None) -> ConversionReport:
+def export_peft(
+    run: Path, out: Path, registry: Registry | None = None, base_name: str | None = None
+) -> ConversionReport:
     """`aic export RUN --format peft OUT [--base-name NAME]`: adapter_config.json + adapter_model.safetensors that
     `peft.AutoPeftModelForCausalLM.from_pretrained(OUT)` loads, its `base_model_name_or_path` naming the HF export
     of the base (`base_name`, by default `default_base_name`). Checked by logits in PEFT: on that folder when it
@@ -319,7 +336,9 @@ def export_peft(run: Path, out: Path, registry: Registry | None = None, base_nam
     model_plugin = registry.get("model", spec.model.type)
     adapter = registry.get("adapter", spec.adapter.type)
     hf_config = model_plugin.hf_config(spec.model, model.config)  # refuses a base HF cannot hold
-    config, tensors = adapter.to_peft(model, spec.adapter, model_plugin.hf_linear_map(model.config), model_plugin.hf_fan_in_fan_out)
+    config, tensors = adapter.to_peft(
+        model, spec.adapter, model_plugin.hf_linear_map(model.config), model_plugin.hf_fan_in_fan_out
+    )
     base_name = base_name or default_base_name(spec.model.init_from)
     config["base_model_name_or_path"] = base_name
     base_dir, notes = (Path(base_name) if base_name and Path(base_name).exists() else None), []
@@ -335,8 +354,14 @@ def export_peft(run: Path, out: Path, registry: Registry | None = None, base_nam
             "load the adapter with peft.PeftModel.from_pretrained(BASE_MODEL, OUT), or name the base with --base-name."
         )
     elif base_dir is None:
-        write = f"; write the base's export there with `aic export {_relative(Path(spec.model.init_from))} --format hf {base_name}`" if spec.model.init_from else ""
-        notes.append(f"base_model_name_or_path {base_name} is not a folder here{write}. PEFT was checked on a temporary HF export of the base.")
+        write = (
+            f"; write the base's export there with `aic export {_relative(Path(spec.model.init_from))} --format hf {base_name}`"
+            if spec.model.init_from
+            else ""
+        )
+        notes.append(
+            f"base_model_name_or_path {base_name} is not a folder here{write}. PEFT was checked on a temporary HF export of the base."
+        )
     ids = probe_ids(model.config.vocab_size, model.config.block_size)
     reference = aic_logits(model, ids)
     base_state = {k: v for k, v in model_state(model).items() if k not in adapter.adapter_state(model)}
@@ -345,6 +370,7 @@ def export_peft(run: Path, out: Path, registry: Registry | None = None, base_nam
         tmp.mkdir()
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
         def wrong_base(why: str) -> CheckpointError:
             return CheckpointError(
                 f"base_model_name_or_path {base_name}: is not the base this adapter was trained on ({spec.model.init_from or 'the run itself'}): "
@@ -352,7 +378,9 @@ def export_peft(run: Path, out: Path, registry: Registry | None = None, base_nam
             )
 
         try:
-            theirs = _peft_logits(hf_config, model_plugin.state_dict_to_hf(base_state, model.config), tmp, ids, base_dir)
+            theirs = _peft_logits(
+                hf_config, model_plugin.state_dict_to_hf(base_state, model.config), tmp, ids, base_dir
+            )
         except Exception as exc:  # noqa: BLE001 - whatever PEFT raises on a folder the user named, it is the wrong base
             if base_dir is None:
                 raise
@@ -364,7 +392,9 @@ def export_peft(run: Path, out: Path, registry: Registry | None = None, base_nam
         _finish(tmp, Path(out))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ConversionReport(Path(out), sum(t.numel() for t in tensors.values()), vs_peft, None, None, notes=notes, base=base_name)
+    return ConversionReport(
+        Path(out), sum(t.numel() for t in tensors.values()), vs_peft, None, None, notes=notes, base=base_name
+    )
 
 
 def default_base_name(init_from: str | None) -> str | None:
@@ -387,7 +417,13 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def _peft_logits(hf_config: dict[str, Any], hf_state: dict[str, torch.Tensor], adapter_dir: Path, ids: torch.Tensor, base_dir: Path | None = None) -> torch.Tensor | None:
+def _peft_logits(
+    hf_config: dict[str, Any],
+    hf_state: dict[str, torch.Tensor],
+    adapter_dir: Path,
+    ids: torch.Tensor,
+    base_dir: Path | None = None,
+) -> torch.Tensor | None:
     """Logits of transformers' model of the base (`base_dir`, or one made from `hf_config` and `hf_state`) with PEFT's
     adapter loaded; None without transformers or peft."""
     try:

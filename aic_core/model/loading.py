@@ -22,6 +22,12 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from aic_core.data.tokens import file_sha256
+from aic_core.errors import CheckpointError, PluginError, SpecError
+from aic_core.model.nn.transformer import Transformer, TransformerConfig
+from aic_core.plugins.kinds import ModelPlugin, Tokenizer, TokenizerPlugin
+from aic_core.plugins.registry import Registry, get_registry
+from aic_core.spec import ModelSpec, RunSpec, load_spec_file, parse_spec, spec_from_resolved
 from aic_core.train.checkpoint import (
     ADAPTER_META,
     ADAPTER_WEIGHTS,
@@ -33,12 +39,6 @@ from aic_core.train.checkpoint import (
     tensors_sha256,
     verified,
 )
-from aic_core.data.tokens import file_sha256
-from aic_core.errors import CheckpointError, PluginError, SpecError
-from aic_core.plugins.kinds import ModelPlugin, Tokenizer, TokenizerPlugin
-from aic_core.model.nn.transformer import Transformer, TransformerConfig
-from aic_core.plugins.registry import Registry, get_registry
-from aic_core.spec import ModelSpec, RunSpec, load_spec_file, parse_spec, spec_from_resolved
 
 HF_CONFIG = "config.json"
 
@@ -54,11 +54,17 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
     config_path = folder / HF_CONFIG
     if not folder.exists():
-        raise CheckpointError(f"{folder}: no such folder. Pass a Hugging Face model folder (config.json + model.safetensors), e.g. one written by save_pretrained.")
+        raise CheckpointError(
+            f"{folder}: no such folder. Pass a Hugging Face model folder (config.json + model.safetensors), e.g. one written by save_pretrained."
+        )
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: is a file, not a folder. Pass the Hugging Face model folder that holds config.json and model.safetensors.")
+        raise CheckpointError(
+            f"{folder}: is a file, not a folder. Pass the Hugging Face model folder that holds config.json and model.safetensors."
+        )
     if not config_path.is_file():
-        raise CheckpointError(f"{folder}: no config.json; a Hugging Face model folder holds config.json and model.safetensors.")
+        raise CheckpointError(
+            f"{folder}: no config.json; a Hugging Face model folder holds config.json and model.safetensors."
+        )
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -108,14 +114,22 @@ def hf_model_section(config: dict[str, Any], registry: Registry, where: str) -> 
     try:
         options = plugin.Options(**fields)
     except ValidationError as exc:
-        raise CheckpointError(f"{where}: cannot be represented by aic's '{plugin.name}': {exc.errors()[0]['msg']}") from None
+        raise CheckpointError(
+            f"{where}: cannot be represented by aic's '{plugin.name}': {exc.errors()[0]['msg']}"
+        ) from None
     positional = dict(plugin.positional_from_hf_config(config))
     positional_plugin = registry.get("positional", positional.pop("type"))
     try:
         positional_options = positional_plugin.Options(**positional)
     except ValidationError as exc:
-        raise CheckpointError(f"{where}: positional settings cannot be represented by aic's '{positional_plugin.name}': {exc.errors()[0]['msg']}") from None
-    section = {"type": plugin.name, **options.model_dump(), "positional": {"type": positional_plugin.name, **positional_options.model_dump()}}
+        raise CheckpointError(
+            f"{where}: positional settings cannot be represented by aic's '{positional_plugin.name}': {exc.errors()[0]['msg']}"
+        ) from None
+    section = {
+        "type": plugin.name,
+        **options.model_dump(),
+        "positional": {"type": positional_plugin.name, **positional_options.model_dump()},
+    }
     return plugin, section
 
 
@@ -165,7 +179,15 @@ def open_source(path: Path, registry: Registry | None = None) -> ModelSource:
         def load(model_config: TransformerConfig) -> dict[str, torch.Tensor]:
             return hf_state_dict(plugin, path, model_config)
 
-        return ModelSource(path, "hf", section, {"type": tok[0].name} if tok else None, tok[1] if tok else None, section["vocab_size"], load)
+        return ModelSource(
+            path,
+            "hf",
+            section,
+            {"type": tok[0].name} if tok else None,
+            tok[1] if tok else None,
+            section["vocab_size"],
+            load,
+        )
     ckpt = open_checkpoint(path)
     spec = ckpt.state["spec"]
     if spec.get("adapter"):
@@ -175,8 +197,13 @@ def open_source(path: Path, registry: Registry | None = None) -> ModelSource:
         )
     has_tok = ckpt.tokenizer_path.is_file()
     return ModelSource(
-        ckpt.path, "aic", spec["model"], spec.get("tokenizer") if has_tok else None, ckpt.tokenizer_path if has_tok else None,
-        int(ckpt.state["model_config"]["vocab_size"]), lambda _config: ckpt.weights(),
+        ckpt.path,
+        "aic",
+        spec["model"],
+        spec.get("tokenizer") if has_tok else None,
+        ckpt.tokenizer_path if has_tok else None,
+        int(ckpt.state["model_config"]["vocab_size"]),
+        lambda _config: ckpt.weights(),
     )
 
 
@@ -199,7 +226,9 @@ def build_model(spec: ModelSpec, registry: Registry, vocab_size: int, init_weigh
     if init_weights and spec.model.init_from:
         src = open_source(Path(spec.model.init_from), registry)
         load_weights(
-            model, src.weights(config), str(src.path),
+            model,
+            src.weights(config),
+            str(src.path),
             "the spec's model (model.init_from: keys set in the spec's model section override the source's, and shapes must match its weights)",
         )
     if spec.adapter is not None:  # wraps target modules in place and freezes the base
@@ -283,7 +312,9 @@ def import_hf(folder: Path, registry: Registry | None = None) -> Imported:
     return Imported(model.eval(), plugin, section)
 
 
-def model_spec(section: dict[str, Any], registry: Registry, source: str, tokenizer: dict[str, Any] | None = None) -> Any:
+def model_spec(
+    section: dict[str, Any], registry: Registry, source: str, tokenizer: dict[str, Any] | None = None
+) -> Any:
     """A model section (and tokenizer section) validated into a model-only spec, as in a RunSpec."""
     raw: dict[str, Any] = {"name": "model", "model": section}
     if tokenizer is not None:
@@ -291,7 +322,9 @@ def model_spec(section: dict[str, Any], registry: Registry, source: str, tokeniz
     return parse_spec(raw, registry, source=source, model_only=True, check=False)
 
 
-def build_from_section(section: dict[str, Any], registry: Registry, vocab_size: int = 0, source: str = "model section") -> Transformer:
+def build_from_section(
+    section: dict[str, Any], registry: Registry, vocab_size: int = 0, source: str = "model section"
+) -> Transformer:
     """A model with fresh weights from a model section (vocab_size: when the section leaves it unset)."""
     return build_model(model_spec(section, registry, source), registry, section.get("vocab_size") or vocab_size)
 
@@ -303,7 +336,9 @@ def load_adapter(model: Transformer, folder: Path, registry: Registry | None = N
     folder = find_checkpoint(Path(folder)) if not (Path(folder) / ADAPTER_META).is_file() else Path(folder)
     meta_path, weights_path = folder / ADAPTER_META, folder / ADAPTER_WEIGHTS
     if not meta_path.is_file() or not weights_path.is_file():
-        raise CheckpointError(f"{folder}: no {ADAPTER_META} and {ADAPTER_WEIGHTS}; pass a checkpoint of a run trained with an adapter.")
+        raise CheckpointError(
+            f"{folder}: no {ADAPTER_META} and {ADAPTER_WEIGHTS}; pass a checkpoint of a run trained with an adapter."
+        )
     try:
         meta = json.loads(meta_path.read_text())
         tensors = load_file(str(verified(folder, ADAPTER_WEIGHTS)))
@@ -327,8 +362,6 @@ def load_adapter(model: Transformer, folder: Path, registry: Registry | None = N
         )
     model.load_state_dict(tensors, strict=False)
     return sorted(expected)
-
-
 
 
 # --- specs whose model.init_from names a source ------------------------------------------------------------

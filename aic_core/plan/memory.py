@@ -76,7 +76,9 @@ GiB = 2**30
 ZERO_REDUCE_BUCKET = 500_000_000  # DeepSpeed reduce_bucket_size / allgather_bucket_size defaults (elements)
 ZERO3_MAX_LIVE = 1_000_000_000  # DeepSpeed stage3_max_live_parameters default (elements)
 DDP_BUCKET_MB = 25
-CUDA_WORKSPACE = 64 * 2**20  # cuBLAS + cuBLASLt workspaces, allocated through torch's allocator (measured on an H100: 66-70 MiB all told)
+CUDA_WORKSPACE = (
+    64 * 2**20
+)  # cuBLAS + cuBLASLt workspaces, allocated through torch's allocator (measured on an H100: 66-70 MiB all told)
 
 
 # --- results ---------------------------------------------------------------------------------------
@@ -213,7 +215,10 @@ class VocabularyUnknown(SpecError):
 def _vocab_size(spec: Any, vocab_size: int | None) -> int:
     if vocab_size:
         return vocab_size
-    for value in (getattr(spec.model, "vocab_size", None), getattr(getattr(spec, "tokenizer", None), "vocab_size", None)):
+    for value in (
+        getattr(spec.model, "vocab_size", None),
+        getattr(getattr(spec, "tokenizer", None), "vocab_size", None),
+    ):
         if isinstance(value, int) and value > 0:
             return value
     raise VocabularyUnknown(
@@ -262,19 +267,31 @@ def _shape(model: Transformer) -> _Shape:
     params = list(model.parameters())
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     matmul = [m.weight for m in linears] + ([model.wte.weight] if model.lm_head is None else [])
-    matmul += [getattr(m, n) for m in linears for n in ("lora_A", "lora_B") if isinstance(getattr(m, n, None), torch.Tensor)]
+    matmul += [
+        getattr(m, n) for m in linears for n in ("lora_A", "lora_B") if isinstance(getattr(m, n, None), torch.Tensor)
+    ]
     blocks = []
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
         if not isinstance(attn, CausalSelfAttention):
-            raise SpecError(f"aic plan: the model's attention ({type(attn).__name__}) is not aic's; its memory cannot be planned.")
+            raise SpecError(
+                f"aic plan: the model's attention ({type(attn).__name__}) is not aic's; its memory cannot be planned."
+            )
         kind = "swiglu" if isinstance(mlp, SwiGLU) else "gelu" if isinstance(mlp, MLP) else "other"
-        blocks.append(_Block(
-            norm1=_norm_kind(block.norm1), norm2=_norm_kind(block.norm2), mlp=kind,
-            norm1_trainable=_trainable(block.norm1), norm2_trainable=_trainable(block.norm2),
-            qkv=_linear(attn.qkv), proj=_linear(attn.proj), fc=_linear(mlp.fc), fc_out=mlp.fc.out_features,
-            mlp_proj=_linear(mlp.proj),
-        ))
+        blocks.append(
+            _Block(
+                norm1=_norm_kind(block.norm1),
+                norm2=_norm_kind(block.norm2),
+                mlp=kind,
+                norm1_trainable=_trainable(block.norm1),
+                norm2_trainable=_trainable(block.norm2),
+                qkv=_linear(attn.qkv),
+                proj=_linear(attn.proj),
+                fc=_linear(mlp.fc),
+                fc_out=mlp.fc.out_features,
+                mlp_proj=_linear(mlp.proj),
+            )
+        )
     # What the positional encoding does, asked on meta tensors: rotate q and k (new tensors), add a bias.
     positional = model.positional
     with torch.device("meta"):
@@ -294,7 +311,11 @@ def _shape(model: Transformer) -> _Shape:
             positional._cached = None
     head = model.lm_head if model.lm_head is not None else None
     wte_trainable = bool(model.wte.weight.requires_grad)
-    head_info = _linear(head) if head is not None else _Linear(inputs=c.n_embd, trainable=wte_trainable, weight_elements=model.wte.weight.numel())
+    head_info = (
+        _linear(head)
+        if head is not None
+        else _Linear(inputs=c.n_embd, trainable=wte_trainable, weight_elements=model.wte.weight.numel())
+    )
     return _Shape(
         model=model,
         elements=sum(p.numel() for p in params),
@@ -332,7 +353,15 @@ class _Mode:
         return 1 if self.device == "cuda" else self.a
 
 
-def attention_kernel(device: str, a: int, has_bias: bool, dropout: float, gqa: bool, head_dim: int, capability: tuple[int, int] | None = None) -> str:
+def attention_kernel(
+    device: str,
+    a: int,
+    has_bias: bool,
+    dropout: float,
+    gqa: bool,
+    head_dim: int,
+    capability: tuple[int, int] | None = None,
+) -> str:
     """The SDPA kernel torch picks for the training forward. On the CPU: its flash kernel, or the math one
     with attention dropout. On CUDA, in torch's priority order: cuDNN attention on Hopper and newer for bf16
     (torch 2.9 and later; seen on an H100 with torch 2.11, also with ALiBi's bias, grouped-query heads and
@@ -395,7 +424,9 @@ def _grad_out(lin: _Linear, grad_in: bool) -> bool:
     return grad_in or lin.trainable or lin.lora_r > 0
 
 
-def _block_bytes(b: _Block, s: _Shape, m: _Mode, T: int, kernel: str, dropout: float, grad: bool) -> tuple[int, int, bool, tuple[int, int]]:
+def _block_bytes(
+    b: _Block, s: _Shape, m: _Mode, T: int, kernel: str, dropout: float, grad: bool
+) -> tuple[int, int, bool, tuple[int, int]]:
     """(bytes saved per token by one block, its largest per-token tensors, whether its output requires grad,
     the autocast weight copies it saves (elements; of them frozen)). grad: the block's input requires grad
     (false before the first trainable weight, e.g. under LoRA)."""
@@ -571,8 +602,20 @@ def _torch_strategy(s: _Shape, m: _Mode, acts: _Acts, N: int, world: int, micro_
         return {
             "end of forward": base + copies_fwd + acts.checkpointed + max(loss_fwd, largest_block),
             "start of backward": base + head_copy + acts.checkpointed + loss_bwd,
-            "backward of the last block": base + (0 if accumulating else outside_grads) + acts.checkpointed - acts.tail + block_copy + working,
-            "backward of the first block": base - accumulating + grads + acts.outside - acts.tail + acts.inputs // L + block_copy + working,
+            "backward of the last block": base
+            + (0 if accumulating else outside_grads)
+            + acts.checkpointed
+            - acts.tail
+            + block_copy
+            + working,
+            "backward of the first block": base
+            - accumulating
+            + grads
+            + acts.outside
+            - acts.tail
+            + acts.inputs // L
+            + block_copy
+            + working,
             "optimizer step": step,
         }
 
@@ -581,7 +624,9 @@ def _torch_strategy(s: _Shape, m: _Mode, acts: _Acts, N: int, world: int, micro_
     name = "ddp" if world > 1 else "torch"
     notes = []
     if world > 1:
-        notes.append(f"DDP: + one fp32 copy of the gradients in its buckets ({DDP_BUCKET_MB} MB each; gradient_as_bucket_view=False)")
+        notes.append(
+            f"DDP: + one fp32 copy of the gradients in its buckets ({DDP_BUCKET_MB} MB each; gradient_as_bucket_view=False)"
+        )
     return Strategy(
         name=name,
         label=f"ddp x{world}" if world > 1 else "torch",
@@ -603,7 +648,15 @@ def _torch_strategy(s: _Shape, m: _Mode, acts: _Acts, N: int, world: int, micro_
 
 
 def _zero_strategy(
-    s: _Shape, m: _Mode, acts: _Acts, N: int, world: int, stage: int, ckpt: bool, offload: bool = False, micro_steps: float = 1
+    s: _Shape,
+    m: _Mode,
+    acts: _Acts,
+    N: int,
+    world: int,
+    stage: int,
+    ckpt: bool,
+    offload: bool = False,
+    micro_steps: float = 1,
 ) -> Strategy:
     c = s.model.config
     P, Pt = s.elements, s.trainable_elements
@@ -724,7 +777,9 @@ def plan(
             f"would start, e.g. --world-size 8 for one node of 8 GPUs). Leave it out for one process."
         )
     if device_memory is not None and not device_memory > 0:
-        raise SpecError(f"--device-memory: {device_memory!r}; give the memory of one device in GiB, e.g. 80 for an 80 GB H100.")
+        raise SpecError(
+            f"--device-memory: {device_memory!r}; give the memory of one device in GiB, e.g. 80 for an 80 GB H100."
+        )
     kind, precision, zero = _trainer_settings(spec, device)
     model = build_meta_model(spec, registry, vocab_size)
     s = _shape(model)
@@ -736,11 +791,15 @@ def plan(
     ckpt = bool(getattr(t, "activation_checkpointing", False))
     micro_steps = t.grad_accum / world_size
     notes = [
-        (f"train.batch_size ({B}) is the micro-batch of one device; the global batch is train.batch_size x train.grad_accum "
-         f"= {B * t.grad_accum} sequences per step, whatever the number of processes (each runs grad_accum / processes micro-batches).")
+        (
+            f"train.batch_size ({B}) is the micro-batch of one device; the global batch is train.batch_size x train.grad_accum "
+            f"= {B * t.grad_accum} sequences per step, whatever the number of processes (each runs grad_accum / processes micro-batches)."
+        )
     ]
     if t.grad_accum % world_size:
-        notes.append(f"train.grad_accum ({t.grad_accum}) is not a multiple of --world-size ({world_size}): `aic run` refuses that; planned as if it were.")
+        notes.append(
+            f"train.grad_accum ({t.grad_accum}) is not a multiple of --world-size ({world_size}): `aic run` refuses that; planned as if it were."
+        )
 
     # FLOPs
     positional_params = sum(p.numel() for p in model.positional.parameters())
@@ -767,7 +826,9 @@ def plan(
     ds_acts = _activations(s, ds_mode, B, T)
 
     strategies = [_torch_strategy(s, torch_mode, acts, N, world_size, micro_steps, ckpt)]
-    strategies += [_zero_strategy(s, ds_mode, ds_acts, N, world_size, stage, ckpt, micro_steps=micro_steps) for stage in (1, 2, 3)]
+    strategies += [
+        _zero_strategy(s, ds_mode, ds_acts, N, world_size, stage, ckpt, micro_steps=micro_steps) for stage in (1, 2, 3)
+    ]
     spec_strategy = zero or strategies[0].name
     if spec.train.trainer.type not in ("torch", "deepspeed"):
         notes.append(f"trainer '{spec.train.trainer.type}' is planned as the torch trainer.")
@@ -794,7 +855,8 @@ def plan(
 
     return Plan(
         spec_name=spec.name,
-        model=f"{spec.model.type} + {spec.model.positional.type}" + (f" + {spec.adapter.type}" if getattr(spec, "adapter", None) else ""),
+        model=f"{spec.model.type} + {spec.model.positional.type}"
+        + (f" + {spec.adapter.type}" if getattr(spec, "adapter", None) else ""),
         parameters=parameters,
         trainable=trainable,
         matmul_parameters=n_matmul,
@@ -856,7 +918,9 @@ def check_fits(
     return p
 
 
-def fit_advice(spec: Any, registry: Any, p: Plan, device: str | torch.device | None = None, vocab_size: int | None = None) -> str:
+def fit_advice(
+    spec: Any, registry: Any, p: Plan, device: str | torch.device | None = None, vocab_size: int | None = None
+) -> str:
     """One paragraph: why the spec's strategy does not fit `p.device_memory`, and what would (each checked
     with the same plan): a smaller micro-batch for the same global batch, activation checkpointing, a ZeRO
     stage, ZeRO-3 with the optimizer state offloaded to the CPU."""
@@ -870,30 +934,47 @@ def fit_advice(spec: Any, registry: Any, p: Plan, device: str | torch.device | N
     for b in range(t.batch_size - 1, 0, -1):
         if global_batch % b or (global_batch // b) % world_size:
             continue
-        q = plan(_with_train(spec, batch_size=b, grad_accum=global_batch // b), registry, world_size, capacity / GiB, device, vocab_size)
+        q = plan(
+            _with_train(spec, batch_size=b, grad_accum=global_batch // b),
+            registry,
+            world_size,
+            capacity / GiB,
+            device,
+            vocab_size,
+        )
         if q.strategy(s.name).fits:
-            fixes.append(f"train.batch_size {b} with train.grad_accum {global_batch // b} (the same global batch; "
-                         f"{_gib(q.strategy(s.name).total)})")
+            fixes.append(
+                f"train.batch_size {b} with train.grad_accum {global_batch // b} (the same global batch; "
+                f"{_gib(q.strategy(s.name).total)})"
+            )
             break
     # 2. Activation checkpointing.
     if not s.activation_checkpointing and s.total_with_checkpointing <= capacity:
-        fixes.append(f"\"train.activation_checkpointing\": true ({_gib(s.total_with_checkpointing)}; about one more forward pass per step)")
+        fixes.append(
+            f'"train.activation_checkpointing": true ({_gib(s.total_with_checkpointing)}; about one more forward pass per step)'
+        )
     # 3. A ZeRO stage (the deepspeed trainer), else ZeRO-3 with the optimizer state offloaded to the CPU.
     zero = [z for z in p.strategies if z.name.startswith("zero") and z.name != s.name]
     for z in zero:
         if z.total <= capacity or (not z.activation_checkpointing and z.total_with_checkpointing <= capacity):
             how = "" if z.total <= capacity else " with activation checkpointing"
             size = z.total if z.total <= capacity else z.total_with_checkpointing
-            fixes.append(f"the deepspeed trainer with ZeRO stage {z.name[-1]} over {world_size} device(s){how} ({_gib(size)})")
+            fixes.append(
+                f"the deepspeed trainer with ZeRO stage {z.name[-1]} over {world_size} device(s){how} ({_gib(size)})"
+            )
             break
     else:
         kind, precision, _ = _trainer_settings(spec, device)
         shape = _shape(build_meta_model(spec, registry, vocab_size))
         mode = _Mode(kind, 2 if precision == "bf16" else 4, 2 if precision == "bf16" else 4, False)
         acts = _activations(shape, mode, t.batch_size, p.seq_len)
-        off = _zero_strategy(shape, mode, acts, t.batch_size * p.seq_len, world_size, 3, True, offload=True, micro_steps=p.micro_steps)
+        off = _zero_strategy(
+            shape, mode, acts, t.batch_size * p.seq_len, world_size, 3, True, offload=True, micro_steps=p.micro_steps
+        )
         if off.total <= capacity:
-            fixes.append(f"ZeRO stage 3 with the optimizer state offloaded to the CPU and activation checkpointing ({_gib(off.total)} on the device)")
+            fixes.append(
+                f"ZeRO stage 3 with the optimizer state offloaded to the CPU and activation checkpointing ({_gib(off.total)} on the device)"
+            )
     if not fixes:
         fixes.append("more devices (--world-size, torchrun --nproc_per_node) with a ZeRO stage, or a smaller model")
     parts = (
@@ -905,7 +986,8 @@ def fit_advice(spec: Any, registry: Any, p: Plan, device: str | torch.device | N
     return (
         f"{p.spec_name}: this run does not fit: training {p.model} ({p.parameters:,} parameters) with {s.label} needs about "
         f"{_gib(s.total)} per device at its peak ({s.peak_at}; {parts}), but the {p.device} device has {_gib(capacity)} "
-        f"({p.device_memory_source}). To make it fit, change one of: " + "; or ".join(fixes)
+        f"({p.device_memory_source}). To make it fit, change one of: "
+        + "; or ".join(fixes)
         + ". `aic plan` shows the whole table."
     )
 
@@ -922,12 +1004,17 @@ def format_plan(p: Plan) -> str:
     lines = [
         f"aic plan: {p.spec_name} ({p.model})",
         f"  parameters       {p.parameters:,} ({p.trainable:,} trainable)",
-        (f"  FLOPs per token  {p.flops_per_token:.3e}  ({p.flops_formula}; N = parameters in matmuls, "
-         f"{p.matmul_parameters:,}); {p.flops_per_token * p.tokens_per_step:.3e} per step"),
-        (f"  batch            micro-batch {p.batch_size} x {p.seq_len} tokens per device (train.batch_size); global batch "
-         f"{p.global_batch} sequences = batch_size {p.batch_size} x grad_accum {p.grad_accum} ({p.tokens_per_step:,} tokens per step); "
-         f"{p.world_size} process(es), {p.micro_steps:g} micro-batch(es) each per step"),
-        f"  device           {p.device}: " + (f"{_gib(p.device_memory)} ({p.device_memory_source})" if p.device_memory else p.device_memory_source),
+        (
+            f"  FLOPs per token  {p.flops_per_token:.3e}  ({p.flops_formula}; N = parameters in matmuls, "
+            f"{p.matmul_parameters:,}); {p.flops_per_token * p.tokens_per_step:.3e} per step"
+        ),
+        (
+            f"  batch            micro-batch {p.batch_size} x {p.seq_len} tokens per device (train.batch_size); global batch "
+            f"{p.global_batch} sequences = batch_size {p.batch_size} x grad_accum {p.grad_accum} ({p.tokens_per_step:,} tokens per step); "
+            f"{p.world_size} process(es), {p.micro_steps:g} micro-batch(es) each per step"
+        ),
+        f"  device           {p.device}: "
+        + (f"{_gib(p.device_memory)} ({p.device_memory_source})" if p.device_memory else p.device_memory_source),
         f"  compute          {p.precision}; attention: SDPA {p.attention} kernel; activation checkpointing "
         + ("on" if p.activation_checkpointing else "off"),
         "",
@@ -938,7 +1025,8 @@ def format_plan(p: Plan) -> str:
         ["gradients"] + [gib(s.gradients) for s in p.strategies],
         ["optimizer state"] + [gib(s.optimizer) for s in p.strategies],
         ["autocast weight copies"] + [gib(s.weight_copies) for s in p.strategies],
-        ["activations" + (" (checkpointed)" if p.activation_checkpointing else "")] + [gib(s.activations) for s in p.strategies],
+        ["activations" + (" (checkpointed)" if p.activation_checkpointing else "")]
+        + [gib(s.activations) for s in p.strategies],
         ["logits/loss buffer"] + [gib(s.logits) for s in p.strategies],
         ["DDP/ZeRO buffers"] + [gib(s.buffers) for s in p.strategies],
         ["CUDA workspaces"] + [gib(s.workspace) for s in p.strategies],
@@ -947,18 +1035,25 @@ def format_plan(p: Plan) -> str:
         ["  fits " + (_gib(p.device_memory) if p.device_memory else "(unknown)")]
         + ["?" if s.fits is None else "yes" if s.fits else "NO" for s in p.strategies],
         ["total " + ("without" if p.activation_checkpointing else "with") + " act. checkpointing"]
-        + [gib(s.total_without_checkpointing if p.activation_checkpointing else s.total_with_checkpointing) for s in p.strategies],
+        + [
+            gib(s.total_without_checkpointing if p.activation_checkpointing else s.total_with_checkpointing)
+            for s in p.strategies
+        ],
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         lines.append("  " + "  ".join(x.ljust(widths[0]) if i == 0 else x.rjust(widths[i]) for i, x in enumerate(r)))
     lines += [
         "",
-        (f"  KV cache for generate: {_gib(p.kv_cache)} ({p.kv_cache_shape}); the generate stage runs after training, "
-         "so it is not part of the training peak"),
-        ("  * the spec's trainer. Gradients are counted in the peak only where they are alive (optimizer step; "
-         "grad_accum micro-steps; ZeRO keeps its own). ZeRO columns: the ZeRO paper's 2 + 2 + 12 bytes per parameter, "
-         "sharded by stage, and DeepSpeed's default buckets."),
+        (
+            f"  KV cache for generate: {_gib(p.kv_cache)} ({p.kv_cache_shape}); the generate stage runs after training, "
+            "so it is not part of the training peak"
+        ),
+        (
+            "  * the spec's trainer. Gradients are counted in the peak only where they are alive (optimizer step; "
+            "grad_accum micro-steps; ZeRO keeps its own). ZeRO columns: the ZeRO paper's 2 + 2 + 12 bytes per parameter, "
+            "sharded by stage, and DeepSpeed's default buckets."
+        ),
     ]
     lines += [f"  note: {n}" for n in p.notes]
     return "\n".join(lines)

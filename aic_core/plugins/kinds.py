@@ -25,13 +25,17 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from aic_core.train.distributed import Dist
     from aic_core.model.nn.positional import Positional
     from aic_core.model.nn.transformer import Transformer, TransformerConfig
     from aic_core.spec import RunSpec
+    from aic_core.train.distributed import Dist
 
 # Names of the torch side, imported when first asked for (`from aic_core.plugins.kinds import Positional` works as before).
-_LAZY = {"Positional": "aic_core.model.nn.positional", "Transformer": "aic_core.model.nn.transformer", "TransformerConfig": "aic_core.model.nn.transformer"}
+_LAZY = {
+    "Positional": "aic_core.model.nn.positional",
+    "Transformer": "aic_core.model.nn.transformer",
+    "TransformerConfig": "aic_core.model.nn.transformer",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -48,6 +52,7 @@ def _new_dist() -> Dist:
     from aic_core.train.distributed import Dist
 
     return Dist()
+
 
 KINDS = ("model", "positional", "adapter", "tokenizer", "trainer")
 
@@ -104,14 +109,20 @@ class ModelPlugin(Plugin):
     hf_architectures: ClassVar[tuple[str, ...]] = ()
 
     def options_from_hf_config(self, hf_config: dict[str, Any]) -> dict[str, Any]:
-        raise PluginError(f"model '{self.name}' has no Hugging Face counterpart; use a model whose plugin lists hf_architectures")
+        raise PluginError(
+            f"model '{self.name}' has no Hugging Face counterpart; use a model whose plugin lists hf_architectures"
+        )
 
     def positional_from_hf_config(self, hf_config: dict[str, Any]) -> dict[str, Any]:
         """The model.positional section for an HF config (default: this family's positional, default options)."""
         return {"type": self.default_positional}
 
-    def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
-        raise PluginError(f"model '{self.name}' has no Hugging Face counterpart; use a model whose plugin lists hf_architectures")
+    def state_dict_from_hf(
+        self, hf_state: dict[str, torch.Tensor], config: TransformerConfig
+    ) -> dict[str, torch.Tensor]:
+        raise PluginError(
+            f"model '{self.name}' has no Hugging Face counterpart; use a model whose plugin lists hf_architectures"
+        )
 
     # HF's layers store weights as (in, out) (GPT-2's Conv1D): PEFT's fan_in_fan_out.
     hf_fan_in_fan_out: ClassVar[bool] = False
@@ -119,7 +130,9 @@ class ModelPlugin(Plugin):
     def hf_linear_map(self, config: TransformerConfig) -> dict[str, list[tuple[str, int, int]]]:
         """Each aic linear layer -> the HF layers it holds: [(HF module name, first output row, end row)].
         Fused layers (qkv, gate|up) map to several. Used to export adapters in PEFT's format."""
-        raise PluginError(f"model '{self.name}' has no Hugging Face counterpart, so its adapters cannot be exported in PEFT's format")
+        raise PluginError(
+            f"model '{self.name}' has no Hugging Face counterpart, so its adapters cannot be exported in PEFT's format"
+        )
 
     def hf_config(self, options: PluginOptions, config: TransformerConfig) -> dict[str, Any]:
         """The config.json of the HF counterpart for these options (`options.positional` included).
@@ -131,7 +144,9 @@ class ModelPlugin(Plugin):
 
     def state_dict_to_hf(self, state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
         """aic tensors (vocabulary padded) -> the HF counterpart's tensors (vocabulary cut to vocab_size)."""
-        raise PluginError(f"model '{self.name}' has no Hugging Face counterpart, so it cannot be exported to the HF format")
+        raise PluginError(
+            f"model '{self.name}' has no Hugging Face counterpart, so it cannot be exported to the HF format"
+        )
 
 
 # --- tokenizers -----------------------------------------------------------------------------------
@@ -201,7 +216,11 @@ class AdapterPlugin(Plugin):
         """The adapter's own tensors (CPU), named as in the model's state dict."""
 
     def to_peft(
-        self, model: nn.Module, options: PluginOptions, linear_map: dict[str, list[tuple[str, int, int]]], fan_in_fan_out: bool
+        self,
+        model: nn.Module,
+        options: PluginOptions,
+        linear_map: dict[str, list[tuple[str, int, int]]],
+        fan_in_fan_out: bool,
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """PEFT's adapter_config.json and adapter_model.safetensors tensors. `linear_map` maps an aic linear
         layer to the HF layers it holds: [(HF module name, first output row, end row)]."""
@@ -235,7 +254,11 @@ class TrainJob:
     _cleaned: bool = False
 
     def save_checkpoint(
-        self, step: int, weights: dict[str, torch.Tensor] | None, trainer_state: dict[str, Any] | None, metrics: dict[str, float] | None = None
+        self,
+        step: int,
+        weights: dict[str, torch.Tensor] | None,
+        trainer_state: dict[str, Any] | None,
+        metrics: dict[str, float] | None = None,
     ) -> Path | None:
         """Write checkpoints/step-N atomically, with the spec, tokenizer and its hash (the one layout every trainer uses).
         The first call removes what killed runs left behind; with train.keep_last, older checkpoints beyond the newest
@@ -250,8 +273,20 @@ class TrainJob:
             return self.dist.once(lambda: self._write(step, weights, trainer_state, metrics))
         return self._write(step, weights, trainer_state, metrics)
 
-    def _write(self, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any] | None, metrics: dict[str, float] | None) -> Path:
-        from aic_core.train.checkpoint import adapter_files, clean_stale, prune_checkpoints, save_checkpoint, tensors_sha256
+    def _write(
+        self,
+        step: int,
+        weights: dict[str, torch.Tensor],
+        trainer_state: dict[str, Any] | None,
+        metrics: dict[str, float] | None,
+    ) -> Path:
+        from aic_core.train.checkpoint import (
+            adapter_files,
+            clean_stale,
+            prune_checkpoints,
+            save_checkpoint,
+            tensors_sha256,
+        )
 
         if not self._cleaned:
             clean_stale(self.run_dir)
@@ -270,10 +305,14 @@ class TrainJob:
             tensors = {k: weights[k] for k in self.adapter.adapter_state(self.model)}
             if self._base_sha256 is None:  # the base is frozen: hash it once
                 self._base_sha256 = tensors_sha256({k: v for k, v in weights.items() if k not in tensors})
-            extra = adapter_files(tensors, self.resolved_spec["adapter"], self._base_sha256, self.resolved_spec["model"].get("init_from"))
+            extra = adapter_files(
+                tensors, self.resolved_spec["adapter"], self._base_sha256, self.resolved_spec["model"].get("init_from")
+            )
         path = save_checkpoint(self.run_dir, step, weights, trainer_state, state, self.tokenizer_path, extra)
         if self.spec.train.keep_last is not None:
-            prune_checkpoints(self.run_dir, self.spec.train.keep_last, keep=[self.resume_from] if self.resume_from else [])
+            prune_checkpoints(
+                self.run_dir, self.spec.train.keep_last, keep=[self.resume_from] if self.resume_from else []
+            )
         return path
 
 
@@ -289,7 +328,9 @@ class TrainerPlugin(Plugin):
 
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
-    def build_model(self, options: PluginOptions, spec: RunSpec, dist: Dist, build: Callable[[], Transformer]) -> Transformer:
+    def build_model(
+        self, options: PluginOptions, spec: RunSpec, dist: Dist, build: Callable[[], Transformer]
+    ) -> Transformer:
         """Build the model to train: `build()` is the core's recipe (model plugin, positional plugin, weights,
         adapter). A trainer that shards parameters while they are created (DeepSpeed's ZeRO-3 `zero.Init`)
         calls it inside its own context; the default just calls it."""

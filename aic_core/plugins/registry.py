@@ -20,8 +20,8 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel
 
-from aic_core.plugins import hookspecs
 from aic_core.errors import PluginError, did_you_mean
+from aic_core.plugins import hookspecs
 from aic_core.plugins.kinds import BASES, KINDS, Plugin
 
 ENTRY_POINT_GROUP = "aic"
@@ -116,11 +116,7 @@ class Registry:
         def record(status: str, error: str | None = None, name: str | None = None, kind: str = "-") -> None:
             self._record(PluginRecord(name or ep.name, kind, dist, version, source, status, error))
 
-        if (
-            self.pinned is not None
-            and dist != BUILTIN_DISTRIBUTION
-            and _normalise(dist) not in self.pinned
-        ):
+        if self.pinned is not None and dist != BUILTIN_DISTRIBUTION and _normalise(dist) not in self.pinned:
             record("skipped", f"distribution '{dist}' is not listed in AIC_PLUGINS")
             return
         try:

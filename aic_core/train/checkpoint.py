@@ -47,7 +47,12 @@ ADAPTER_META = "adapter.json"
 FILES = "files"  # state.json: {file name: sha256} of the files written with it
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
-_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", f"os error {errno.ENOSPC})", f"os error {errno.EDQUOT})")
+_DISK_FULL_TEXT = (
+    "No space left on device",
+    "Disk quota exceeded",
+    f"os error {errno.ENOSPC})",
+    f"os error {errno.EDQUOT})",
+)
 
 
 def _fsync(path: Path) -> None:
@@ -110,7 +115,9 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(exc, Exception) and is_disk_full(exc):
-            raise disk_full_error(path.parent, path.name, f"The partial file was removed; {path.name} was left as it was.") from None
+            raise disk_full_error(
+                path.parent, path.name, f"The partial file was removed; {path.name} was left as it was."
+            ) from None
         raise
 
 
@@ -199,7 +206,9 @@ def _encode(obj: Any, path: list[str], tensors: dict[str, torch.Tensor], seen: d
         return {_TENSOR: key}
     if isinstance(obj, np.ndarray):  # numpy's RNG state: a uint32 array, kept as a list
         if obj.dtype.kind not in "biuf":
-            raise CheckpointError(f"trainer state: the numpy array at '{'/'.join(path)}' has dtype {obj.dtype}; only numbers can be saved.")
+            raise CheckpointError(
+                f"trainer state: the numpy array at '{'/'.join(path)}' has dtype {obj.dtype}; only numbers can be saved."
+            )
         return {_NDARRAY: obj.dtype.str, "shape": list(obj.shape), "data": obj.reshape(-1).tolist()}
     if isinstance(obj, np.generic):
         return _encode(obj.item(), path, tensors, seen)
@@ -211,7 +220,11 @@ def _encode(obj: Any, path: list[str], tensors: dict[str, torch.Tensor], seen: d
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: _encode(v, [*path, k], tensors, seen) for k, v in obj.items()}
         # Keys JSON cannot keep (the optimizer's state is keyed by parameter index): a list of pairs.
-        return {_ITEMS: [[_encode(k, path, tensors, seen), _encode(v, [*path, str(k)], tensors, seen)] for k, v in obj.items()]}
+        return {
+            _ITEMS: [
+                [_encode(k, path, tensors, seen), _encode(v, [*path, str(k)], tensors, seen)] for k, v in obj.items()
+            ]
+        }
     raise CheckpointError(
         f"trainer state: cannot save a {type(obj).__module__}.{type(obj).__qualname__} at '{'/'.join(path)}'; "
         f"a trainer state holds tensors, numbers, strings, lists, tuples, dicts and numpy number arrays only."
@@ -225,12 +238,16 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], source: Path) -> Any:
         return obj
     if _TENSOR in obj:
         if obj[_TENSOR] not in tensors:
-            raise CheckpointError(f"{source}: names a tensor '{obj[_TENSOR]}' that {TRAINER_STATE} does not hold; the trainer state is damaged. Resume from an earlier checkpoint.")
+            raise CheckpointError(
+                f"{source}: names a tensor '{obj[_TENSOR]}' that {TRAINER_STATE} does not hold; the trainer state is damaged. Resume from an earlier checkpoint."
+            )
         return tensors[obj[_TENSOR]]
     if _NDARRAY in obj:
         dtype = np.dtype(obj[_NDARRAY])
         if dtype.kind not in "biuf":
-            raise CheckpointError(f"{source}: a numpy array of dtype {dtype}; only numbers are read. The trainer state is damaged.")
+            raise CheckpointError(
+                f"{source}: a numpy array of dtype {dtype}; only numbers are read. The trainer state is damaged."
+            )
         return np.array(obj["data"], dtype=dtype).reshape(obj["shape"])
     if _TUPLE in obj:
         return tuple(_decode(v, tensors, source) for v in obj[_TUPLE])
@@ -257,7 +274,9 @@ def load_trainer_state(folder: Path, files: dict[str, str] | None = None) -> dic
     tensors_path, meta_path = folder / TRAINER_STATE, folder / TRAINER_STATE_META
     for path in (tensors_path, meta_path):
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing, so training cannot resume from this checkpoint exactly. Resume from an earlier checkpoint or start a new run.")
+            raise CheckpointError(
+                f"{path}: missing, so training cannot resume from this checkpoint exactly. Resume from an earlier checkpoint or start a new run."
+            )
         verify_file(path, files)
     try:
         meta = json.loads(meta_path.read_text())
@@ -265,11 +284,15 @@ def load_trainer_state(folder: Path, files: dict[str, str] | None = None) -> dic
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: corrupt trainer state ({exc}). Resume from an earlier checkpoint.") from None
     if not isinstance(meta, dict) or meta.get("format") != "aic-trainer-state/1" or "state" not in meta:
-        raise CheckpointError(f"{meta_path}: not an aic trainer state (no format 'aic-trainer-state/1'). Resume from an earlier checkpoint.")
+        raise CheckpointError(
+            f"{meta_path}: not an aic trainer state (no format 'aic-trainer-state/1'). Resume from an earlier checkpoint."
+        )
     try:
         return _decode(meta["state"], tensors, meta_path)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise CheckpointError(f"{meta_path}: corrupt trainer state ({type(exc).__name__}: {exc}). Resume from an earlier checkpoint.") from None
+        raise CheckpointError(
+            f"{meta_path}: corrupt trainer state ({type(exc).__name__}: {exc}). Resume from an earlier checkpoint."
+        ) from None
 
 
 def _load_legacy_trainer_state(path: Path) -> dict[str, Any]:
@@ -294,7 +317,9 @@ def _load_legacy_trainer_state(path: Path) -> dict[str, Any]:
             f"(trainer_state.safetensors + trainer_state.json), or start a new run."
         ) from None
     except Exception as exc:
-        raise CheckpointError(f"{path}: corrupt trainer state ({type(exc).__name__}: {exc}). Resume from an earlier checkpoint.") from None
+        raise CheckpointError(
+            f"{path}: corrupt trainer state ({type(exc).__name__}: {exc}). Resume from an earlier checkpoint."
+        ) from None
 
 
 # --- writing checkpoints --------------------------------------------------------------------------------
@@ -362,8 +387,14 @@ def save_checkpoint(
         if previous is not None
         else "The partial checkpoint was removed; the run has no earlier checkpoint."
     )
-    then = "continue the run: `aic run` with the same spec and --resume" if previous is not None else "run the same command again"
-    write_checkpoint_dir(tmp, weights, trainer_state, {**state, "step": step}, tokenizer_path, extra, kept=kept, then=then)
+    then = (
+        "continue the run: `aic run` with the same spec and --resume"
+        if previous is not None
+        else "run the same command again"
+    )
+    write_checkpoint_dir(
+        tmp, weights, trainer_state, {**state, "step": step}, tokenizer_path, extra, kept=kept, then=then
+    )
     if final.exists():  # the same step saved again (e.g. the last step is also a checkpoint_every step)
         old = root / f".step-{step}.{os.getpid()}.old"
         os.replace(final, old)
@@ -457,12 +488,23 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def adapter_files(tensors: dict[str, torch.Tensor], options: dict[str, Any], base_sha256: str, base_path: str | None) -> dict[str, bytes]:
+def adapter_files(
+    tensors: dict[str, torch.Tensor], options: dict[str, Any], base_sha256: str, base_path: str | None
+) -> dict[str, bytes]:
     """adapter.safetensors (the adapter's tensors only) and adapter.json (its options and the base it was trained on)."""
     from safetensors.torch import save
 
-    meta = {"format": "aic-adapter/1", "adapter": options, "base_sha256": base_sha256, "base": base_path, "tensors": len(tensors)}
-    return {ADAPTER_WEIGHTS: save(tensors, metadata={"format": "pt"}), ADAPTER_META: (json.dumps(meta, indent=2) + "\n").encode()}
+    meta = {
+        "format": "aic-adapter/1",
+        "adapter": options,
+        "base_sha256": base_sha256,
+        "base": base_path,
+        "tensors": len(tensors),
+    }
+    return {
+        ADAPTER_WEIGHTS: save(tensors, metadata={"format": "pt"}),
+        ADAPTER_META: (json.dumps(meta, indent=2) + "\n").encode(),
+    }
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -494,10 +536,14 @@ def find_checkpoint(path: Path) -> Path:
     if (path / STATE).is_file() and (path / WEIGHTS).exists():
         return path
     if not path.exists():
-        raise CheckpointError(f"{path}: no such run or checkpoint folder. Pass a run directory (e.g. runs/austen-tiny) or one of its checkpoints/step-N folders.")
+        raise CheckpointError(
+            f"{path}: no such run or checkpoint folder. Pass a run directory (e.g. runs/austen-tiny) or one of its checkpoints/step-N folders."
+        )
     ckpt = latest_checkpoint(path)
     if ckpt is None:
-        raise CheckpointError(f"{path}: holds no checkpoint ({CHECKPOINTS}/step-N with {STATE}). Train first: `aic run SPEC`.")
+        raise CheckpointError(
+            f"{path}: holds no checkpoint ({CHECKPOINTS}/step-N with {STATE}). Train first: `aic run SPEC`."
+        )
     return ckpt
 
 
@@ -527,12 +573,16 @@ class Checkpoint:
     def weights(self) -> dict[str, torch.Tensor]:
         path = self.path / WEIGHTS
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing. The checkpoint is incomplete; use an earlier checkpoint or retrain.")
+            raise CheckpointError(
+                f"{path}: missing. The checkpoint is incomplete; use an earlier checkpoint or retrain."
+            )
         verify_file(path, self.files)
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: corrupt weights file ({exc}). Use an earlier checkpoint of this run or retrain.") from None
+            raise CheckpointError(
+                f"{path}: corrupt weights file ({exc}). Use an earlier checkpoint of this run or retrain."
+            ) from None
 
     def trainer_state(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
         """The trainer state saved with this checkpoint; tensors on the CPU (the optimizer moves its own).
@@ -559,5 +609,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
             raise CheckpointError(f"{path / STATE}: has no '{key}'; this is not an aic checkpoint or it is damaged.")
     # A checkpoint imported from a folder without a tokenizer has tokenizer_hash null and no tokenizer file.
     if state["tokenizer_hash"] is not None and not (path / TOKENIZER).is_file():
-        raise CheckpointError(f"{path / TOKENIZER}: missing; every aic checkpoint carries its tokenizer. Use an earlier checkpoint.")
+        raise CheckpointError(
+            f"{path / TOKENIZER}: missing; every aic checkpoint carries its tokenizer. Use an earlier checkpoint."
+        )
     return Checkpoint(path, state)

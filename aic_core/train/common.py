@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aic_core.train.checkpoint import disk_full_error, is_disk_full
 from aic_core.data.tokens import TokenData
-from aic_core.train.distributed import Dist
 from aic_core.spec import RunSpec, TrainSpec
+from aic_core.train.checkpoint import disk_full_error, is_disk_full
+from aic_core.train.distributed import Dist
 
 EVAL_STREAM, TRAIN_STREAM = 1, 0
 
@@ -47,7 +47,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def adamw(model: torch.nn.Module, train: TrainSpec, device: torch.device, groups: list[dict] | None = None) -> torch.optim.AdamW:
+def adamw(
+    model: torch.nn.Module, train: TrainSpec, device: torch.device, groups: list[dict] | None = None
+) -> torch.optim.AdamW:
     """AdamW over `groups` (default: `param_groups`) with the spec's lr, betas and weight decay. Fused (one kernel
     updates every parameter, instead of a few kernels per tensor, and no host read of each tensor's step count) on
     CUDA and on the CPU, where torch has it since 2.4: on a small model on the CPU the step's optimizer time drops
@@ -58,7 +60,9 @@ def adamw(model: torch.nn.Module, train: TrainSpec, device: torch.device, groups
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=fused)
 
 
-def train_batch(data: TokenData, spec: RunSpec, step: int, micro: int, seq_len: int, device, rank: int = 0, world: int = 1):
+def train_batch(
+    data: TokenData, spec: RunSpec, step: int, micro: int, seq_len: int, device, rank: int = 0, world: int = 1
+):
     """Micro-batch `micro` (0 .. grad_accum / world - 1) of this rank at a step. The step's grad_accum micro-batches
     are the same whatever the world size, and rank r takes those numbered r, r + world, ...: so N processes see
     exactly the batches one process sees, and a batch is a pure function of (seed, step, micro-batch number),
@@ -68,7 +72,9 @@ def train_batch(data: TokenData, spec: RunSpec, step: int, micro: int, seq_len: 
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, val: TokenData, spec: RunSpec, seq_len: int, device, autocast=None, dist: Dist | None = None) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, val: TokenData, spec: RunSpec, seq_len: int, device, autocast=None, dist: Dist | None = None
+) -> dict[str, float]:
     """Mean validation loss over fixed batches (the same windows every time), perplexity, bits per byte. With
     several processes each rank evaluates every world-th batch and the losses are summed over ranks: the same
     result as one process."""
@@ -121,7 +127,12 @@ class MetricsLog:
             self._file.flush()
         except OSError as exc:
             if is_disk_full(exc):
-                raise disk_full_error(self.path.parent, self.path.name, "The checkpoints already written are kept.", "continue with --resume") from None
+                raise disk_full_error(
+                    self.path.parent,
+                    self.path.name,
+                    "The checkpoints already written are kept.",
+                    "continue with --resume",
+                ) from None
             raise
         if self._tb_dir is not None and "step" in record:
             self._scalars(record)
@@ -187,13 +198,21 @@ class Progress:
     def __init__(self, total: int, initial: int, enabled: bool = True) -> None:
         self.total, self.enabled = total, enabled  # disabled on ranks other than 0: rank 0 speaks for the run
         interactive = getattr(sys.stderr, "isatty", lambda: False)()
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0) if interactive and enabled else None
+        self.bar = (
+            tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+            if interactive and enabled
+            else None
+        )
 
     def log(self, step: int, loss: float, lr: float, tok_s: float) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
         elif self.enabled:
-            print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s", file=sys.stderr, flush=True)
+            print(
+                f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def update(self) -> None:
         if self.bar is not None:
@@ -257,7 +276,11 @@ class CtrlC:
             raise KeyboardInterrupt
         self.requested = True
         with contextlib.suppress(Exception):  # a print can collide with one the handler interrupted
-            print("\naic: interrupted: finishing this step to save a checkpoint (Ctrl-C again to stop at once, without one)", file=sys.stderr, flush=True)
+            print(
+                "\naic: interrupted: finishing this step to save a checkpoint (Ctrl-C again to stop at once, without one)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def agreed(self, dist: Dist) -> bool:
         """Whether any rank was asked to stop (every rank must stop at the same step: one all-reduce a step with

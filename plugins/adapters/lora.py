@@ -87,7 +87,9 @@ class LoRAOptions(PluginOptions):
     """Low-rank adapters on linear layers; the base model is frozen and only the adapters train."""
 
     r: int = Field(8, gt=0, description="Rank of the update.")
-    alpha: float = Field(16.0, gt=0, description="Scale: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora).")
+    alpha: float = Field(
+        16.0, gt=0, description="Scale: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input (training only).")
     targets: list[str] = Field(
         default_factory=lambda: ["attn.qkv", "attn.proj"],
@@ -102,7 +104,9 @@ class LoRAOptions(PluginOptions):
     def _targets(cls, targets: list[str]) -> list[str]:
         for t in targets:
             if not t or t != t.strip() or t.startswith(".") or t.endswith("."):
-                raise ValueError(f"target {t!r} is not a module-name pattern; write e.g. 'attn.qkv', 'mlp.*' or 'all-linear'")
+                raise ValueError(
+                    f"target {t!r} is not a module-name pattern; write e.g. 'attn.qkv', 'mlp.*' or 'all-linear'"
+                )
         return targets
 
 
@@ -146,7 +150,11 @@ class LoRA(AdapterPlugin):
         for name in chosen:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, LoRALinear(getattr(parent, child), options.r, options.alpha, options.dropout, options.use_rslora))
+            setattr(
+                parent,
+                child,
+                LoRALinear(getattr(parent, child), options.r, options.alpha, options.dropout, options.use_rslora),
+            )
         return chosen
 
     def wrapped(self, model: nn.Module) -> dict[str, LoRALinear]:
@@ -176,7 +184,11 @@ class LoRA(AdapterPlugin):
     # --- PEFT ---------------------------------------------------------------------------------
 
     def to_peft(
-        self, model: nn.Module, options: LoRAOptions, linear_map: dict[str, list[tuple[str, int, int]]], fan_in_fan_out: bool
+        self,
+        model: nn.Module,
+        options: LoRAOptions,
+        linear_map: dict[str, list[tuple[str, int, int]]],
+        fan_in_fan_out: bool,
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """adapter_config.json and adapter_model.safetensors tensors in PEFT's layout.
 
@@ -186,11 +198,15 @@ class LoRA(AdapterPlugin):
         targets: list[str] = []
         for name, m in self.wrapped(model).items():
             if name not in linear_map:
-                raise PluginError(f"the adapted layer {name} has no Hugging Face counterpart, so PEFT cannot hold its adapter")
+                raise PluginError(
+                    f"the adapted layer {name} has no Hugging Face counterpart, so PEFT cannot hold its adapter"
+                )
             a, b = m.lora_A.detach().float().cpu(), m.lora_B.detach().float().cpu()
             for hf_name, start, end in linear_map[name]:
                 targets.append(hf_name)
-                tensors[f"base_model.model.{hf_name}.lora_A.weight"] = a.clone()  # shared by a fused layer's parts: one copy each
+                tensors[f"base_model.model.{hf_name}.lora_A.weight"] = (
+                    a.clone()
+                )  # shared by a fused layer's parts: one copy each
                 tensors[f"base_model.model.{hf_name}.lora_B.weight"] = b[start:end].contiguous()
         config = {
             "peft_type": "LORA",

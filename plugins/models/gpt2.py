@@ -67,7 +67,9 @@ class GPT2(ModelPlugin):
     def options_from_hf_config(self, hf: dict[str, Any]) -> dict[str, Any]:
         activation = hf.get("activation_function", "gelu_new")
         if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise SpecError(f"config.json: activation_function {activation!r} is not supported; aic's gpt2 uses the tanh GELU ('gelu_new').")
+            raise SpecError(
+                f"config.json: activation_function {activation!r} is not supported; aic's gpt2 uses the tanh GELU ('gelu_new')."
+            )
         return {
             "n_layer": hf["n_layer"],
             "n_head": hf["n_head"],
@@ -78,12 +80,18 @@ class GPT2(ModelPlugin):
             "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
         }
 
-    def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
+    def state_dict_from_hf(
+        self, hf_state: dict[str, torch.Tensor], config: TransformerConfig
+    ) -> dict[str, torch.Tensor]:
         """Map GPT2LMHeadModel (or GPT2Model) tensors to aic names. HF's Conv1D stores (in, out): transpose."""
         prefix = "transformer." if any(k.startswith("transformer.") for k in hf_state) else ""
         src = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
         # Buffers older transformers versions saved; they are not weights.
-        src = {k: v for k, v in src.items() if not (k.endswith(".attn.bias") and v.dim() == 4) and not k.endswith(".attn.masked_bias")}
+        src = {
+            k: v
+            for k, v in src.items()
+            if not (k.endswith(".attn.bias") and v.dim() == 4) and not k.endswith(".attn.masked_bias")
+        }
         out: dict[str, torch.Tensor] = {}
         missing: list[str] = []
         for hf_name, name, transpose in _hf_names(config):
@@ -148,14 +156,20 @@ class GPT2(ModelPlugin):
             out["lm_head.weight"] = state["lm_head.weight"][: config.vocab_size].contiguous()
         return out
 
-
     def hf_linear_map(self, config: TransformerConfig) -> dict[str, list[tuple[str, int, int]]]:
-        rows = {"attn.qkv": 3 * config.n_embd, "attn.proj": config.n_embd, "mlp.fc": config.hidden, "mlp.proj": config.n_embd}
+        rows = {
+            "attn.qkv": 3 * config.n_embd,
+            "attn.proj": config.n_embd,
+            "mlp.fc": config.hidden,
+            "mlp.proj": config.n_embd,
+        }
         out: dict[str, list[tuple[str, int, int]]] = {}
         for hf_name, name, transposed in _hf_names(config):
             if transposed:  # the Conv1D layers: c_attn, c_proj, c_fc
                 layer = name.removesuffix(".weight")
-                out[layer] = [("transformer." + hf_name.removesuffix(".weight"), 0, rows[".".join(layer.split(".")[2:])])]
+                out[layer] = [
+                    ("transformer." + hf_name.removesuffix(".weight"), 0, rows[".".join(layer.split(".")[2:])])
+                ]
         if not config.tie_embeddings:
             out["lm_head"] = [("lm_head", 0, config.vocab_size)]
         return out
@@ -167,9 +181,20 @@ def _hf_names(config: TransformerConfig) -> list[tuple[str, str, bool]]:
     for i in range(config.n_layer):
         h, b = f"h.{i}.", f"blocks.{i}."
         for part, ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
-            names += [(h + part + ".weight", b + ours + ".weight", False), (h + part + ".bias", b + ours + ".bias", False)]
-        for part, ours in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc"), ("mlp.c_proj", "mlp.proj")):
-            names += [(h + part + ".weight", b + ours + ".weight", True), (h + part + ".bias", b + ours + ".bias", False)]
+            names += [
+                (h + part + ".weight", b + ours + ".weight", False),
+                (h + part + ".bias", b + ours + ".bias", False),
+            ]
+        for part, ours in (
+            ("attn.c_attn", "attn.qkv"),
+            ("attn.c_proj", "attn.proj"),
+            ("mlp.c_fc", "mlp.fc"),
+            ("mlp.c_proj", "mlp.proj"),
+        ):
+            names += [
+                (h + part + ".weight", b + ours + ".weight", True),
+                (h + part + ".bias", b + ours + ".bias", False),
+            ]
     return names + [("ln_f.weight", "norm_f.weight", False), ("ln_f.bias", "norm_f.bias", False)]
 
 

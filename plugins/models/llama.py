@@ -16,7 +16,14 @@ from aic_plugins.models.presets import fill_from_preset, pad_vocab
 PRESETS: dict[str, dict[str, int]] = {
     # TinyLlama 1.1B; its published vocabulary is 32000 (aic takes the vocabulary from the tokenizer
     # unless vocab_size is set).
-    "tinyllama-1.1b": {"n_layer": 22, "n_head": 32, "n_kv_head": 4, "n_embd": 2048, "mlp_hidden": 5632, "block_size": 2048},
+    "tinyllama-1.1b": {
+        "n_layer": 22,
+        "n_head": 32,
+        "n_kv_head": 4,
+        "n_embd": 2048,
+        "mlp_hidden": 5632,
+        "block_size": 2048,
+    },
     # A small shape of the same family that trains on a CPU.
     "llama-mini": {"n_layer": 4, "n_head": 8, "n_kv_head": 2, "n_embd": 256, "mlp_hidden": 704, "block_size": 256},
 }
@@ -29,7 +36,9 @@ class LlamaOptions(PluginOptions):
     preset: Literal["tinyllama-1.1b", "llama-mini"] | None = None
     n_layer: int | None = Field(None, gt=0)
     n_head: int | None = Field(None, gt=0)
-    n_kv_head: int | None = Field(None, gt=0, description="Key/value heads (grouped-query attention); must divide n_head.")
+    n_kv_head: int | None = Field(
+        None, gt=0, description="Key/value heads (grouped-query attention); must divide n_head."
+    )
     n_embd: int | None = Field(None, gt=0)
     mlp_hidden: int | None = Field(None, gt=0, description="Width of the SwiGLU MLP.")
     block_size: int | None = Field(None, gt=1, description="Context length.")
@@ -78,11 +87,15 @@ class Llama(ModelPlugin):
     def options_from_hf_config(self, hf: dict[str, Any]) -> dict[str, Any]:
         for key, allowed in (("hidden_act", ("silu",)), ("attention_bias", (False, None)), ("mlp_bias", (False, None))):
             if hf.get(key) not in allowed:
-                raise SpecError(f"config.json: {key}={hf.get(key)!r} is not supported by aic's llama (it needs {allowed[0]!r}).")
+                raise SpecError(
+                    f"config.json: {key}={hf.get(key)!r} is not supported by aic's llama (it needs {allowed[0]!r})."
+                )
         n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or n_embd // n_head
         if head_dim * n_head != n_embd:
-            raise SpecError(f"config.json: head_dim {head_dim} x {n_head} heads != hidden_size {n_embd}; aic's llama needs head_dim = hidden_size / num_attention_heads.")
+            raise SpecError(
+                f"config.json: head_dim {head_dim} x {n_head} heads != hidden_size {n_embd}; aic's llama needs head_dim = hidden_size / num_attention_heads."
+            )
         return {
             "n_layer": hf["num_hidden_layers"],
             "n_head": n_head,
@@ -100,13 +113,17 @@ class Llama(ModelPlugin):
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "linear"):
-            raise SpecError(f"config.json: rope type {kind!r} is not supported; aic's rope does plain and linear-scaled rotary embeddings.")
+            raise SpecError(
+                f"config.json: rope type {kind!r} is not supported; aic's rope does plain and linear-scaled rotary embeddings."
+            )
         section: dict[str, Any] = {"type": "rope", "theta": float(theta)}
         if kind == "linear":
             section["scaling_factor"] = float(rope["factor"])
         return section
 
-    def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
+    def state_dict_from_hf(
+        self, hf_state: dict[str, torch.Tensor], config: TransformerConfig
+    ) -> dict[str, torch.Tensor]:
         """Map LlamaForCausalLM tensors to aic names: q, k, v concatenate into qkv; gate and up into fc."""
         src = {k: v for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}
         out: dict[str, torch.Tensor] = {}
@@ -183,11 +200,13 @@ class Llama(ModelPlugin):
             out["lm_head.weight"] = state["lm_head.weight"][: config.vocab_size].contiguous()
         return out
 
-
     def hf_linear_map(self, config: TransformerConfig) -> dict[str, list[tuple[str, int, int]]]:
         q, kv = config.n_head * config.head_dim, config.kv_heads * config.head_dim
         sizes = {
-            "attn.qkv": [q, kv, kv], "attn.proj": [config.n_embd], "mlp.fc": [config.hidden, config.hidden], "mlp.proj": [config.n_embd],
+            "attn.qkv": [q, kv, kv],
+            "attn.proj": [config.n_embd],
+            "mlp.fc": [config.hidden, config.hidden],
+            "mlp.proj": [config.n_embd],
         }
         out: dict[str, list[tuple[str, int, int]]] = {}
         for hf_names, name in _hf_names(config):

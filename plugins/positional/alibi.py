@@ -34,7 +34,9 @@ class ALiBi(Positional):
         super().__init__()
         # Python floats rounded once to float32: the same slopes on every device. Not persistent:
         # they follow from n_head, so checkpoints hold no alibi tensors.
-        self.register_buffer("slopes", torch.tensor(alibi_slopes(n_head, max_bias), dtype=torch.float32), persistent=False)  # (H,)
+        self.register_buffer(
+            "slopes", torch.tensor(alibi_slopes(n_head, max_bias), dtype=torch.float32), persistent=False
+        )  # (H,)
 
     def attn_bias(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
         # How far back each key is. Future keys (negative distance) are masked by the core anyway;

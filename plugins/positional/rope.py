@@ -27,13 +27,18 @@ if TYPE_CHECKING:
 class RopeOptions(PluginOptions):
     """Rotary position embeddings: q and k are rotated by their absolute position; no weights, no length limit."""
 
-    theta: float = Field(10000.0, gt=0, description="The base of the rotation frequencies (Llama 2: 10000, Llama 3: 500000).")
+    theta: float = Field(
+        10000.0, gt=0, description="The base of the rotation frequencies (Llama 2: 10000, Llama 3: 500000)."
+    )
     rotary_fraction: float = Field(
-        1.0, gt=0, le=1,
+        1.0,
+        gt=0,
+        le=1,
         description="Fraction of each head's dims that rotate (GPT-NeoX 0.25, Phi 0.4): the first int(head_dim * fraction), which must be even.",
     )
     scaling_factor: float = Field(
-        1.0, ge=1,
+        1.0,
+        ge=1,
         description="Linear position scaling (position interpolation): positions are divided by this, to stretch the trained context.",
     )
 
@@ -47,7 +52,7 @@ class RotaryPositions(Positional):
         self.theta, self.scaling_factor = theta, scaling_factor
         # inv_freq exactly as transformers computes it (float32 pow, then / factor for "linear"), so the angles match bit for bit.
         exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
-        self.inv_freq = 1.0 / (theta ** exponents) / scaling_factor  # (rotary_dim/2,)
+        self.inv_freq = 1.0 / (theta**exponents) / scaling_factor  # (rotary_dim/2,)
         self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
 
     def _angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +63,9 @@ class RotaryPositions(Positional):
         cached = self._cached
         if cached is not None and cached[0] is positions and not torch.compiler.is_compiling():
             return cached[1], cached[2]
-        if self.inv_freq.device != positions.device:  # moved once, not copied from the host at every call (which a CUDA graph cannot capture)
+        if (
+            self.inv_freq.device != positions.device
+        ):  # moved once, not copied from the host at every call (which a CUDA graph cannot capture)
             self.inv_freq = self.inv_freq.to(positions.device)
         angles = positions[..., None].float() * self.inv_freq  # (B, T, rotary_dim/2)
         cos, sin = angles.cos()[:, None], angles.sin()[:, None]
@@ -100,7 +107,9 @@ def rotary_dim(n_embd: int, n_head: int, fraction: float) -> int:
         else:
             fixes.append("an even model.n_embd")
         if fraction == 1 and head_dim >= 3:
-            fixes.append(f"model.positional.rotary_fraction = {_fraction_for(head_dim - 1, head_dim)!r} ({head_dim - 1} dims)")
+            fixes.append(
+                f"model.positional.rotary_fraction = {_fraction_for(head_dim - 1, head_dim)!r} ({head_dim - 1} dims)"
+            )
     where = "model.positional.rotary_fraction" if fraction < 1 and head_dim >= 2 else "model.n_embd / model.n_head"
     raise SpecError(
         f"{where}: RoPE rotates pairs of dims, so the rotary dims per head, int(head size * rotary_fraction) = "

@@ -66,7 +66,9 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, processor: spm.SentencePieceProcessor, path: Path | None = None) -> None:
         self.processor = processor
         self.path = path
-        self.training_sample: str | None = None  # set by `train`: how many paragraphs SentencePiece saw, for the run log
+        self.training_sample: str | None = (
+            None  # set by `train`: how many paragraphs SentencePiece saw, for the run log
+        )
         self.vocab_size = processor.get_piece_size()
         self.bos_id = processor.bos_id() if processor.bos_id() >= 0 else None
         self.eos_id = processor.eos_id() if processor.eos_id() >= 0 else None
@@ -103,7 +105,11 @@ class SentencePieceTokenizer(Tokenizer):
         return self.processor.id_to_piece(token_id)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"model": self.processor.serialized_model_proto(), "path": self.path, "training_sample": self.training_sample}
+        return {
+            "model": self.processor.serialized_model_proto(),
+            "path": self.path,
+            "training_sample": self.training_sample,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         processor = spm.SentencePieceProcessor()
@@ -122,22 +128,43 @@ class SentencePiece(TokenizerPlugin):
     class Options(PluginOptions):
         """SentencePiece training options. Text is never normalised; newlines and spaces are kept."""
 
-        vocab_size: int = Field(4096, gt=0, description="Number of pieces, including unk/bos/eos, the special tokens and (with byte_fallback) the 256 byte pieces.")
+        vocab_size: int = Field(
+            4096,
+            gt=0,
+            description="Number of pieces, including unk/bos/eos, the special tokens and (with byte_fallback) the 256 byte pieces.",
+        )
         model_type: Literal["bpe", "unigram"] = Field("bpe", description="The segmentation algorithm.")
-        character_coverage: float = Field(1.0, gt=0, le=1, description="Share of the corpus's characters that get their own piece; the rarest others go to byte pieces (or unk).")
-        byte_fallback: bool = Field(True, description="Spell characters outside the vocabulary as UTF-8 byte pieces, so every text round-trips; costs 256 ids.")
-        special_tokens: list[str] = Field(default_factory=list, description="Strings that always encode as one piece of their own (user-defined symbols), e.g. '<|sep|>'.")
+        character_coverage: float = Field(
+            1.0,
+            gt=0,
+            le=1,
+            description="Share of the corpus's characters that get their own piece; the rarest others go to byte pieces (or unk).",
+        )
+        byte_fallback: bool = Field(
+            True,
+            description="Spell characters outside the vocabulary as UTF-8 byte pieces, so every text round-trips; costs 256 ids.",
+        )
+        special_tokens: list[str] = Field(
+            default_factory=list,
+            description="Strings that always encode as one piece of their own (user-defined symbols), e.g. '<|sep|>'.",
+        )
         input_sentence_size: int = Field(
-            2_000_000, ge=0, description="Paragraphs SentencePiece samples from the whole corpus as it streams by (reservoir sampling), "
+            2_000_000,
+            ge=0,
+            description="Paragraphs SentencePiece samples from the whole corpus as it streams by (reservoir sampling), "
             "which bounds its memory: at most this many paragraphs of at most 4,096 characters. 0: all of them.",
         )
-        num_threads: int | None = Field(None, gt=0, description="Training threads (default: the CPUs this process may use, at most 16).")
+        num_threads: int | None = Field(
+            None, gt=0, description="Training threads (default: the CPUs this process may use, at most 16)."
+        )
 
         @field_validator("input_sentence_size")
         @classmethod
         def _input_sentence_size(cls, size: int) -> int:
             if 0 < size <= 100:
-                raise ValueError("SentencePiece samples more than 100 paragraphs or all of them; set it above 100, or to 0 for all (memory grows with it)")
+                raise ValueError(
+                    "SentencePiece samples more than 100 paragraphs or all of them; set it above 100, or to 0 for all (memory grows with it)"
+                )
             return size
 
         @field_validator("special_tokens")
@@ -148,9 +175,13 @@ class SentencePiece(TokenizerPlugin):
                 if not token:
                     raise ValueError("a special token cannot be the empty string")
                 if any(ch.isspace() for ch in token) or SPACE in token:
-                    raise ValueError(f"special token {token!r} contains whitespace; SentencePiece cannot keep it as one piece. Use a token without spaces or newlines")
+                    raise ValueError(
+                        f"special token {token!r} contains whitespace; SentencePiece cannot keep it as one piece. Use a token without spaces or newlines"
+                    )
                 if token in RESERVED or re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
-                    raise ValueError(f"special token {token!r} is one of SentencePiece's own pieces ({', '.join(RESERVED)}, <0x00>..<0xFF>); choose another name")
+                    raise ValueError(
+                        f"special token {token!r} is one of SentencePiece's own pieces ({', '.join(RESERVED)}, <0x00>..<0xFF>); choose another name"
+                    )
                 if token in seen:
                     raise ValueError(f"special token {token!r} is listed twice")
                 seen.add(token)
@@ -190,7 +221,9 @@ class SentencePiece(TokenizerPlugin):
             raise DataError("tokenizer: no training files given. List at least one text file under data.train.")
         for f in files:
             if not f.exists():
-                raise DataError(f"{f}: training file not found. Check the path under data.train (relative paths are taken from the spec file's folder).")
+                raise DataError(
+                    f"{f}: training file not found. Check the path under data.train (relative paths are taken from the spec file's folder)."
+                )
             if not f.is_file():
                 raise DataError(f"{f}: not a file. List text files under data.train, not folders.")
 
@@ -228,7 +261,9 @@ class SentencePiece(TokenizerPlugin):
                 raise reader.error
             if not reader.has_text:
                 names = ", ".join(str(f) for f in files)
-                raise DataError(f"{names}: the training corpus is empty (only whitespace). Give the tokenizer some text to train on.")
+                raise DataError(
+                    f"{names}: the training corpus is empty (only whitespace). Give the tokenizer some text to train on."
+                )
             if failure is not None:
                 raise _translate(failure, options, files) from None
             tokenizer = _load(tmp)  # refuse to install a model that does not load
@@ -259,7 +294,9 @@ def _cpu_count() -> int:
 
 def _load(path: Path) -> SentencePieceTokenizer:
     if not path.is_file():
-        raise DataError(f"{path}: tokenizer file not found. Train it with the run's tokenizer stage (`aic run SPEC --stage tokenizer`) or restore the file.")
+        raise DataError(
+            f"{path}: tokenizer file not found. Train it with the run's tokenizer stage (`aic run SPEC --stage tokenizer`) or restore the file."
+        )
     data = path.read_bytes()
     processor = spm.SentencePieceProcessor()
     try:
@@ -270,7 +307,9 @@ def _load(path: Path) -> SentencePieceTokenizer:
             "The file is corrupt or not a tokenizer; retrain it with the tokenizer stage or restore it from a checkpoint."
         ) from None
     if processor.get_piece_size() == 0:
-        raise DataError(f"{path}: not a valid SentencePiece model (it holds no pieces). Retrain it with the tokenizer stage or restore it from a checkpoint.")
+        raise DataError(
+            f"{path}: not a valid SentencePiece model (it holds no pieces). Retrain it with the tokenizer stage or restore it from a checkpoint."
+        )
     return SentencePieceTokenizer(processor, path)
 
 
@@ -295,8 +334,12 @@ def _translate(exc: RuntimeError, options: PluginOptions, files: list[Path]) -> 
         )
     if "sentences_.empty()" in msg:
         names = ", ".join(str(f) for f in files)
-        return DataError(f"{names}: SentencePiece found no usable text to train on. Check that the files hold plain text.")
-    return DataError(f"tokenizer: SentencePiece could not train on {', '.join(str(f) for f in files)}: {_clean(exc) or msg}. Check the files and tokenizer options.")
+        return DataError(
+            f"{names}: SentencePiece found no usable text to train on. Check that the files hold plain text."
+        )
+    return DataError(
+        f"tokenizer: SentencePiece could not train on {', '.join(str(f) for f in files)}: {_clean(exc) or msg}. Check the files and tokenizer options."
+    )
 
 
 def _check_text(files: list[Path]) -> None:
@@ -308,9 +351,13 @@ def _check_text(files: list[Path]) -> None:
                 for block in iter(lambda: fh.read(1 << 20), ""):
                     has_text = has_text or not block.isspace()
         except UnicodeDecodeError:
-            raise DataError(f"{f}: not UTF-8 text: {where_not_utf8(f)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
+            raise DataError(
+                f"{f}: not UTF-8 text: {where_not_utf8(f)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+            ) from None
         except OSError as exc:
-            raise DataError(f"{f}: cannot be read ({exc.strerror or exc}). Check the file and its permissions.") from None
+            raise DataError(
+                f"{f}: cannot be read ({exc.strerror or exc}). Check the file and its permissions."
+            ) from None
     if not has_text:
         names = ", ".join(str(f) for f in files)
         raise DataError(f"{names}: the training corpus is empty (only whitespace). Give data.train some text.")
@@ -335,17 +382,23 @@ class _CorpusReader:
         read = f"{self.paragraphs:,} paragraphs, {self.chars / 1e6:,.1f}M characters"
         if input_sentence_size and self.paragraphs > input_sentence_size:
             return f"SentencePiece sampled {input_sentence_size:,} (tokenizer.input_sentence_size) of {read}"
-        return f"SentencePiece read all {read}" + (f" (within tokenizer.input_sentence_size {input_sentence_size:,})" if input_sentence_size else "")
+        return f"SentencePiece read all {read}" + (
+            f" (within tokenizer.input_sentence_size {input_sentence_size:,})" if input_sentence_size else ""
+        )
 
     def __iter__(self) -> Iterator[str]:
         for f in self.files:
             try:
                 yield from self._paragraphs(f)
             except UnicodeDecodeError:
-                self.error = DataError(f"{f}: not UTF-8 text: {where_not_utf8(f)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`).")
+                self.error = DataError(
+                    f"{f}: not UTF-8 text: {where_not_utf8(f)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+                )
                 return
             except OSError as exc:
-                self.error = DataError(f"{f}: cannot be read ({exc.strerror or exc}). Check the file and its permissions.")
+                self.error = DataError(
+                    f"{f}: cannot be read ({exc.strerror or exc}). Check the file and its permissions."
+                )
                 return
 
     def _paragraphs(self, f: Path) -> Iterator[str]:
@@ -413,7 +466,14 @@ def hf_tokenizer_files(path: Path, model_max_length: int) -> dict[str, bytes]:
     processor = _load(path).processor
     roles = (("unk", processor.unk_id()), ("bos", processor.bos_id()), ("eos", processor.eos_id()))
     user_defined = {  # tokenizer.special_tokens: one piece wherever they occur (llama.cpp reads them from here)
-        str(i): {"content": names[i], "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": False}
+        str(i): {
+            "content": names[i],
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": False,
+        }
         for i, (_, _, kind) in enumerate(pieces)
         if kind == PIECE_USER_DEFINED
     }
@@ -441,13 +501,20 @@ def hf_tokenizer_files(path: Path, model_max_length: int) -> dict[str, bytes]:
     return files
 
 
-def _tokenizer_json(pieces: list[tuple[str, float, int]], names: list[str], model_type: int, byte_fallback: bool) -> bytes:
+def _tokenizer_json(
+    pieces: list[tuple[str, float, int]], names: list[str], model_type: int, byte_fallback: bool
+) -> bytes:
     try:
         import tokenizers
     except ImportError:
         raise ImportError("the `tokenizers` package is not installed") from None
-    if tuple(int(x) for x in tokenizers.__version__.split(".")[:2]) < (0, 20):  # BPE merges as pairs, as pieces hold spaces
-        raise ImportError(f"tokenizers {tokenizers.__version__} is older than 0.20, the first to read the tokenizer.json aic writes")
+    if tuple(int(x) for x in tokenizers.__version__.split(".")[:2]) < (
+        0,
+        20,
+    ):  # BPE merges as pairs, as pieces hold spaces
+        raise ImportError(
+            f"tokenizers {tokenizers.__version__} is older than 0.20, the first to read the tokenizer.json aic writes"
+        )
     from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 
     kinds = [kind for _, _, kind in pieces]
@@ -455,19 +522,44 @@ def _tokenizer_json(pieces: list[tuple[str, float, int]], names: list[str], mode
     learned = [name for name, kind in zip(names, kinds) if kind == PIECE_NORMAL]
     if model_type == BPE:
         known = set(learned)
-        best_first = [names[i] for i in sorted(range(len(pieces)), key=lambda i: -pieces[i][1]) if kinds[i] == PIECE_NORMAL]
-        merges = [(name[:k], name[k:]) for name in best_first for k in range(1, len(name)) if name[:k] in known and name[k:] in known]
-        model = models.BPE({name: i for i, name in enumerate(names)}, merges, unk_token=names[unk], fuse_unk=True, byte_fallback=byte_fallback)
+        best_first = [
+            names[i] for i in sorted(range(len(pieces)), key=lambda i: -pieces[i][1]) if kinds[i] == PIECE_NORMAL
+        ]
+        merges = [
+            (name[:k], name[k:])
+            for name in best_first
+            for k in range(1, len(name))
+            if name[:k] in known and name[k:] in known
+        ]
+        model = models.BPE(
+            {name: i for i, name in enumerate(names)},
+            merges,
+            unk_token=names[unk],
+            fuse_unk=True,
+            byte_fallback=byte_fallback,
+        )
     else:
-        model = models.Unigram([(name, score) for name, (_, score, _) in zip(names, pieces)], unk_id=unk, byte_fallback=byte_fallback)
+        model = models.Unigram(
+            [(name, score) for name, (_, score, _) in zip(names, pieces)], unk_id=unk, byte_fallback=byte_fallback
+        )
     tokenizer = tokenizers.Tokenizer(model)
     if model_type == UNIGRAM and not any("<" in name and len(name) > 1 for name in learned):
         tokenizer.pre_tokenizer = pre_tokenizers.Split("<", "isolated")
     if not byte_fallback:
         tokenizer.normalizer = normalizers.Replace(SPACE, " ")
-    tokenizer.decoder = decoders.Sequence([decoders.Replace(names[unk], " \u2047 "), decoders.ByteFallback(), decoders.Fuse()])  # unk: " ⁇ "
-    tokenizer.add_special_tokens([AddedToken(n, special=True, normalized=False) for n, k in zip(names, kinds) if k in (PIECE_UNKNOWN, PIECE_CONTROL)])
-    tokenizer.add_tokens([AddedToken(n, special=False, normalized=False) for n, k in zip(names, kinds) if k == PIECE_USER_DEFINED])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace(names[unk], " \u2047 "), decoders.ByteFallback(), decoders.Fuse()]
+    )  # unk: " ⁇ "
+    tokenizer.add_special_tokens(
+        [
+            AddedToken(n, special=True, normalized=False)
+            for n, k in zip(names, kinds)
+            if k in (PIECE_UNKNOWN, PIECE_CONTROL)
+        ]
+    )
+    tokenizer.add_tokens(
+        [AddedToken(n, special=False, normalized=False) for n, k in zip(names, kinds) if k == PIECE_USER_DEFINED]
+    )
     return tokenizer.to_str().encode()
 
 

@@ -33,12 +33,11 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from aic_core.train.checkpoint import model_state, open_checkpoint
-from aic_core.train.distributed import launcher_world
 from aic_core.errors import SpecError
 from aic_core.hookspecs import hookimpl
 from aic_core.kinds import PluginOptions, TrainerPlugin, TrainJob
 from aic_core.spec import RunSpec
+from aic_core.train.checkpoint import model_state, open_checkpoint
 from aic_core.train.common import (
     CtrlC,
     MetricsLog,
@@ -53,9 +52,10 @@ from aic_core.train.common import (
     set_rng_state,
     train_batch,
 )
+from aic_core.train.distributed import launcher_world
 
 INSTALL = (
-    'the deepspeed trainer needs DeepSpeed, which is not installed here. Install it with '
+    "the deepspeed trainer needs DeepSpeed, which is not installed here. Install it with "
     '`pip install --no-build-isolation "aic[deepspeed]"` (or `pip install --no-cache-dir --no-build-isolation deepspeed`): '
     "--no-build-isolation lets its setup see the torch already installed instead of fetching another. "
     'Or train with the "torch" trainer.'
@@ -82,15 +82,24 @@ SPEC_OWNED = {
 class DeepSpeedTrainerOptions(PluginOptions):
     """Train with DeepSpeed ZeRO (stages 0-3) over the processes of a launch."""
 
-    stage: int = Field(2, ge=0, le=3, description="ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters).")
+    stage: int = Field(
+        2,
+        ge=0,
+        le=3,
+        description="ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters).",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on CUDA, fp32 on the CPU. fp16 (CUDA only) uses DeepSpeed's dynamic loss scaling; tune it with config.fp16."
+        "auto",
+        description="auto: bf16 on CUDA, fp32 on the CPU. fp16 (CUDA only) uses DeepSpeed's dynamic loss scaling; tune it with config.fp16.",
     )
     offload_optimizer: bool = Field(False, description="Keep the optimizer states in CPU memory (stages 1-3).")
     offload_params: bool = Field(False, description="Keep the parameters in CPU memory (stage 3 only).")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
     compile: bool = Field(False, description="torch.compile the model through DeepSpeed's engine.compile().")
-    config: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config keys the spec does not model, merged into the generated config.")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Raw DeepSpeed config keys the spec does not model, merged into the generated config.",
+    )
 
 
 def _deepspeed():
@@ -106,11 +115,21 @@ def _known_top_level_keys() -> set[str]:
     keys, so a typo there would otherwise pass silently."""
     names: set[str] = set()
     for module in (
-        "deepspeed.runtime.constants", "deepspeed.runtime.zero.config", "deepspeed.runtime.activation_checkpointing.config",
-        "deepspeed.monitor.config", "deepspeed.profiling.constants", "deepspeed.runtime.data_pipeline.constants",
-        "deepspeed.compression.constants", "deepspeed.elasticity.constants", "deepspeed.autotuning.constants",
-        "deepspeed.nebula.constants", "deepspeed.runtime.swap_tensor.constants", "deepspeed.checkpoint.constants",
-        "deepspeed.runtime.config", "deepspeed.comm.constants", "deepspeed.runtime.precision_config",
+        "deepspeed.runtime.constants",
+        "deepspeed.runtime.zero.config",
+        "deepspeed.runtime.activation_checkpointing.config",
+        "deepspeed.monitor.config",
+        "deepspeed.profiling.constants",
+        "deepspeed.runtime.data_pipeline.constants",
+        "deepspeed.compression.constants",
+        "deepspeed.elasticity.constants",
+        "deepspeed.autotuning.constants",
+        "deepspeed.nebula.constants",
+        "deepspeed.runtime.swap_tensor.constants",
+        "deepspeed.checkpoint.constants",
+        "deepspeed.runtime.config",
+        "deepspeed.comm.constants",
+        "deepspeed.runtime.precision_config",
     ):
         with contextlib.suppress(Exception):
             mod = importlib.import_module(module)
@@ -179,9 +198,13 @@ class DeepSpeedTrainer(TrainerPlugin):
 
     def check(self, options: DeepSpeedTrainerOptions, spec: RunSpec) -> None:
         if options.offload_params and options.stage != 3:
-            raise SpecError(f"train.trainer.offload_params: parameter offload needs ZeRO stage 3 (stage is {options.stage}); set stage 3 or offload_params false.")
+            raise SpecError(
+                f"train.trainer.offload_params: parameter offload needs ZeRO stage 3 (stage is {options.stage}); set stage 3 or offload_params false."
+            )
         if options.offload_optimizer and options.stage == 0:
-            raise SpecError("train.trainer.offload_optimizer: optimizer offload needs ZeRO stage 1, 2 or 3 (stage is 0).")
+            raise SpecError(
+                "train.trainer.offload_optimizer: optimizer offload needs ZeRO stage 1, 2 or 3 (stage is 0)."
+            )
         if options.compile and options.stage == 3:
             raise SpecError(
                 "train.trainer.compile: DeepSpeed's engine.compile() cannot trace ZeRO-3's sharded parameters (torch.compile "
@@ -194,7 +217,9 @@ class DeepSpeedTrainer(TrainerPlugin):
                 "on the CPU train in 'fp32' (or leave it 'auto'), or 'bf16'."
             )
         if options.device.startswith("cuda") and not torch.cuda.is_available():
-            raise SpecError(f"train.trainer.device: '{options.device}' was asked for, but no CUDA GPU is available here. Use \"auto\" or \"cpu\".")
+            raise SpecError(
+                f'train.trainer.device: \'{options.device}\' was asked for, but no CUDA GPU is available here. Use "auto" or "cpu".'
+            )
         # Raw keys the spec owns, before DeepSpeed is needed: the refusal reads the same with or without it.
         device = self.device(options, 0)
         world = _world_size()
@@ -206,11 +231,16 @@ class DeepSpeedTrainer(TrainerPlugin):
         if unknown:
             close = difflib.get_close_matches(unknown[0], sorted(_known_top_level_keys()), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise SpecError(f"train.trainer.config.{unknown[0]}: not a DeepSpeed config key{hint}; DeepSpeed would ignore it silently.")
+            raise SpecError(
+                f"train.trainer.config.{unknown[0]}: not a DeepSpeed config key{hint}; DeepSpeed would ignore it silently."
+            )
         # DeepSpeed's own parser, before any process group: here it sees a world of 1, so give it one rank's share.
         from deepspeed.runtime.config import DeepSpeedConfig
 
-        probe = {**config, "train_batch_size": config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]}
+        probe = {
+            **config,
+            "train_batch_size": config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"],
+        }
         try:
             with _quiet_deepspeed():
                 DeepSpeedConfig(probe)
@@ -233,9 +263,14 @@ class DeepSpeedTrainer(TrainerPlugin):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         with _quiet_deepspeed():
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", dist_init_required=False)
+            deepspeed.init_distributed(
+                dist_backend="nccl" if device.type == "cuda" else "gloo", dist_init_required=False
+            )
         config = build_config(options, spec, dist.world_size, device)
-        with _quiet_deepspeed(), deepspeed.zero.Init(config_dict_or_path=config, remote_device="cpu" if options.offload_params else None):
+        with (
+            _quiet_deepspeed(),
+            deepspeed.zero.Init(config_dict_or_path=config, remote_device="cpu" if options.offload_params else None),
+        ):
             model = build()
         model.init_weights(gathered=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
         return model
@@ -252,13 +287,20 @@ class DeepSpeedTrainer(TrainerPlugin):
             env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # DeepSpeed's engine asserts LOCAL_RANK is set
             torch_dist.init_process_group(
-                "nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+                "nccl" if device.type == "cuda" else "gloo",
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
             )
         try:
             # DeepSpeed calls torch.distributed functions torch has renamed: one FutureWarning per call, every step.
-            warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning
+            )
             with _quiet_deepspeed():
-                deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", dist_init_required=False)
+                deepspeed.init_distributed(
+                    dist_backend="nccl" if device.type == "cuda" else "gloo", dist_init_required=False
+                )
             self._train(deepspeed, options, job, device)
         finally:
             if own_group and torch_dist.is_initialized():
@@ -289,7 +331,9 @@ class DeepSpeedTrainer(TrainerPlugin):
             _load_whole(model, ckpt.weights())
             state = ckpt.trainer_state()
             start = ckpt.step
-            ds_dir = dist.once(lambda: _find_ds_state(ckpt.path, ckpts)) if dist.active else _find_ds_state(ckpt.path, ckpts)
+            ds_dir = (
+                dist.once(lambda: _find_ds_state(ckpt.path, ckpts)) if dist.active else _find_ds_state(ckpt.path, ckpts)
+            )
             ds_dir = dist.gather(ds_dir)[0] if dist.active else ds_dir
             written_by = len(state.get("rng_ranks") or [None])
             why = None
@@ -312,7 +356,9 @@ class DeepSpeedTrainer(TrainerPlugin):
         optimizer = adamw(model, t, device, groups)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
         with _quiet_deepspeed():
-            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+            engine, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+            )
         scheduler = engine.lr_scheduler
         if options.compile:
             engine.compile()
@@ -322,9 +368,13 @@ class DeepSpeedTrainer(TrainerPlugin):
             if ds_dir is not None:
                 engine.checkpoint_engine.load = _load_without_pickle
                 with _quiet_deepspeed():
-                    path, _ = engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+                    path, _ = engine.load_checkpoint(
+                        str(ds_dir), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                    )
                 if path is None:
-                    raise SpecError(f"--resume: DeepSpeed could not read its state in {ds_dir}; resume from an earlier checkpoint.")
+                    raise SpecError(
+                        f"--resume: DeepSpeed could not read its state in {ds_dir}; resume from an earlier checkpoint."
+                    )
             else:
                 scheduler.load_state_dict(state["scheduler"])
             ranks = state.get("rng_ranks")
@@ -352,7 +402,12 @@ class DeepSpeedTrainer(TrainerPlugin):
             trainer_state = {"rng": rng_state()}
             if dist.is_main:
                 trainer_state.update(
-                    scheduler=scheduler.state_dict(), deepspeed={"stage": options.stage, "world_size": dist.world_size, "precision": _precision(options, device)}
+                    scheduler=scheduler.state_dict(),
+                    deepspeed={
+                        "stage": options.stage,
+                        "world_size": dist.world_size,
+                        "precision": _precision(options, device),
+                    },
                 )
             final = job.save_checkpoint(step, weights, trainer_state, metrics if metrics_step == step else None)
             dist.once(lambda: _move_in(staging, final))
@@ -364,12 +419,17 @@ class DeepSpeedTrainer(TrainerPlugin):
         if options.stage == 3:
             # What each process holds of the parameters: its shard (ds_tensor), about 1/N of each sharded tensor;
             # parameters below stage3_param_persistence_threshold stay whole on every process.
-            held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
+            held = sum(
+                p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters()
+            )
             total = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
             shares = dist.gather(held) if dist.active else [held]
             log.write(event="zero", stage=3, params=total, params_held=shares, built_sharded=built_sharded)
             if dist.is_main:
-                print(f"zero-3: each of {len(shares)} process(es) holds {max(shares) / total:.1%} of the {total:,} parameters at most", file=sys.stderr)
+                print(
+                    f"zero-3: each of {len(shares)} process(es) holds {max(shares) / total:.1%} of the {total:,} parameters at most",
+                    file=sys.stderr,
+                )
         dist.once(lambda: _clean_staging(ckpts))
         bar = Progress(end, start, enabled=dist.is_main)
         engine.train()
@@ -396,7 +456,10 @@ class DeepSpeedTrainer(TrainerPlugin):
                 bar.update()
                 if spec.eval.every and done % spec.eval.every == 0 and done < t.steps:
                     with meter.paused():
-                        metrics, metrics_step = evaluate(engine.module, job.val_data, spec, seq_len, device, autocast, dist), done
+                        metrics, metrics_step = (
+                            evaluate(engine.module, job.val_data, spec, seq_len, device, autocast, dist),
+                            done,
+                        )
                     log.write(step=done, **metrics)
                     bar.write(f"step {done}: val_loss {metrics['val_loss']:.4f}  val_bpb {metrics['val_bpb']:.4f}")
                 if t.checkpoint_every and done % t.checkpoint_every == 0 and done < end:
@@ -412,9 +475,14 @@ class DeepSpeedTrainer(TrainerPlugin):
                 raise KeyboardInterrupt
             if end == t.steps:
                 # Under ZeRO-3 the module's forward gathers each layer's parameters, so this is the full model.
-                metrics, metrics_step = evaluate(engine.module, job.val_data, spec, seq_len, device, autocast, dist), end
+                metrics, metrics_step = (
+                    evaluate(engine.module, job.val_data, spec, seq_len, device, autocast, dist),
+                    end,
+                )
                 log.write(step=end, **metrics)
-                bar.write(f"step {end}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  val_bpb {metrics['val_bpb']:.4f}")
+                bar.write(
+                    f"step {end}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  val_bpb {metrics['val_bpb']:.4f}"
+                )
             if end > start or job.resume_from is None:
                 checkpoint(end)
             if ctrl_c.requested:
@@ -445,7 +513,9 @@ def consolidated(engine, stage: int, keep: bool) -> dict[str, torch.Tensor] | No
                 continue
             with deepspeed.zero.GatheredParameters(list(own.values()), modifier_rank=None):
                 if keep:
-                    out.update({f"{prefix}.{n}" if prefix else n: p.detach().float().cpu().clone() for n, p in own.items()})
+                    out.update(
+                        {f"{prefix}.{n}" if prefix else n: p.detach().float().cpu().clone() for n, p in own.items()}
+                    )
         if not keep:
             return None
         state = module.state_dict()  # parameters here are the shards; only the buffers are taken from it
@@ -500,7 +570,9 @@ def _load_whole(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Non
 
     missing = set(model.state_dict()) - set(weights)
     if missing:
-        raise SpecError(f"--resume: the checkpoint's weights lack {', '.join(sorted(missing)[:5])}; it was written for another model.")
+        raise SpecError(
+            f"--resume: the checkpoint's weights lack {', '.join(sorted(missing)[:5])}; it was written for another model."
+        )
     for prefix, sub in model.named_modules():
         own = dict(sub.named_parameters(recurse=False))
         with deepspeed.zero.GatheredParameters(list(own.values()), modifier_rank=0), torch.no_grad():

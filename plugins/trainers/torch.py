@@ -12,12 +12,24 @@ import torch
 from pydantic import Field
 from torch.nn.parallel import DistributedDataParallel
 
-from aic_core.train.checkpoint import model_state, open_checkpoint
 from aic_core.errors import SpecError
 from aic_core.hookspecs import hookimpl
 from aic_core.kinds import PluginOptions, TrainerPlugin, TrainJob
 from aic_core.spec import RunSpec
-from aic_core.train.common import CtrlC, MetricsLog, Progress, Throughput, adamw, evaluate, lr_at, resolve_device, rng_state, set_rng_state, train_batch
+from aic_core.train.checkpoint import model_state, open_checkpoint
+from aic_core.train.common import (
+    CtrlC,
+    MetricsLog,
+    Progress,
+    Throughput,
+    adamw,
+    evaluate,
+    lr_at,
+    resolve_device,
+    rng_state,
+    set_rng_state,
+    train_batch,
+)
 
 
 class TorchTrainerOptions(PluginOptions):
@@ -25,7 +37,9 @@ class TorchTrainerOptions(PluginOptions):
 
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
-    compile: bool = Field(False, description="torch.compile the model (faster steps after a compile of a minute or so).")
+    compile: bool = Field(
+        False, description="torch.compile the model (faster steps after a compile of a minute or so)."
+    )
 
 
 class TorchTrainer(TrainerPlugin):
@@ -34,10 +48,14 @@ class TorchTrainer(TrainerPlugin):
 
     def check(self, options: TorchTrainerOptions, spec: RunSpec) -> None:
         if options.device.startswith("cuda") and not torch.cuda.is_available():
-            raise SpecError(f"train.trainer.device: '{options.device}' was asked for, but no CUDA GPU is available here. Use \"auto\" or \"cpu\".")
+            raise SpecError(
+                f'train.trainer.device: \'{options.device}\' was asked for, but no CUDA GPU is available here. Use "auto" or "cpu".'
+            )
         device = resolve_device(options.device)
         if options.precision == "bf16" and device.type != "cuda":
-            raise SpecError("train.trainer.precision: 'bf16' needs a CUDA device; on the CPU train in 'fp32' (or leave it 'auto').")
+            raise SpecError(
+                "train.trainer.precision: 'bf16' needs a CUDA device; on the CPU train in 'fp32' (or leave it 'auto')."
+            )
 
     def device(self, options: TorchTrainerOptions, local_rank: int) -> torch.device:
         return resolve_device(options.device, local_rank)
@@ -78,7 +96,11 @@ class TorchTrainer(TrainerPlugin):
                         torch.manual_seed(spec.seed + dist.rank + ckpt.step)
             start = ckpt.step
         # DDP averages gradients over ranks; it broadcasts rank 0's weights at construction, so every replica starts equal.
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.active else None
+        ddp = (
+            DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            if dist.active
+            else None
+        )
         forward = torch.compile(ddp or model) if options.compile else (ddp or model)
         end = min(t.steps, job.stop_at or t.steps)
         micro_steps = t.grad_accum // dist.world_size  # this rank's share of the step's micro-batches
@@ -89,7 +111,11 @@ class TorchTrainer(TrainerPlugin):
         def checkpoint(step: int) -> None:
             nonlocal saved
             if dist.is_main:
-                trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+                trainer_state = {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(),
+                }
                 weights = model_state(model)
             else:  # rank 0 writes; the others only add their random state
                 trainer_state, weights = {"rng": rng_state()}, None
@@ -134,7 +160,10 @@ class TorchTrainer(TrainerPlugin):
                 bar.update()
                 if spec.eval.every and done % spec.eval.every == 0 and done < t.steps:
                     with meter.paused():
-                        metrics, metrics_step = evaluate(model, job.val_data, spec, seq_len, device, autocast, dist), done
+                        metrics, metrics_step = (
+                            evaluate(model, job.val_data, spec, seq_len, device, autocast, dist),
+                            done,
+                        )
                     log.write(step=done, **metrics)
                     bar.write(f"step {done}: val_loss {metrics['val_loss']:.4f}  val_bpb {metrics['val_bpb']:.4f}")
                 if t.checkpoint_every and done % t.checkpoint_every == 0 and done < end:
@@ -151,7 +180,9 @@ class TorchTrainer(TrainerPlugin):
             if end == t.steps:
                 metrics, metrics_step = evaluate(model, job.val_data, spec, seq_len, device, autocast, dist), end
                 log.write(step=end, **metrics)
-                bar.write(f"step {end}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  val_bpb {metrics['val_bpb']:.4f}")
+                bar.write(
+                    f"step {end}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  val_bpb {metrics['val_bpb']:.4f}"
+                )
             if end > start or job.resume_from is None:
                 checkpoint(end)
             if ctrl_c.requested:  # Ctrl-C during the last step or the final evaluation: training is complete and saved

@@ -29,14 +29,21 @@ VOCAB = 200
 
 ARCHS = {
     "gpt2-learned": ({"mlp": "gelu", "norm": "layernorm", "bias": True}, "learned"),
-    "llama-rope": ({"mlp": "swiglu", "norm": "rmsnorm", "bias": False, "n_kv_head": 2, "tie_embeddings": False}, "rope"),
+    "llama-rope": (
+        {"mlp": "swiglu", "norm": "rmsnorm", "bias": False, "n_kv_head": 2, "tie_embeddings": False},
+        "rope",
+    ),
     "gpt2-alibi": ({"mlp": "gelu", "norm": "layernorm", "bias": True}, "alibi"),
 }
 
 
-def make_model(arch: str, dropout: float = 0.0, n_layer: int = 2, n_embd: int = 32, block_size: int = 32) -> Transformer:
+def make_model(
+    arch: str, dropout: float = 0.0, n_layer: int = 2, n_embd: int = 32, block_size: int = 32
+) -> Transformer:
     fields, positional = ARCHS[arch]
-    c = TransformerConfig(vocab_size=VOCAB, block_size=block_size, n_layer=n_layer, n_head=4, n_embd=n_embd, dropout=dropout, **fields)
+    c = TransformerConfig(
+        vocab_size=VOCAB, block_size=block_size, n_layer=n_layer, n_head=4, n_embd=n_embd, dropout=dropout, **fields
+    )
     pos = {
         "learned": lambda: LearnedPositions(c.block_size, c.n_embd),
         "rope": lambda: RotaryPositions(c.head_dim, c.head_dim, 10000.0, 1.0),
@@ -56,7 +63,9 @@ def batch(B: int = 3, T: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.T
     return data[:, :-1], data[:, 1:]
 
 
-def loss_and_grads(model: Transformer, checkpointing: bool, seed: int = 123) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(
+    model: Transformer, checkpointing: bool, seed: int = 123
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.activation_checkpointing = checkpointing
     model.zero_grad(set_to_none=True)
     x, y = batch()
@@ -227,11 +236,15 @@ def test_ddp_gradients_equal_with_checkpointing(tmp_path):
         assert results["calls"] == 2  # the two blocks of the run with checkpointing
         assert results[False].keys() == results[True].keys()
         for name, ref in results[False].items():
-            torch.testing.assert_close(results[True][name], ref, rtol=0, atol=1e-6, msg=lambda m, name=name: f"rank {rank} {name}: {m}")
+            torch.testing.assert_close(
+                results[True][name], ref, rtol=0, atol=1e-6, msg=lambda m, name=name: f"rank {rank} {name}: {m}"
+            )
 
 
 def run_losses(run_dir: Path) -> list[float]:
-    return [rec["loss"] for rec in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in rec]
+    return [
+        rec["loss"] for rec in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in rec
+    ]
 
 
 @pytest.mark.slow

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from aic_core.cli import main
+from aic_core.errors import CheckpointError, SpecError
 from aic_core.train import checkpoint as ck
 from aic_core.train.checkpoint import (
     clean_stale,
@@ -29,10 +31,7 @@ from aic_core.train.checkpoint import (
     write_atomic,
     write_checkpoint_dir,
 )
-from aic_core.cli import main
-from aic_core.errors import CheckpointError, SpecError
 from tests.conftest import REPO, tiny_spec, write_spec
-
 
 # Runs whose losses are compared for equality train on the CPU, where they are bit-exact run to run.
 CPU = {"type": "torch", "device": "cpu"}
@@ -75,13 +74,21 @@ def copy_run(trained, tmp_path: Path) -> tuple[Path, Path]:
 # --- 11: the trainer state is plain data, never a pickle ----------------------------------------------------
 
 
-def _trainer_state_after_steps(steps: int = 3) -> tuple[dict, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def _trainer_state_after_steps(
+    steps: int = 3,
+) -> tuple[dict, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     from aic_core.train.common import rng_state
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
-    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() == 2], "weight_decay": 0.1},
-                             {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if p.dim() == 2], "weight_decay": 0.1},
+            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (s + 1))
     for _ in range(steps):
         model(torch.randn(3, 4)).square().mean().backward()
@@ -94,7 +101,9 @@ def _trainer_state_after_steps(steps: int = 3) -> tuple[dict, torch.optim.Optimi
 
 def _assert_same(a, b, path="state"):
     if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b), path
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b), (
+            path
+        )
     elif isinstance(a, np.ndarray):
         assert isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b), path
     elif isinstance(a, dict):
@@ -124,7 +133,11 @@ def test_trainer_state_round_trips_exactly_without_pickle(tmp_path):
     set_rng_state(loaded["rng"])
     after = (torch.rand(3), np.random.rand(3), random.random())
     set_rng_state(state["rng"])
-    assert torch.equal(after[0], torch.rand(3)) and np.array_equal(after[1], np.random.rand(3)) and after[2] == random.random()
+    assert (
+        torch.equal(after[0], torch.rand(3))
+        and np.array_equal(after[1], np.random.rand(3))
+        and after[2] == random.random()
+    )
 
 
 def test_a_trained_checkpoint_holds_no_pickle(trained):
@@ -187,7 +200,12 @@ def test_a_legacy_optimizer_pt_of_plain_data_still_resumes_exactly(trained, tmp_
 def test_state_json_records_a_sha256_of_each_file(trained):
     _, run_dir = trained
     ckpt = open_checkpoint(run_dir)
-    assert set(ckpt.files) == {"model.safetensors", "trainer_state.safetensors", "trainer_state.json", "tokenizer.model"}
+    assert set(ckpt.files) == {
+        "model.safetensors",
+        "trainer_state.safetensors",
+        "trainer_state.json",
+        "tokenizer.model",
+    }
     for name, digest in ckpt.files.items():
         assert ck.file_sha256(ckpt.path / name) == digest
 
@@ -239,7 +257,14 @@ def test_folders_written_by_write_checkpoint_dir_carry_hashes_and_adapters_are_c
 
     folder = tmp_path / "imported"
     adapter = save({"a": torch.ones(64)})
-    write_checkpoint_dir(folder, {"w": torch.arange(64.0)}, None, {"step": 0, "files": {"stale": "x"}}, None, {"adapter.safetensors": adapter})
+    write_checkpoint_dir(
+        folder,
+        {"w": torch.arange(64.0)},
+        None,
+        {"step": 0, "files": {"stale": "x"}},
+        None,
+        {"adapter.safetensors": adapter},
+    )
     files = json.loads((folder / "state.json").read_text())["files"]
     assert set(files) == {"model.safetensors", "adapter.safetensors"}
     assert verified(folder, "adapter.safetensors") == folder / "adapter.safetensors"
@@ -299,7 +324,9 @@ def _mount_tmpfs(path: Path, size: str) -> str | None:
     if shutil.which("mount") is None:
         return "no mount command"
     path.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         return f"mount -t tmpfs failed: {result.stderr.strip()}"
     return None
@@ -374,7 +401,9 @@ def test_keep_last_never_deletes_the_checkpoint_a_resume_started_from(tmp_path, 
     straight_dir, run_dir = tmp_path / "straight", tmp_path / "run"
     write_spec(tmp_path / "a.json", tiny_spec(corpus, straight_dir, train={"trainer": CPU, "checkpoint_every": 2}))
     assert main(["run", str(tmp_path / "a.json"), "--stage", "tokenizer,train"]) == 0
-    spec = write_spec(tmp_path / "s.json", tiny_spec(corpus, run_dir, train={"trainer": CPU, "checkpoint_every": 2, "keep_last": 2}))
+    spec = write_spec(
+        tmp_path / "s.json", tiny_spec(corpus, run_dir, train={"trainer": CPU, "checkpoint_every": 2, "keep_last": 2})
+    )
     assert main(["run", str(spec), "--stage", "tokenizer,train", "--stop-at", "4"]) == 0
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-2", "step-4"]
     assert main(["run", str(spec), "--stage", "tokenizer,train", "--resume"]) == 0
@@ -410,7 +439,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, corpus
     spec = write_spec(tmp_path / "s.json", tiny_spec(corpus, run_dir, train={"trainer": CPU, "steps": steps}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "aic_core.cli", "run", str(spec), "--stage", "tokenizer,train"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120

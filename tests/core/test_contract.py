@@ -9,11 +9,6 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from aic_core.train.checkpoint import model_state
-from aic_core.plugins.hookspecs import hookimpl
-from aic_core.plugins.kinds import AdapterPlugin, ModelPlugin, PluginOptions, Positional, PositionalPlugin, TrainerPlugin
-from aic_core.model.nn.transformer import Transformer
-from aic_core.plugins.registry import Registry
 from aic_core.authoring.testing import (
     ContractError,
     PositionalContract,
@@ -26,6 +21,18 @@ from aic_core.authoring.testing import (
     check_tokenizer,
     check_trainer,
 )
+from aic_core.model.nn.transformer import Transformer
+from aic_core.plugins.hookspecs import hookimpl
+from aic_core.plugins.kinds import (
+    AdapterPlugin,
+    ModelPlugin,
+    PluginOptions,
+    Positional,
+    PositionalPlugin,
+    TrainerPlugin,
+)
+from aic_core.plugins.registry import Registry
+from aic_core.train.checkpoint import model_state
 from aic_plugins.positional.learned import Learned
 from aic_plugins.tokenizers.sentencepiece import SentencePiece
 
@@ -100,7 +107,9 @@ def model_plugin(name: str, build) -> type[ModelPlugin]:
     def config(self, options, vocab_size):
         from aic_core.model.nn.transformer import TransformerConfig
 
-        return TransformerConfig(vocab_size=vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False)
+        return TransformerConfig(
+            vocab_size=vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False
+        )
 
     return type(f"Model_{name}", (ModelPlugin,), {"name": name, "Options": Options, "config": config, "build": build})
 
@@ -231,6 +240,7 @@ def test_a_contract_class_without_a_plugin_says_what_to_set():
 
 
 def test_bad_options_given_to_a_check_name_the_key():
-    with pytest.raises(ContractError, match=r"model\.positional\.max_bais: unknown key 'max_bais' \(did you mean 'max_bias'\?\)"):
+    with pytest.raises(
+        ContractError, match=r"model\.positional\.max_bais: unknown key 'max_bais' \(did you mean 'max_bias'\?\)"
+    ):
         check_positional(type(BUILTINS.get("positional", "alibi")), {"max_bais": 4.0})
-

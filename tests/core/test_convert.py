@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from aic_core.model.loading import import_hf
 from aic_core.errors import AicError
+from aic_core.model.loading import import_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -17,7 +17,9 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=1000, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=1000, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(config).eval()
     folder = tmp_path_factory.mktemp("hf-gpt2")
     model.save_pretrained(folder, safe_serialization=True)

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import sentencepiece as spm
 
-import aic_core.data.tokens as data_mod
 import aic_core.data.inputs as inputs_mod
+import aic_core.data.tokens as data_mod
 from aic_core.cli import _format_warning, main
 from aic_core.data.tokens import check_data_files, encode_files, load_splits, utf8_error
 from aic_core.errors import DataError
@@ -96,7 +96,9 @@ def test_unreadable_file(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(inputs_mod, "open", denied, raising=False)  # root reads any file; refuse like a chmod 000 would
-    with pytest.raises(DataError, match=r"^data\.train\[0\]: .*secret\.txt cannot be read \(Permission denied\).*permissions"):
+    with pytest.raises(
+        DataError, match=r"^data\.train\[0\]: .*secret\.txt cannot be read \(Permission denied\).*permissions"
+    ):
         check_data_files(SimpleNamespace(train=[str(path)], val=[]))
 
 
@@ -113,7 +115,13 @@ def test_run_names_a_folder_without_data_files(tmp_path, capsys, corpus):
     (tmp_path / "texts").mkdir()
     shutil.copy(corpus, tmp_path / "texts" / "novel.txt.bak")
     spec = tiny_spec(corpus, tmp_path / "run", data={"train": [str(tmp_path / "texts")]})
-    err = fails(capsys, ["run", str(write_spec(tmp_path / "s.json", spec))], "data.train[0]", "holds no data files", "novel.txt.bak")
+    err = fails(
+        capsys,
+        ["run", str(write_spec(tmp_path / "s.json", spec))],
+        "data.train[0]",
+        "holds no data files",
+        "novel.txt.bak",
+    )
     assert "not found" not in err
 
 
@@ -166,14 +174,19 @@ def test_utf8_error_across_block_boundaries(tmp_path):
 def test_encoding_gives_the_file_offset(late_bad_byte, tokenizer, tmp_path):
     path, offset, line = late_bad_byte
     tok, _, tok_hash = tokenizer
-    with pytest.raises(DataError, match=rf"^data\.train\[0\]: .*late\.txt is not UTF-8 text: invalid start byte 0xff at byte {offset} \(line {line}\)"):
+    with pytest.raises(
+        DataError,
+        match=rf"^data\.train\[0\]: .*late\.txt is not UTF-8 text: invalid start byte 0xff at byte {offset} \(line {line}\)",
+    ):
         encode_files([str(path)], "data.train", tok, tok_hash, tmp_path / "cache")
     assert not list((tmp_path / "cache").iterdir())  # nothing left behind
 
 
 def test_tokenizer_training_gives_the_file_offset(late_bad_byte, tmp_path):
     path, offset, line = late_bad_byte
-    with pytest.raises(DataError, match=rf"late\.txt: not UTF-8 text: invalid start byte 0xff at byte {offset} \(line {line}\)"):
+    with pytest.raises(
+        DataError, match=rf"late\.txt: not UTF-8 text: invalid start byte 0xff at byte {offset} \(line {line}\)"
+    ):
         SentencePiece().train(SentencePiece.Options(vocab_size=400), [path], tmp_path / "t.model")
     reader = _CorpusReader([path])  # the reader that feeds SentencePiece says the same
     for _ in reader:
@@ -200,7 +213,9 @@ def test_encoded_ids_equal_sentencepiece(tokenizer, corpus, tmp_path):
     data = encode_files([str(corpus)], "data.train", tok, tok_hash, tmp_path / "cache")
     assert data.ids.tolist() == reference_ids(ref, corpus)
     assert data.n_bytes == corpus.stat().st_size
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(p.name for p in cache_files(tmp_path / "cache"))  # no temporary files left
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        p.name for p in cache_files(tmp_path / "cache")
+    )  # no temporary files left
 
 
 @pytest.mark.parametrize("damage", ["truncate", "empty", "longer"])
@@ -215,16 +230,23 @@ def test_damaged_cache_array_is_reported_and_rebuilt(tokenizer, corpus, tmp_path
             f.write(b"\0\0")
     else:
         os.truncate(bin_path, size // 2 if damage == "truncate" else 0)
-    with pytest.warns(UserWarning, match=rf"token cache: .*{bin_path.name} is .* bytes.*truncated or damaged.*encoding the corpus again"):
+    with pytest.warns(
+        UserWarning,
+        match=rf"token cache: .*{bin_path.name} is .* bytes.*truncated or damaged.*encoding the corpus again",
+    ):
         data = encode_files([str(corpus)], "data.train", tok, tok_hash, cache)
     assert data.ids.tolist() == reference_ids(ref, corpus)
     assert bin_path.stat().st_size == size
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # rebuilt: the next read is silent
-        assert encode_files([str(corpus)], "data.train", tok, tok_hash, cache).ids.tolist() == reference_ids(ref, corpus)
+        assert encode_files([str(corpus)], "data.train", tok, tok_hash, cache).ids.tolist() == reference_ids(
+            ref, corpus
+        )
 
 
-@pytest.mark.parametrize("meta", ['{"dtype": "uint16", "n_tok', "", '{"dtype": "float32", "n_tokens": 5, "n_bytes": 9}', "[]"])
+@pytest.mark.parametrize(
+    "meta", ['{"dtype": "uint16", "n_tok', "", '{"dtype": "float32", "n_tokens": 5, "n_bytes": 9}', "[]"]
+)
 def test_cache_metadata_that_does_not_parse_is_reported_and_rebuilt(tokenizer, corpus, tmp_path, meta):
     tok, ref, tok_hash = tokenizer
     cache = tmp_path / "cache"
@@ -258,12 +280,16 @@ def test_a_cache_written_half_way_is_never_used(tokenizer, corpus, tmp_path, mon
     os.truncate(bin_path, 10)  # whatever the array holds, it is not read without its metadata
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert encode_files([str(corpus)], "data.train", tok, tok_hash, cache).ids.tolist() == reference_ids(ref, corpus)
+        assert encode_files([str(corpus)], "data.train", tok, tok_hash, cache).ids.tolist() == reference_ids(
+            ref, corpus
+        )
 
 
 def test_run_rebuilds_a_truncated_cache(tmp_path, corpus):
     cache = tmp_path / "cache"
-    spec = tiny_spec(corpus, tmp_path / "run", data={"train": [str(corpus)], "cache_dir": str(cache)}, train={"steps": 1})
+    spec = tiny_spec(
+        corpus, tmp_path / "run", data={"train": [str(corpus)], "cache_dir": str(cache)}, train={"steps": 1}
+    )
     assert main(["run", str(write_spec(tmp_path / "s.json", spec)), "--stage", "tokenizer,train"]) == 0
     bin_path, _ = cache_files(cache)
     os.truncate(bin_path, bin_path.stat().st_size - 3)
@@ -293,7 +319,14 @@ def test_too_small_validation_file_is_named(tmp_path, capsys, corpus):
     small = tmp_path / "val.txt"
     small.write_text("Anne walked home.\n")
     spec = tiny_spec(corpus, tmp_path / "run", data={"train": [str(corpus)], "val": [str(small)]})
-    err = fails(capsys, ["run", str(write_spec(tmp_path / "s.json", spec))], "data.val:", "val.txt", "18 bytes", f"train.seq_len + 1 = {SEQ_LEN + 1}")
+    err = fails(
+        capsys,
+        ["run", str(write_spec(tmp_path / "s.json", spec))],
+        "data.val:",
+        "val.txt",
+        "18 bytes",
+        f"train.seq_len + 1 = {SEQ_LEN + 1}",
+    )
     assert "Add more text to data.val" in err
 
 
@@ -309,7 +342,10 @@ def test_small_corpus_warns_of_its_larger_validation_share(tokenizer, corpus, tm
     (warning,) = [w for w in record if "val_fraction" in str(w.message)]
     msg = str(warning.message)
     assert len(val) == SEQ_LEN + 2 and len(train) == n - len(val)
-    assert f"only {n:,} tokens" in msg and f"{SEQ_LEN + 2} tokens, {(SEQ_LEN + 2) / n:.1%} of it instead of val_fraction 5.0%" in msg
+    assert (
+        f"only {n:,} tokens" in msg
+        and f"{SEQ_LEN + 2} tokens, {(SEQ_LEN + 2) / n:.1%} of it instead of val_fraction 5.0%" in msg
+    )
     assert f"train.seq_len + 1 = {SEQ_LEN + 1}" in msg and "data.val" in msg
     assert train.ids.tolist() + val.ids.tolist() == reference_ids(ref, small)
     with warnings.catch_warnings():
@@ -322,7 +358,9 @@ def test_run_warns_of_the_validation_share_as_one_aic_line(tmp_path, corpus):
     """Through `aic run`; the CLI prints warnings raised in aic_core as `aic: warning: MESSAGE`."""
     small = tmp_path / "small.txt"
     small.write_text(corpus.read_text(encoding="utf-8")[:800])
-    spec = tiny_spec(corpus, tmp_path / "run", data={"train": [str(small)]}, train={"steps": 1}, tokenizer={"vocab_size": 330})
+    spec = tiny_spec(
+        corpus, tmp_path / "run", data={"train": [str(small)]}, train={"steps": 1}, tokenizer={"vocab_size": 330}
+    )
     with pytest.warns(UserWarning) as record:
         assert main(["run", str(write_spec(tmp_path / "s.json", spec)), "--stage", "tokenizer,train"]) == 0
     (w,) = [w for w in record if "val_fraction" in str(w.message)]

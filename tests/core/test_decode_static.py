@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from aic_core.generate import decode as generation
 from aic_core.errors import GenerationError
+from aic_core.generate import decode as generation
 from aic_core.generate import generate, process_logits, sample_next, stream
-from aic_core.plugins.kinds import Positional, Tokenizer
 from aic_core.model.nn.transformer import Transformer
+from aic_core.plugins.kinds import Positional, Tokenizer
 from aic_core.plugins.registry import Registry
 from aic_core.spec import SamplerSpec
 from tests.core.test_generation import (
@@ -37,6 +37,7 @@ REGISTRY = Registry()
 GREEDY = SamplerSpec(temperature=0)
 SAMPLED = SamplerSpec(temperature=0.9, top_k=30, top_p=0.95, min_p=0.01, repetition_penalty=1.3)
 PROMPTS = ["the cat sat", "a", "", "once upon a time, there was"]
+
 
 class SinusoidalAndDecay(Positional):
     """A third-party encoding through the Positional interface alone, using two hooks: sinusoidal embeddings,
@@ -95,7 +96,9 @@ def model(request) -> Transformer:
 # --- the step against the cached forward pass and full recompute ----------------------------------------
 
 
-def padded_batch(prompt_lens: list[int], steps: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def padded_batch(
+    prompt_lens: list[int], steps: int, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """tokens, valid, positions (B, L + steps): left padding, then each row's tokens from position 0."""
     B, L = len(prompt_lens), max(prompt_lens)
     tokens = torch.zeros(B, L + steps, dtype=torch.long)
@@ -128,7 +131,9 @@ def test_the_decode_step_gives_the_logits_of_the_cached_forward_and_of_full_reco
             tok, pos, slot = tokens[:, s : s + 1], positions[:, s : s + 1], torch.tensor([s])
             got["static"].append(model.decode(tok, pos, caches["static"], slot))
             got["window"].append(model.decode(tok, pos, caches["window"], slot, window=s + 1))
-            got["forward"].append(model(tok, positions=pos, attention_mask=valid[:, s : s + 1], cache=caches["forward"])[:, -1])
+            got["forward"].append(
+                model(tok, positions=pos, attention_mask=valid[:, s : s + 1], cache=caches["forward"])[:, -1]
+            )
         for b in range(B):
             full = model(tokens[b, valid[b]][None])[0]  # (n + steps, V): no padding, no cache
             for name, logits in got.items():
@@ -155,7 +160,9 @@ def test_the_whole_cache_step_a_graph_replays_gives_the_tokens_of_full_recompute
 
     monkeypatch.setattr(generation._CachedSteps, "_eager_step", whole_cache_step)
     for sampler in (GREEDY, SAMPLED):
-        assert generate(model, TOK, PROMPTS, 24, sampler, seed=5) == generate(model, TOK, PROMPTS, 24, sampler, seed=5, use_cache=False)
+        assert generate(model, TOK, PROMPTS, 24, sampler, seed=5) == generate(
+            model, TOK, PROMPTS, 24, sampler, seed=5, use_cache=False
+        )
 
 
 def test_each_prompt_alone_gives_what_it_gives_in_a_left_padded_batch(model):
@@ -184,7 +191,9 @@ def test_sampling_draws_what_torch_multinomial_draws_from_the_same_generator():
 
 @pytest.fixture(scope="module")
 def sentencepiece(tmp_path_factory) -> Tokenizer:
-    text = (Path(__file__).resolve().parents[2] / "examples" / "data" / "northangerabbey.txt").read_text(encoding="utf-8")[:60_000]
+    text = (Path(__file__).resolve().parents[2] / "examples" / "data" / "northangerabbey.txt").read_text(
+        encoding="utf-8"
+    )[:60_000]
     folder = tmp_path_factory.mktemp("sp")
     (folder / "corpus.txt").write_text(text, encoding="utf-8")
     plugin = REGISTRY.get("tokenizer", "sentencepiece")
@@ -362,12 +371,16 @@ def test_a_kept_capture_serves_the_next_call_of_the_same_shapes_and_goes_when_th
     generate(model, TOK, PROMPTS, 30, GREEDY, decode_step="graph")
     kept = generation._CAPTURED[model]
     others = ["xyz", "hello there", "q", ""]  # the same batch size and, rounded, the same cache length
-    assert generate(model, TOK, others, 30, GREEDY, decode_step="graph") == generate(model, TOK, others, 30, GREEDY, decode_step="eager")
+    assert generate(model, TOK, others, 30, GREEDY, decode_step="graph") == generate(
+        model, TOK, others, 30, GREEDY, decode_step="eager"
+    )
     assert generation._CAPTURED[model] is kept
     # A module swapped in (as an adapter does): the kept graph would read the old weights.
     old = model.blocks[1].attn.proj
     model.blocks[1].attn.proj = torch.nn.Linear(old.in_features, old.out_features).cuda()
-    assert generate(model, TOK, others, 30, GREEDY, decode_step="graph") == generate(model, TOK, others, 30, GREEDY, decode_step="eager")
+    assert generate(model, TOK, others, 30, GREEDY, decode_step="graph") == generate(
+        model, TOK, others, 30, GREEDY, decode_step="eager"
+    )
     assert generation._CAPTURED[model] is not kept
 
 
@@ -376,7 +389,10 @@ def test_two_streams_at_once_on_one_model_do_not_share_a_capture():
     model = build("learned").cuda()
     expected = generate(model, TOK, PROMPTS, 30, GREEDY, decode_step="eager")
     generate(model, TOK, PROMPTS, 30, GREEDY, decode_step="graph")  # leaves a kept capture that both could take
-    a, b = stream(model, TOK, PROMPTS, 30, GREEDY, decode_step="graph"), stream(model, TOK, PROMPTS, 30, GREEDY, decode_step="graph")
+    a, b = (
+        stream(model, TOK, PROMPTS, 30, GREEDY, decode_step="graph"),
+        stream(model, TOK, PROMPTS, 30, GREEDY, decode_step="graph"),
+    )
     texts_a, texts_b = [""] * len(PROMPTS), [""] * len(PROMPTS)
     for deltas_a, deltas_b in zip(a, b):  # one step of each in turn
         texts_a = [t + d for t, d in zip(texts_a, deltas_a)]
@@ -399,7 +415,9 @@ def test_a_step_that_cannot_be_captured_falls_back_to_eager_with_a_warning():
     try:
         expected = generate(model, TOK, PROMPTS, 20, GREEDY, decode_step="eager")
         rng = torch.cuda.get_rng_state()
-        with pytest.warns(RuntimeWarning, match=r"(?s)could not run as 'graph'.*'eager'"):  # (?s): CUDA's message spans lines
+        with pytest.warns(
+            RuntimeWarning, match=r"(?s)could not run as 'graph'.*'eager'"
+        ):  # (?s): CUDA's message spans lines
             assert generate(model, TOK, PROMPTS, 20, GREEDY) == expected
         # The failed capture leaves the default CUDA generator as it was, and usable: a later training step's
         # dropout raised "Offset increment outside graph capture encountered unexpectedly" before.
@@ -454,14 +472,24 @@ def test_the_compiled_step_writes_the_cache_in_place(name):
         model(tokens[:, :5], positions=positions[:, :5], cache=cache)
         eager_cache = model.new_cache(B, L)
         model(tokens[:, :5], positions=positions[:, :5], cache=eager_cache)
-        got, codes = run_and_get_code(torch.compile(model.decode, dynamic=False), tokens[:, 5:], positions[:, 5:], cache, torch.tensor([5]))
+        got, codes = run_and_get_code(
+            torch.compile(model.decode, dynamic=False), tokens[:, 5:], positions[:, 5:], cache, torch.tensor([5])
+        )
         eager = model.decode(tokens[:, 5:], positions[:, 5:], eager_cache, torch.tensor([5]))
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache.kv, eager_cache.kv, rtol=1e-5, atol=1e-5)
     code = "\n".join(codes)
     assert "kernel" in code  # inductor's code, not an empty capture
     n_layer = cache.kv.shape[0]
-    sizes = {"the whole KV buffer": cache.kv.numel(), "a layer's keys and values": cache.kv[0].numel(), "a layer's keys": cache.kv[0, 0].numel()}
-    assert len(set(sizes.values()) | {n_layer * model.config.vocab_size, B * model.config.vocab_size}) == 5  # no size stands for another
+    sizes = {
+        "the whole KV buffer": cache.kv.numel(),
+        "a layer's keys and values": cache.kv[0].numel(),
+        "a layer's keys": cache.kv[0, 0].numel(),
+    }
+    assert (
+        len(set(sizes.values()) | {n_layer * model.config.vocab_size, B * model.config.vocab_size}) == 5
+    )  # no size stands for another
     for what, n in sizes.items():  # a loop's bound: C++ `x0<static_cast<int64_t>(N L)`, Triton `xnumel = N`
-        assert not re.search(rf"<static_cast<int64_t>\({n}L\)|xnumel = {n}\b", code), f"a kernel loops over {what} ({n} elements)"
+        assert not re.search(rf"<static_cast<int64_t>\({n}L\)|xnumel = {n}\b", code), (
+            f"a kernel loops over {what} ({n} elements)"
+        )

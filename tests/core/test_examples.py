@@ -80,7 +80,10 @@ def test_example_spec_runs_end_to_end(tmp_path, monkeypatch, name):
     run_dir = tmp_path / "runs" / name
     assert (run_dir / "samples.txt").read_text().count("=== sample") == len(spec["generate"]["prompts"])
     loaded = load_checkpoint_model(run_dir)
-    assert (loaded.spec.model.type, loaded.spec.model.positional.type) == (spec["model"]["type"], spec["model"]["positional"]["type"])
+    assert (loaded.spec.model.type, loaded.spec.model.positional.type) == (
+        spec["model"]["type"],
+        spec["model"]["positional"]["type"],
+    )
     assert loaded.spec.data.train == [str((examples / p).resolve()) for p in spec["data"]["train"]]
 
 

@@ -50,22 +50,35 @@ def _export(run, out):
 def test_llama_export_carries_what_llama_cpp_reads(runs, tmp_path):
     config, tok_config = _export(runs["llama"], tmp_path / "hf")
     model = load_checkpoint_model(runs["llama"]).model.config
-    assert {k: config[k] for k in ("num_hidden_layers", "max_position_embeddings", "hidden_size", "intermediate_size")} == {
-        "num_hidden_layers": 2, "max_position_embeddings": 32, "hidden_size": 32, "intermediate_size": 64,
+    assert {
+        k: config[k] for k in ("num_hidden_layers", "max_position_embeddings", "hidden_size", "intermediate_size")
+    } == {
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 32,
+        "hidden_size": 32,
+        "intermediate_size": 64,
     }
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 2, 8)
     assert config["vocab_size"] == model.vocab_size and config["rope_theta"] == 10000.0 and config["rms_norm_eps"] > 0
     # Tokenizer settings: llama.cpp must add no bos, no eos and no leading space, as aic does not.
-    assert (tok_config["add_bos_token"], tok_config["add_eos_token"], tok_config["add_prefix_space"]) == (False, False, False)
+    assert (tok_config["add_bos_token"], tok_config["add_eos_token"], tok_config["add_prefix_space"]) == (
+        False,
+        False,
+        False,
+    )
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "hf" / "tokenizer.model"))
-    added = {t["content"]: t["id"] for t in json.loads((tmp_path / "hf" / "tokenizer.json").read_text())["added_tokens"]}
+    added = {
+        t["content"]: t["id"] for t in json.loads((tmp_path / "hf" / "tokenizer.json").read_text())["added_tokens"]
+    }
     for role, sp_id in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id())):
         assert added[tok_config[f"{role}_token"]] == sp_id == config.get(f"{role}_token_id", sp_id)
     assert sp.encode("Anne")[0] != sp.encode(" Anne")[0]  # tokenizer.model adds no dummy prefix either
 
 
 def test_llama_cpp_s_gguf_reads_the_special_tokens_and_adds_none(runs, tmp_path):
-    gguf = pytest.importorskip("gguf")  # llama.cpp's gguf-py (pip install gguf), whose SpecialVocab convert_hf_to_gguf.py uses
+    gguf = pytest.importorskip(
+        "gguf"
+    )  # llama.cpp's gguf-py (pip install gguf), whose SpecialVocab convert_hf_to_gguf.py uses
     _export(runs["llama"], tmp_path / "hf")
     vocab = gguf.SpecialVocab(tmp_path / "hf", n_vocab=load_checkpoint_model(runs["llama"]).model.config.vocab_size)
     assert vocab.special_token_ids == {"bos": 1, "eos": 2, "unk": 0}
@@ -74,7 +87,13 @@ def test_llama_cpp_s_gguf_reads_the_special_tokens_and_adds_none(runs, tmp_path)
 
 def test_gpt2_export_carries_n_ctx_for_llama_cpp(runs, tmp_path):
     config, tok_config = _export(runs["gpt2"], tmp_path / "hf")
-    assert {k: config[k] for k in ("n_layer", "n_ctx", "n_positions", "n_embd", "n_head")} == {"n_layer": 2, "n_ctx": 48, "n_positions": 48, "n_embd": 32, "n_head": 2}
+    assert {k: config[k] for k in ("n_layer", "n_ctx", "n_positions", "n_embd", "n_head")} == {
+        "n_layer": 2,
+        "n_ctx": 48,
+        "n_positions": 48,
+        "n_embd": 32,
+        "n_head": 2,
+    }
     assert config["layer_norm_epsilon"] == 1e-5 and config["n_inner"] is None  # llama.cpp assumes 4 * n_embd
     assert load_checkpoint_model(runs["gpt2"]).model.config.hidden == 4 * 32
     assert tok_config["add_bos_token"] is False
@@ -88,8 +107,13 @@ def test_gpt2_export_carries_n_ctx_for_llama_cpp(runs, tmp_path):
 @pytest.fixture(scope="module")
 def lora_run(runs, tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("lora")
-    spec = tiny_spec(corpus, root / "ft", train={"steps": 6, "lr": 1e-2, "warmup_steps": 0}, generate={"prompts": []},
-                     adapter={"type": "lora", "r": 4, "targets": ["all-linear"]})
+    spec = tiny_spec(
+        corpus,
+        root / "ft",
+        train={"steps": 6, "lr": 1e-2, "warmup_steps": 0},
+        generate={"prompts": []},
+        adapter={"type": "lora", "r": 4, "targets": ["all-linear"]},
+    )
     spec["model"] = {"init_from": str(runs["llama"])}
     del spec["tokenizer"]
     assert main(["run", str(write_spec(root / "ft.json", spec))]) == 0
@@ -108,7 +132,10 @@ def test_auto_peft_model_loads_the_export_onto_the_base_s_hf_export(runs, lora_r
     printed = capsys.readouterr().out
     base = json.loads((tmp_path / "peft/ft/adapter_config.json").read_text())["base_model_name_or_path"]
     assert base == "hf/llama"  # the base run's name under hf/, not the aic run folder
-    assert "is not a folder here; write the base's export there with `aic export " in printed and "--format hf hf/llama`" in printed
+    assert (
+        "is not a folder here; write the base's export there with `aic export " in printed
+        and "--format hf hf/llama`" in printed
+    )
     assert main(["export", str(runs["llama"]), "--format", "hf", base]) == 0
     model = peft.AutoPeftModelForCausalLM.from_pretrained("peft/ft", dtype=torch.float32).eval()
     adapted = load_checkpoint_model(lora_run).model
@@ -126,7 +153,9 @@ def test_base_name_is_written_as_given_and_checked_when_it_is_a_folder(runs, lor
     pytest.importorskip("peft")
     monkeypatch.chdir(tmp_path)
     assert main(["export", str(lora_run), "--format", "peft", "--base-name", "someone/tiny-llama", "a"]) == 0
-    assert json.loads((tmp_path / "a/adapter_config.json").read_text())["base_model_name_or_path"] == "someone/tiny-llama"
+    assert (
+        json.loads((tmp_path / "a/adapter_config.json").read_text())["base_model_name_or_path"] == "someone/tiny-llama"
+    )
     # An aic run is no base transformers can load.
     capsys.readouterr()
     assert main(["export", str(lora_run), "--format", "peft", "--base-name", str(runs["llama"]), "b"]) == 2
@@ -137,7 +166,11 @@ def test_base_name_is_written_as_given_and_checked_when_it_is_a_folder(runs, lor
     capsys.readouterr()
     assert main(["export", str(lora_run), "--format", "peft", "--base-name", "other", "c"]) == 2
     err = capsys.readouterr().err
-    assert "is not the base this adapter was trained on" in err and "Traceback" not in err and not (tmp_path / "c").exists()
+    assert (
+        "is not the base this adapter was trained on" in err
+        and "Traceback" not in err
+        and not (tmp_path / "c").exists()
+    )
     # So is a llama of the right shape with other weights (the adapter merged in already).
     assert main(["merge", str(lora_run), "merged"]) == 0
     capsys.readouterr()
@@ -151,13 +184,20 @@ def test_default_base_is_the_hf_folder_the_run_started_from(runs, tmp_path, corp
     peft = pytest.importorskip("peft")
     monkeypatch.chdir(tmp_path)
     _export(runs["gpt2"], tmp_path / "bases" / "gpt2-hf")
-    spec = tiny_spec(corpus, tmp_path / "ft", train={"steps": 3, "lr": 1e-2, "warmup_steps": 0}, generate={"prompts": []},
-                     adapter={"type": "lora", "r": 2, "targets": ["mlp.*"]})
+    spec = tiny_spec(
+        corpus,
+        tmp_path / "ft",
+        train={"steps": 3, "lr": 1e-2, "warmup_steps": 0},
+        generate={"prompts": []},
+        adapter={"type": "lora", "r": 2, "targets": ["mlp.*"]},
+    )
     spec["model"] = {"init_from": "bases/gpt2-hf"}
     del spec["tokenizer"]
     assert main(["run", str(write_spec(tmp_path / "ft.json", spec))]) == 0
     assert main(["export", "ft", "--format", "peft", "peft-ft"]) == 0
-    assert json.loads((tmp_path / "peft-ft/adapter_config.json").read_text())["base_model_name_or_path"] == "bases/gpt2-hf"
+    assert (
+        json.loads((tmp_path / "peft-ft/adapter_config.json").read_text())["base_model_name_or_path"] == "bases/gpt2-hf"
+    )
     model = peft.AutoPeftModelForCausalLM.from_pretrained("peft-ft", dtype=torch.float32).eval()
     ids = torch.arange(40)[None] % 300
     with torch.no_grad():

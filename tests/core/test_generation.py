@@ -11,8 +11,8 @@ import torch
 
 from aic_core.errors import GenerationError
 from aic_core.generate import generate, process_logits, sample_next, stream
-from aic_core.plugins.kinds import Tokenizer
 from aic_core.model.nn.transformer import Transformer
+from aic_core.plugins.kinds import Tokenizer
 from aic_core.plugins.registry import Registry
 from aic_core.spec import SamplerSpec
 
@@ -60,7 +60,9 @@ TOK = CharTokenizer()
 
 def build(vocab_size: int = 50, block_size: int = 64, **options) -> Transformer:
     gpt2 = REGISTRY.get("model", "gpt2")
-    opts = gpt2.Options(block_size=block_size, vocab_size=vocab_size, **{"n_layer": 2, "n_head": 2, "n_embd": 32, **options})
+    opts = gpt2.Options(
+        block_size=block_size, vocab_size=vocab_size, **{"n_layer": 2, "n_head": 2, "n_embd": 32, **options}
+    )
     cfg = gpt2.config(opts, vocab_size)
     return gpt2.build(opts, cfg, REGISTRY.get("positional", "learned").build(None, cfg)).eval()
 
@@ -195,7 +197,9 @@ def test_top_k_keeps_the_k_largest_and_ties_with_the_kth():
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     three = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]])  # probabilities 0.5, 0.3, 0.2
-    kept = lambda p: torch.isfinite(process_logits(three, PREV[:1, :0], None, SamplerSpec(temperature=1, top_p=p))).tolist()[0]
+    kept = lambda p: torch.isfinite(
+        process_logits(three, PREV[:1, :0], None, SamplerSpec(temperature=1, top_p=p))
+    ).tolist()[0]
     assert kept(0.4) == [True, False, False]  # the top token alone already reaches 0.4
     assert kept(0.75) == [True, True, False]
     assert kept(0.9) == [True, True, True]
@@ -281,7 +285,14 @@ def test_cached_prefill_and_decode_logits_equal_a_full_forward_on_the_unpadded_s
         cache = model.new_cache(B, L + steps)
         got = [model(tokens[:, :L], positions=positions[:, :L], attention_mask=valid[:, :L], cache=cache)[:, -1]]
         for s in range(L, L + steps - 1):
-            got.append(model(tokens[:, s : s + 1], positions=positions[:, s : s + 1], attention_mask=valid[:, s : s + 1], cache=cache)[:, -1])
+            got.append(
+                model(
+                    tokens[:, s : s + 1],
+                    positions=positions[:, s : s + 1],
+                    attention_mask=valid[:, s : s + 1],
+                    cache=cache,
+                )[:, -1]
+            )
         for b in range(B):
             real = tokens[b, valid[b]][None]  # (1, n + steps), no padding
             full = model(real)[0]  # (n + steps, V)

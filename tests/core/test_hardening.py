@@ -22,7 +22,11 @@ from tests.conftest import REPO, tiny_spec, write_spec
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under a folder (the lock file aside) and its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".aic.lock"}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".aic.lock"
+    }
 
 
 def _error(capsys) -> str:
@@ -162,7 +166,19 @@ def test_generate_help_states_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--repetition-penalty", "--stop", "--seed", "--device", "--adapter"):
+    for flag in (
+        "--prompt",
+        "--max-new-tokens",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--min-p",
+        "--repetition-penalty",
+        "--stop",
+        "--seed",
+        "--device",
+        "--adapter",
+    ):
         section = out.split(flag, 1)[1].split("\n  --", 1)[0]
         assert "default" in section, flag
 
@@ -193,7 +209,10 @@ def test_output_dir_that_is_not_writable(tmp_path, corpus, capsys, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("stop_at, expected", [("-5", "--stop-at: -5 is not a step"), ("0", "--stop-at: 0 is not a step"), ("9", "is past train.steps (8)")])
+@pytest.mark.parametrize(
+    "stop_at, expected",
+    [("-5", "--stop-at: -5 is not a step"), ("0", "--stop-at: 0 is not a step"), ("9", "is past train.steps (8)")],
+)
 def test_stop_at_out_of_range(tmp_path, corpus, capsys, stop_at, expected):
     spec = write_spec(tmp_path / "spec.json", tiny_spec(corpus, tmp_path / "run"))
     assert main(["run", str(spec), "--stop-at", stop_at]) == 2
@@ -309,7 +328,14 @@ def test_ctrl_c_during_training_keeps_a_checkpoint_and_says_how_to_resume(tmp_pa
     spec = tiny_spec(corpus, tmp_path / "run", train={"steps": 100000, "log_every": 1}, eval={"batches": 1})
     path = write_spec(tmp_path / "spec.json", spec)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "aic_core.cli", "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aic_core.cli", "run", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
@@ -336,7 +362,20 @@ def test_import_of_a_missing_folder(tmp_path, capsys):
 
 def test_generate_from_a_hugging_face_folder_equals_the_run(tmp_path, corpus, capsys):
     pytest.importorskip("transformers")
-    spec = tiny_spec(corpus, tmp_path / "run", model={"type": "llama", "n_layer": 2, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "mlp_hidden": 64, "block_size": 32, "dropout": 0.0})
+    spec = tiny_spec(
+        corpus,
+        tmp_path / "run",
+        model={
+            "type": "llama",
+            "n_layer": 2,
+            "n_head": 2,
+            "n_kv_head": 1,
+            "n_embd": 32,
+            "mlp_hidden": 64,
+            "block_size": 32,
+            "dropout": 0.0,
+        },
+    )
     path = write_spec(tmp_path / "spec.json", spec)
     assert main(["run", str(path), "--stage", "tokenizer,train"]) == 0
     assert main(["export", str(tmp_path / "run"), "--format", "hf", str(tmp_path / "hf")]) == 0
@@ -378,7 +417,17 @@ def test_prompts_longer_than_block_size_need_an_extrapolating_encoding(positiona
             generate(model, CharTokenizer(), [prompt], 4, SamplerSpec(temperature=0))
 
 
-@pytest.mark.parametrize("path", ["runs/x/model.safetensors", "hf/tinyllama-tiny/config.json", "imported/a/state.json", "merged/austen-lora/x", "peft/austen-lora/x", "aic-my-plugin/pyproject.toml"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "runs/x/model.safetensors",
+        "hf/tinyllama-tiny/config.json",
+        "imported/a/state.json",
+        "merged/austen-lora/x",
+        "peft/austen-lora/x",
+        "aic-my-plugin/pyproject.toml",
+    ],
+)
 def test_gitignore_covers_what_the_readme_commands_write(path):
     import shutil
 
@@ -425,7 +474,10 @@ def test_output_dir_flag_overrides_the_spec(tmp_path, corpus):
     assert not (tmp_path / "spec-dir").exists()
     resolved = json.loads((tmp_path / "flag-dir" / "spec.resolved.json").read_text())
     assert resolved["output_dir"] == str(tmp_path / "flag-dir")
-    assert main(["run", str(spec), "--stage", "tokenizer,train", "--output-dir", str(tmp_path / "flag-dir"), "--resume"]) == 0  # same run: resumable
+    assert (
+        main(["run", str(spec), "--stage", "tokenizer,train", "--output-dir", str(tmp_path / "flag-dir"), "--resume"])
+        == 0
+    )  # same run: resumable
 
 
 def test_generate_decode_step_flag_choices_are_the_specs():
@@ -434,7 +486,9 @@ def test_generate_decode_step_flag_choices_are_the_specs():
     from aic_core.cli import build_parser
     from aic_core.spec import DecodeStep
 
-    generate = next(a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions if a.dest == "decode_step")
+    generate = next(
+        a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions if a.dest == "decode_step"
+    )
     assert tuple(generate.choices) == typing.get_args(DecodeStep)
 
 
@@ -444,4 +498,3 @@ def test_generate_a_graphed_decode_step_on_the_cpu_is_refused(trained, capsys):
     assert main(["generate", str(run_dir), "--prompt", "Anne", "--decode-step", "compile", "--device", "cpu"]) == 2
     err = _error(capsys)
     assert "--decode-step compile" in err and "on cpu" in err and "--decode-step eager" in err
-

@@ -23,7 +23,9 @@ def imports(path: Path, modules: set[str]) -> set[str]:
     class Visitor(ast.NodeVisitor):
         def visit_If(self, node: ast.If) -> None:
             test = node.test
-            if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"):
+            if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+                isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+            ):
                 for child in node.orelse:
                     self.visit(child)
                 return
@@ -78,7 +80,9 @@ def test_the_cycle_finder_finds_cycles_through_function_level_imports(tmp_path):
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     source = tmp_path / "m.py"
-    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import aic_core.x\ndef f():\n    from aic_core.y import z\n")
+    source.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import aic_core.x\ndef f():\n    from aic_core.y import z\n"
+    )
     assert imports(source, {"aic_core.x", "aic_core.y"}) == {"aic_core.y"}
 
 
@@ -86,7 +90,13 @@ def test_the_core_never_imports_the_plugins():
     for path in CORE.rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not any(n.startswith(("aic_plugins", "plugins")) for n in names), f"{path} imports {names}"
 
 
@@ -95,4 +105,11 @@ def test_loading_lives_in_one_module():
     for name in ("run.py", "model/convert.py"):
         tree = ast.parse((CORE / name).read_text())
         defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-        assert not defined & {"build_model", "open_source", "load_checkpoint_model", "import_hf", "load_adapter", "ModelSource"}, name
+        assert not defined & {
+            "build_model",
+            "open_source",
+            "load_checkpoint_model",
+            "import_hf",
+            "load_adapter",
+            "ModelSource",
+        }, name

@@ -11,10 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aic_core.cli import main
-from aic_core.model.convert import export_hf
-from aic_core.model.loading import import_hf
 from aic_core.generate import generate
-from aic_core.model.loading import load_checkpoint_model
+from aic_core.model.convert import export_hf
+from aic_core.model.loading import import_hf, load_checkpoint_model
 from aic_core.spec import SamplerSpec
 from tests.conftest import tiny_spec, write_spec
 
@@ -53,7 +52,13 @@ def test_export_loads_in_transformers_and_round_trip_is_exact(runs, tmp_path, fa
     assert main(["export", str(runs[family]), "--format", "hf", str(out)]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"against transformers \d\.\d\de[-+]\d\d", printed)
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "tokenizer_config.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     assert re.search(r"AutoTokenizer: aic's ids and text on \d+ fixed texts", printed)
     loaded = load_checkpoint_model(runs[family])
     ids = torch.randint(0, loaded.model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
@@ -68,9 +73,11 @@ def test_export_loads_in_transformers_and_round_trip_is_exact(runs, tmp_path, fa
     # Greedy decoding in transformers (its own cache) gives aic's greedy text.
     prompt = loaded.tokenizer.encode("Anne was")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    hf_ids = hf_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
+    hf_ids = hf_model.generate(
+        torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0]
     ours_text = generate(loaded.model, loaded.tokenizer, ["Anne was"], 10, SamplerSpec(temperature=0))[0]
-    assert loaded.tokenizer.decode(hf_ids[len(prompt):].tolist()) == ours_text
+    assert loaded.tokenizer.decode(hf_ids[len(prompt) :].tolist()) == ours_text
     # The tokenizer file travels unchanged.
     assert (out / "tokenizer.model").read_bytes() == loaded.checkpoint.tokenizer_path.read_bytes()
 
@@ -93,7 +100,9 @@ def test_import_cli_writes_a_checkpoint_that_generates(runs, tmp_path, capsys):
 def test_init_from_an_hf_folder_trains_from_its_weights(runs, tmp_path, corpus):
     hf = tmp_path / "hf"
     export_hf(runs["llama"], hf)
-    spec = tiny_spec(corpus, tmp_path / "ft", train={"steps": 2, "lr": 1e-12, "warmup_steps": 0}, generate={"prompts": []})
+    spec = tiny_spec(
+        corpus, tmp_path / "ft", train={"steps": 2, "lr": 1e-12, "warmup_steps": 0}, generate={"prompts": []}
+    )
     spec["model"] = {"init_from": str(hf)}  # the architecture and tokenizer come from the source
     del spec["tokenizer"]
     assert main(["run", str(write_spec(tmp_path / "ft.json", spec))]) == 0
@@ -110,8 +119,12 @@ def test_init_from_an_aic_run_starts_where_it_ended(runs, tmp_path, corpus):
     spec["model"] = {"init_from": str(runs["gpt2"]), "dropout": 0.0}
     del spec["tokenizer"]
     assert main(["run", str(write_spec(tmp_path / "ft.json", spec))]) == 0
-    first = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][0]
-    scratch = [json.loads(line) for line in (runs["gpt2"] / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][0]
+    first = [
+        json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
+    ][0]
+    scratch = [
+        json.loads(line) for line in (runs["gpt2"] / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
+    ][0]
     assert first["loss"] < scratch["loss"] - 0.3  # it starts from trained weights, not from a random init
 
 
@@ -140,7 +153,9 @@ def test_export_refuses_what_hf_cannot_represent(tmp_path, corpus, capsys):
     assert main(["export", str(run), "--format", "hf", str(out)]) == 2
     err = capsys.readouterr().err
     assert "learned positions only" in err and "alibi" in err and not out.exists()
-    run = _train(tmp_path, corpus, "partial", {**LLAMA, "positional": {"type": "rope", "rotary_fraction": 0.5}}, steps=1)
+    run = _train(
+        tmp_path, corpus, "partial", {**LLAMA, "positional": {"type": "rope", "rotary_fraction": 0.5}}, steps=1
+    )
     assert main(["export", str(run), str(out)]) == 2
     assert "rotary_fraction 0.5" in capsys.readouterr().err and not out.exists()
 
@@ -234,7 +249,9 @@ def test_a_positional_without_kv_cache_support_needs_use_cache_off(corpus, tmp_p
     fake = types.SimpleNamespace(name="no-cache", value="fake_no_cache", group="aic", dist=None, load=lambda: module)
     registry = Registry([*real, fake], strict=True)
     spec = tiny_spec(corpus, tmp_path, model={"positional": {"type": "no-cache"}})
-    with pytest.raises(SpecError, match="generate.use_cache: the 'no-cache' positional encoding does not work with the KV cache"):
+    with pytest.raises(
+        SpecError, match="generate.use_cache: the 'no-cache' positional encoding does not work with the KV cache"
+    ):
         parse_spec(spec, registry)
     spec["generate"]["use_cache"] = False
     assert parse_spec(spec, registry).model.positional.type == "no-cache"

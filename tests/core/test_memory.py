@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from aic_core.plan import memory
 from aic_core.cli import main
 from aic_core.errors import SpecError
 from aic_core.model.loading import build_model
+from aic_core.plan import memory
 from aic_core.plugins.registry import get_registry
 from aic_core.spec import parse_spec
 
@@ -48,8 +48,11 @@ PUBLISHED = {
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
 def test_large_presets_count_the_published_parameters(preset):
-    model = {"type": "llama" if preset.startswith("tiny") else "gpt2", "preset": preset,
-             "vocab_size": 32000 if preset.startswith("tiny") else 50257}
+    model = {
+        "type": "llama" if preset.startswith("tiny") else "gpt2",
+        "preset": preset,
+        "vocab_size": 32000 if preset.startswith("tiny") else 50257,
+    }
     p = memory.plan(make_spec(model), get_registry(), device="cpu")
     assert p.parameters == p.trainable == PUBLISHED[preset]
 
@@ -75,7 +78,9 @@ def test_parameter_counts_equal_the_built_model(model, adapter):
 
 
 def test_the_plan_builds_on_the_meta_device():
-    model = memory.build_meta_model(make_spec({"type": "gpt2", "preset": "gpt2-xl", "vocab_size": 50257}), get_registry())
+    model = memory.build_meta_model(
+        make_spec({"type": "gpt2", "preset": "gpt2-xl", "vocab_size": 50257}), get_registry()
+    )
     assert all(t.device.type == "meta" for t in model.parameters())
 
 
@@ -92,7 +97,11 @@ def test_weights_gradients_and_optimizer_bytes_follow_the_formulas():
 
     p = memory.plan(spec, get_registry(), world_size=1, device="cpu")
     torch_ = p.strategy("torch")
-    assert (torch_.weights, torch_.gradients, torch_.optimizer) == (4 * P + buffers, 4 * Pt, 8 * Pt + 4 * len(trainable))
+    assert (torch_.weights, torch_.gradients, torch_.optimizer) == (
+        4 * P + buffers,
+        4 * Pt,
+        8 * Pt + 4 * len(trainable),
+    )
     assert torch_.weight_copies == 0 and torch_.buffers == 0  # fp32 on the CPU: no autocast copies; one process: no DDP
 
     p4 = memory.plan(spec, get_registry(), world_size=4, device="cuda", device_memory=80)
@@ -108,7 +117,9 @@ def test_weights_gradients_and_optimizer_bytes_follow_the_formulas():
     linears = sum(m.weight.numel() for m in built.modules() if isinstance(m, torch.nn.Linear))
     lora = sum(getattr(m, n).numel() for m in built.modules() for n in ("lora_A", "lora_B") if hasattr(m, n))
     qkv0 = built.blocks[0].attn.qkv
-    assert ddp.weight_copies == 2 * (linears + built.wte.weight.numel() + lora - qkv0.weight.numel() - qkv0.lora_A.numel())
+    assert ddp.weight_copies == 2 * (
+        linears + built.wte.weight.numel() + lora - qkv0.weight.numel() - qkv0.lora_A.numel()
+    )
 
 
 # --- activations, measured on the CPU -----------------------------------------------------------------
@@ -174,7 +185,9 @@ def test_activation_checkpointing_keeps_only_block_inputs():
 
 
 def test_flops_per_token_is_6n_plus_attention():
-    p = memory.plan(make_spec({"type": "gpt2", "preset": "gpt2-small", "vocab_size": 50257}), get_registry(), device="cpu")
+    p = memory.plan(
+        make_spec({"type": "gpt2", "preset": "gpt2-small", "vocab_size": 50257}), get_registry(), device="cpu"
+    )
     n = 124_439_808 - 1024 * 768  # nanoGPT's non-embedding count: all but the position embeddings (the head is tied)
     assert p.matmul_parameters == n
     assert p.flops_per_token == 6 * n + 12 * 12 * 12 * 64 * 1024
@@ -247,7 +260,10 @@ def test_cli_table_and_json(spec_file, capsys):
     out = capsys.readouterr().out
     for text in ("parameters", "FLOPs per token", "global batch", "peak total", "zero-3 x1", "KV cache"):
         assert text in out
-    assert main(["plan", str(spec_file), "--device", "cuda", "--world-size", "2", "--device-memory", "0.001", "--json"]) == 0
+    assert (
+        main(["plan", str(spec_file), "--device", "cuda", "--world-size", "2", "--device-memory", "0.001", "--json"])
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     assert data["world_size"] == 2 and data["fits"] is False and "does not fit" in data["advice"]
     assert [s["name"] for s in data["strategies"]] == ["ddp", "zero-1", "zero-2", "zero-3"]

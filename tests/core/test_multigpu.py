@@ -22,8 +22,11 @@ NCCL = {"NCCL_NVLS_ENABLE": "0"}  # NVLink multicast off, as the device machine'
 
 def spec(corpus, run_dir, trainer: dict) -> dict:
     return tiny_spec(
-        corpus, run_dir, model={"dropout": 0.0},
-        train={"trainer": {"device": "auto", **trainer}, "grad_accum": 2, "steps": 4, "checkpoint_every": 2}, eval={"batches": 2},
+        corpus,
+        run_dir,
+        model={"dropout": 0.0},
+        train={"trainer": {"device": "auto", **trainer}, "grad_accum": 2, "steps": 4, "checkpoint_every": 2},
+        eval={"batches": 2},
     )
 
 

@@ -18,10 +18,29 @@ from tests.conftest import REPO, tiny_spec, write_spec
 pytestmark = pytest.mark.slow
 
 
-def torchrun(spec: Path, *args: str, nproc: int = 2, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def torchrun(
+    spec: Path, *args: str, nproc: int = 2, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
     paths = [str(REPO), *(env or {}).pop("EXTRA_PATH", "").split(os.pathsep), os.environ.get("PYTHONPATH", "")]
-    full_env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(p for p in paths if p), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "aic", "run", str(spec), *args]
+    full_env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "aic",
+        "run",
+        str(spec),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=spec.parent)
 
 
@@ -36,7 +55,11 @@ def losses(run_dir: Path) -> dict[int, float]:
 def ddp_spec(corpus: Path, run_dir: Path, **overrides) -> dict:
     # gloo on CPU processes, also on a machine with GPUs (where "auto" would give each process a GPU)
     trainer = {"type": "torch", "device": "cpu", "precision": "fp32"}
-    base = {"model": {"dropout": 0.0}, "train": {"trainer": trainer, "grad_accum": 2, "steps": 6, "checkpoint_every": 3}, "eval": {"batches": 4}}
+    base = {
+        "model": {"dropout": 0.0},
+        "train": {"trainer": trainer, "grad_accum": 2, "steps": 6, "checkpoint_every": 3},
+        "eval": {"batches": 4},
+    }
     for key, value in overrides.items():
         base[key] = {**base.get(key, {}), **value}
     return tiny_spec(corpus, run_dir, **base)
@@ -54,7 +77,9 @@ def test_two_processes_train_exactly_as_one(tmp_path, corpus):
     val = [r["val_loss"] for r in records(tmp_path / "one") if "val_loss" in r]
     assert [r["val_loss"] for r in records(tmp_path / "two") if "val_loss" in r] == pytest.approx(val, rel=1e-5)
     # Rank 0 writes every file; a 2-process run leaves what a 1-process run leaves.
-    names = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and "tensorboard" not in p.parts)  # noqa: E731
+    names = lambda d: sorted(
+        str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and "tensorboard" not in p.parts
+    )  # noqa: E731
     assert names(tmp_path / "two") == names(tmp_path / "one")
     assert result.stdout.count("train: done") == 1  # one voice: rank 0's
 
@@ -91,11 +116,15 @@ def test_one_failing_rank_stops_every_rank_with_its_message(tmp_path, corpus):
     (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_RANK_1)
     spec = write_spec(tmp_path / "spec.json", ddp_spec(corpus, tmp_path / "run"))
     t0 = time.perf_counter()
-    result = torchrun(spec, "--stage", "tokenizer,train", env={"EXTRA_PATH": str(tmp_path / "inject"), "AIC_DIST_TIMEOUT": "60"})
+    result = torchrun(
+        spec, "--stage", "tokenizer,train", env={"EXTRA_PATH": str(tmp_path / "inject"), "AIC_DIST_TIMEOUT": "60"}
+    )
     assert result.returncode != 0
     assert time.perf_counter() - t0 < 60  # every rank ended; none waited for the timeout
     assert "aic: error: rank 1: injected failure: rank 1 cannot read its data" in result.stderr
-    assert "Traceback" not in result.stderr.split("aic: error: rank 1")[0][-2000:]  # the ranks print no traceback of their own
+    assert (
+        "Traceback" not in result.stderr.split("aic: error: rank 1")[0][-2000:]
+    )  # the ranks print no traceback of their own
 
 
 def _as_rank(monkeypatch, rank: int, world: int) -> None:
@@ -103,7 +132,9 @@ def _as_rank(monkeypatch, rank: int, world: int) -> None:
         monkeypatch.setenv(name, str(value))
 
 
-def test_grad_accum_that_the_world_size_does_not_divide_is_refused_before_the_group_starts(tmp_path, corpus, capsys, monkeypatch):
+def test_grad_accum_that_the_world_size_does_not_divide_is_refused_before_the_group_starts(
+    tmp_path, corpus, capsys, monkeypatch
+):
     spec = write_spec(tmp_path / "spec.json", ddp_spec(corpus, tmp_path / "run", train={"grad_accum": 3}))
     _as_rank(monkeypatch, 0, 2)  # no MASTER_ADDR: had a process group been started, this would fail differently
     assert main(["run", str(spec)]) == 2
@@ -134,7 +165,10 @@ def test_python_dash_m_aic_is_the_aic_command():
 def test_more_processes_than_gpus_is_refused(tmp_path, corpus, capsys, monkeypatch):
     import torch
 
-    spec = write_spec(tmp_path / "spec.json", ddp_spec(corpus, tmp_path / "run", train={"trainer": {"type": "torch", "device": "auto"}}))
+    spec = write_spec(
+        tmp_path / "spec.json",
+        ddp_spec(corpus, tmp_path / "run", train={"trainer": {"type": "torch", "device": "auto"}}),
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     _as_rank(monkeypatch, 0, 2)

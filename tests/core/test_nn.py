@@ -8,16 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aic_core.plugins.kinds import Positional
 from aic_core.model.nn.attention import CausalSelfAttention
 from aic_core.model.nn.transformer import Transformer, TransformerConfig
+from aic_core.plugins.kinds import Positional
 from aic_plugins.positional.learned import LearnedPositions
 
 VOCAB = 1000  # not a multiple of 64: the embedding is padded to 1024 rows
 
 
 def config(**kwargs) -> TransformerConfig:
-    return TransformerConfig(**{"vocab_size": VOCAB, "block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 32, **kwargs})
+    return TransformerConfig(
+        **{"vocab_size": VOCAB, "block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 32, **kwargs}
+    )
 
 
 def make_model(dtype: torch.dtype = torch.float64, **kwargs) -> Transformer:
@@ -34,7 +36,9 @@ def tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-def reference_attention(attn: CausalSelfAttention, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+def reference_attention(
+    attn: CausalSelfAttention, x: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(QK^T / sqrt(d) + causal mask) V, written out by hand."""
     B, T, C = x.shape
     H, Hkv, D = attn.n_head, attn.n_kv_head, attn.head_dim

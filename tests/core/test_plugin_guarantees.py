@@ -13,21 +13,32 @@ from pathlib import Path
 
 import pytest
 
-from aic_core.plugins import registry as registry_module
 from aic_core.cli import main
+from aic_core.plugins import registry as registry_module
 from tests.conftest import tiny_spec, write_spec
 from tests.installing import AIC, run
 
 HEADER = "from typing import Callable\nfrom aic_core.plugins.hookspecs import hookimpl\nfrom aic_core.plugins.kinds import ModelPlugin, PluginOptions, Positional, PositionalPlugin\n"
 # distribution -> (entry-point name, module name, module source)
 FAKES = {
-    "aic-broken-import": ("broken-import", "aic_fake_broken_import", "import aic_fake_dependency_that_is_not_installed\n"),
-    "aic-raising-hook": ("raising-hook", "aic_fake_raising_hook", """
+    "aic-broken-import": (
+        "broken-import",
+        "aic_fake_broken_import",
+        "import aic_fake_dependency_that_is_not_installed\n",
+    ),
+    "aic-raising-hook": (
+        "raising-hook",
+        "aic_fake_raising_hook",
+        """
         @hookimpl
         def aic_register_models(register):
             raise RuntimeError("the hook broke")
-    """),
-    "aic-duplicate": ("duplicate", "aic_fake_duplicate", """
+    """,
+    ),
+    "aic-duplicate": (
+        "duplicate",
+        "aic_fake_duplicate",
+        """
         class Impostor(ModelPlugin):
             name = "gpt2"
 
@@ -37,8 +48,12 @@ FAKES = {
         @hookimpl
         def aic_register_models(register):
             register(Impostor)
-    """),
-    "aic-bad-options": ("bad-options", "aic_fake_bad_options", """
+    """,
+    ),
+    "aic-bad-options": (
+        "bad-options",
+        "aic_fake_bad_options",
+        """
         class PlainOptions:
             base: float = 1.0
 
@@ -62,8 +77,12 @@ FAKES = {
         def aic_register_positional_encodings(register):
             register(NotPydantic)
             register(NoSchema)
-    """),
-    "aic-good-third": ("good-third", "aic_fake_good_third", """
+    """,
+    ),
+    "aic-good-third": (
+        "good-third",
+        "aic_fake_good_third",
+        """
         class NoPositions(PositionalPlugin):
             name = "nope-test"
             extrapolates = True
@@ -74,7 +93,8 @@ FAKES = {
         @hookimpl
         def aic_register_positional_encodings(register):
             register(NoPositions)
-    """),
+    """,
+    ),
 }
 BROKEN = {"aic-broken-import", "aic-raising-hook", "aic-bad-options"}
 
@@ -116,16 +136,30 @@ def test_aic_plugins_shows_each_broken_plugin_and_still_succeeds(with_fakes, cap
     dists = plugins_json(capsys)
     (broken,) = dists["aic-broken-import"]
     assert (broken["status"], broken["kind"], broken["name"]) == ("error", "-", "broken-import")
-    assert "import failed: ModuleNotFoundError: No module named 'aic_fake_dependency_that_is_not_installed'" in broken["error"]
+    assert (
+        "import failed: ModuleNotFoundError: No module named 'aic_fake_dependency_that_is_not_installed'"
+        in broken["error"]
+    )
     (raising,) = dists["aic-raising-hook"]
-    assert raising["status"] == "error" and "hook aic_register_models raised RuntimeError: the hook broke" in raising["error"]
+    assert (
+        raising["status"] == "error"
+        and "hook aic_register_models raised RuntimeError: the hook broke" in raising["error"]
+    )
     bad = {r["name"]: r for r in dists["aic-bad-options"]}
-    assert bad["not-pydantic"]["status"] == "error" and "Options must be a Pydantic model" in bad["not-pydantic"]["error"]
-    assert bad["no-schema"]["status"] == "error" and "NoSchema.Options is not a valid Pydantic model" in bad["no-schema"]["error"]
+    assert (
+        bad["not-pydantic"]["status"] == "error" and "Options must be a Pydantic model" in bad["not-pydantic"]["error"]
+    )
+    assert (
+        bad["no-schema"]["status"] == "error"
+        and "NoSchema.Options is not a valid Pydantic model" in bad["no-schema"]["error"]
+    )
     # The same name as a built-in: the built-in wins, the other is a conflict naming both sources.
     (impostor,) = dists["aic-duplicate"]
     assert impostor["status"] == "conflict" and impostor["kind"] == "model"
-    assert "the one loaded first (aic) is used" in impostor["error"] and "gpt2 = aic_plugins.models.gpt2" in impostor["error"]
+    assert (
+        "the one loaded first (aic) is used" in impostor["error"]
+        and "gpt2 = aic_plugins.models.gpt2" in impostor["error"]
+    )
     assert {(r["name"], r["status"]) for r in dists["aic"]} >= {("gpt2", "ok"), ("learned", "ok")}
     assert [(r["name"], r["status"]) for r in dists["aic-good-third"]] == [("nope-test", "ok")]
 
@@ -162,8 +196,12 @@ def test_a_spec_naming_a_broken_plugin_says_it_failed_to_load(with_fakes, tmp_pa
 
 @pytest.mark.parametrize("how", ["--strict before the command", "--strict after the command", "AIC_STRICT_PLUGINS=1"])
 @pytest.mark.parametrize("command", ["plugins", "validate", "run"])
-def test_strict_mode_fails_with_exit_2_and_names_the_broken_plugin(with_fakes, tmp_path, corpus, capsys, monkeypatch, how, command):
-    args = [command] + ([str(write_spec(tmp_path / "spec.json", tiny_spec(corpus, tmp_path / "run")))] if command != "plugins" else [])
+def test_strict_mode_fails_with_exit_2_and_names_the_broken_plugin(
+    with_fakes, tmp_path, corpus, capsys, monkeypatch, how, command
+):
+    args = [command] + (
+        [str(write_spec(tmp_path / "spec.json", tiny_spec(corpus, tmp_path / "run")))] if command != "plugins" else []
+    )
     if how == "AIC_STRICT_PLUGINS=1":
         monkeypatch.setenv("AIC_STRICT_PLUGINS", "1")
     else:
@@ -183,7 +221,9 @@ def test_aic_plugins_pins_the_third_party_distributions_that_load(with_fakes, ca
     assert [(r["name"], r["status"]) for r in dists["aic-good-third"]] == [("nope-test", "ok")]
     for dist in BROKEN | {"aic-duplicate"}:
         (record,) = dists[dist]
-        assert record["status"] == "skipped" and record["error"] == f"distribution '{dist}' is not listed in AIC_PLUGINS"
+        assert (
+            record["status"] == "skipped" and record["error"] == f"distribution '{dist}' is not listed in AIC_PLUGINS"
+        )
     assert all(r["status"] == "ok" for r in dists["aic"])  # the built-ins always load
 
     monkeypatch.setattr(registry_module, "_default", None)
@@ -199,4 +239,7 @@ def test_the_aic_command_in_a_fresh_process_reports_and_skips_broken_plugins(sit
     assert "aic plugin conflict: model plugin 'gpt2' from aic-duplicate" in done.stderr  # the warning
     done = run([*AIC, "--strict", "plugins"], PYTHONPATH=str(site))
     assert done.returncode == 2
-    assert done.stderr.startswith("aic: error: plugin 'not-pydantic' from aic-bad-options 1.0") and "Traceback" not in done.stderr
+    assert (
+        done.stderr.startswith("aic: error: plugin 'not-pydantic' from aic-bad-options 1.0")
+        and "Traceback" not in done.stderr
+    )

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from aic_core.cli import main
+from aic_core.model.loading import load_spec
 from aic_core.plugins.kinds import KINDS
 from aic_core.plugins.registry import Registry
-from aic_core.model.loading import load_spec
 from aic_core.spec import json_schema
 from tests.conftest import REPO, write_spec
 from tests.installing import AIC, copy_package, installed, run
@@ -82,37 +82,62 @@ def test_new_plugin_packages_of_every_kind_install_register_pass_their_own_tests
         assert main(["new-plugin", kind, f"scaffold-{kind}", "--dir", str(tmp_path / kind)]) == 0
         folders.append(tmp_path / kind)
     assert f"wrote the trainer plugin 'scaffold-trainer' to {tmp_path / 'trainer'}" in capsys.readouterr().out
-    assert {p.relative_to(tmp_path / "adapter").as_posix() for p in (tmp_path / "adapter").rglob("*") if p.is_file()} == {
-        "pyproject.toml", "README.md", "aic_scaffold_adapter/__init__.py", "aic_scaffold_adapter/plugin.py", "tests/test_aic_scaffold_adapter.py",
+    assert {
+        p.relative_to(tmp_path / "adapter").as_posix() for p in (tmp_path / "adapter").rglob("*") if p.is_file()
+    } == {
+        "pyproject.toml",
+        "README.md",
+        "aic_scaffold_adapter/__init__.py",
+        "aic_scaffold_adapter/plugin.py",
+        "tests/test_aic_scaffold_adapter.py",
     }
     with installed(folders, [f"aic-scaffold-{kind}" for kind in KINDS]):
         done = run([*AIC, "plugins", "--json"])
         assert done.returncode == 0, done.stderr
-        records = {(r["kind"], r["name"]): r["status"] for r in json.loads(done.stdout) if r["distribution"].startswith("aic-scaffold-")}
+        records = {
+            (r["kind"], r["name"]): r["status"]
+            for r in json.loads(done.stdout)
+            if r["distribution"].startswith("aic-scaffold-")
+        }
         assert records == {(kind, f"scaffold-{kind}"): "ok" for kind in KINDS}
         done = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *map(str, folders)], cwd=tmp_path)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
         assert f"{4 * len(KINDS)} passed" in done.stdout  # options, registration, the kind's contract, the entry point
         # All five generated plugins in one run, as generated.
         spec = {
-            "name": "scaffolded", "output_dir": str(tmp_path / "run"), "data": {"train": [str(corpus)]},
+            "name": "scaffolded",
+            "output_dir": str(tmp_path / "run"),
+            "data": {"train": [str(corpus)]},
             "tokenizer": {"type": "scaffold-tokenizer"},
-            "model": {"type": "scaffold-model", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32,
-                      "positional": {"type": "scaffold-positional"}},
+            "model": {
+                "type": "scaffold-model",
+                "n_layer": 2,
+                "n_head": 2,
+                "n_embd": 32,
+                "block_size": 32,
+                "positional": {"type": "scaffold-positional"},
+            },
             "adapter": {"type": "scaffold-adapter"},
             "train": {"trainer": {"type": "scaffold-trainer"}, "steps": 3, "batch_size": 2, "log_every": 1},
-            "eval": {"batches": 1}, "generate": {"prompts": ["Anne"], "max_new_tokens": 8},
+            "eval": {"batches": 1},
+            "generate": {"prompts": ["Anne"], "max_new_tokens": 8},
         }
         done = run([*AIC, "run", str(write_spec(tmp_path / "spec.json", spec))])
         assert done.returncode == 0, done.stderr[-3000:]
-        assert "model: scaffold-model + scaffold-positional" in done.stdout and "scaffold-adapter: 256 trainable" in done.stdout
+        assert (
+            "model: scaffold-model + scaffold-positional" in done.stdout
+            and "scaffold-adapter: 256 trainable" in done.stdout
+        )
         assert (tmp_path / "run" / "checkpoints" / "step-3" / "adapter.safetensors").is_file()
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["modle", "x"], "new-plugin KIND: unknown plugin kind 'modle' (did you mean 'model'?). Choose one of: model, positional"),
+        (
+            ["modle", "x"],
+            "new-plugin KIND: unknown plugin kind 'modle' (did you mean 'model'?). Choose one of: model, positional",
+        ),
         (["model", "My Model"], "new-plugin NAME: 'My Model' is not a plugin name. Use at most 40 lower-case letters"),
         (["model", "x--y"], "(e.g. 'x-y')"),
         (["model", "core"], "new-plugin NAME: 'core' would make the import package aic_core, which is aic's own"),
@@ -130,7 +155,10 @@ def test_new_plugin_never_writes_into_a_folder_that_is_not_empty(tmp_path, capsy
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "keep.txt").write_text("mine")
     assert main(["new-plugin", "model", "mine", "--dir", str(tmp_path / "pkg")]) == 2
-    assert f"--dir: {tmp_path / 'pkg'} already exists and is not an empty folder; nothing was written" in capsys.readouterr().err
+    assert (
+        f"--dir: {tmp_path / 'pkg'} already exists and is not an empty folder; nothing was written"
+        in capsys.readouterr().err
+    )
     assert [p.name for p in (tmp_path / "pkg").iterdir()] == ["keep.txt"]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()

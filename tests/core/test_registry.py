@@ -53,7 +53,11 @@ def model_class(plugin_name: str, options: Any = PluginOptions) -> type[ModelPlu
     def config(self, options, vocab_size):  # never called here
         raise NotImplementedError
 
-    return type(f"Model_{plugin_name.replace('-', '_')}", (ModelPlugin,), {"name": plugin_name, "Options": options, "config": config})
+    return type(
+        f"Model_{plugin_name.replace('-', '_')}",
+        (ModelPlugin,),
+        {"name": plugin_name, "Options": options, "config": config},
+    )
 
 
 def module_registering(*classes: type, hook: str = "aic_register_models") -> types.ModuleType:
@@ -95,7 +99,13 @@ def test_good_plugins_load_and_are_recorded():
     assert reg.names("model") == ["alpha", "beta"]
     assert isinstance(reg.get("model", "alpha"), ModelPlugin)
     beta = record(reg, "beta")
-    assert (beta.kind, beta.distribution, beta.version, beta.status, beta.source) == ("model", "acme-plugins", "1.0", "ok", "two = fake_two")
+    assert (beta.kind, beta.distribution, beta.version, beta.status, beta.source) == (
+        "model",
+        "acme-plugins",
+        "1.0",
+        "ok",
+        "two = fake_two",
+    )
 
 
 def test_import_error_is_recorded_and_others_still_load():
@@ -293,7 +303,10 @@ def test_get_unknown_name_lists_installed_and_suggests():
 
 def test_duplicate_name_between_third_parties_the_first_entry_point_by_name_wins():
     first, second = model_class("shared"), model_class("shared")
-    for order in ([ep("zeta", second, dist="zeta-dist"), ep("alpha", first, dist="alpha-dist")], [ep("alpha", first, dist="alpha-dist"), ep("zeta", second, dist="zeta-dist")]):
+    for order in (
+        [ep("zeta", second, dist="zeta-dist"), ep("alpha", first, dist="alpha-dist")],
+        [ep("alpha", first, dist="alpha-dist"), ep("zeta", second, dist="zeta-dist")],
+    ):
         with pytest.warns(UserWarning, match="'shared' from zeta-dist .* same name as the one from alpha-dist"):
             reg = Registry(order, strict=False)
         assert type(reg.get("model", "shared")) is first  # install order does not matter
@@ -301,7 +314,7 @@ def test_duplicate_name_between_third_parties_the_first_entry_point_by_name_wins
 
 
 def test_options_without_a_json_schema_are_refused():
-    from typing import Callable
+    from collections.abc import Callable
 
     class Hooked(PluginOptions):
         callback: Callable = print
@@ -318,7 +331,10 @@ def test_model_options_may_not_take_the_model_sections_own_keys():
         init_from: str = "x"
 
     reg = Registry([ep("clash", model_class("clash", Clash))], strict=False)
-    assert "must not define 'positional', 'init_from': the spec's model section uses these keys itself" in record(reg, "clash").error
+    assert (
+        "must not define 'positional', 'init_from': the spec's model section uses these keys itself"
+        in record(reg, "clash").error
+    )
 
 
 def test_a_plugin_whose_constructor_raises_is_recorded():

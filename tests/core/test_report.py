@@ -35,7 +35,12 @@ def scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
 def reported(tmp_path_factory, corpus) -> dict:
     """A tiny run with TensorBoard logging and an evaluation at step 4, then `aic report` on it."""
     tmp = tmp_path_factory.mktemp("reported")
-    spec = tiny_spec(corpus, tmp / "run", train={"log_to": ["jsonl", "tensorboard"], "checkpoint_every": 4}, eval={"every": 4, "batches": 2})
+    spec = tiny_spec(
+        corpus,
+        tmp / "run",
+        train={"log_to": ["jsonl", "tensorboard"], "checkpoint_every": 4},
+        eval={"every": 4, "batches": 2},
+    )
     assert main(["run", str(write_spec(tmp / "spec.json", spec))]) == 0
     run_dir = tmp / "run"
     after_run = (run_dir / "summary.json").is_file() and (run_dir / "report.png").is_file()
@@ -56,7 +61,9 @@ def test_summary_matches_the_run(reported):
     assert summary["val_bpb"] == evaluated["val_bpb"]
     t = spec["train"]
     assert summary["steps"] == 8
-    assert summary["tokens"] == 8 * t["batch_size"] * 1 * spec["model"]["block_size"]  # steps x batch x grad_accum x seq_len
+    assert (
+        summary["tokens"] == 8 * t["batch_size"] * 1 * spec["model"]["block_size"]
+    )  # steps x batch x grad_accum x seq_len
     model = load_checkpoint_model(run_dir).model
     assert summary["parameters"] == summary["trainable_parameters"] == model.num_params()
     assert summary["wall_time_s"] > 0 and summary["tokens_per_s"] > 0 and summary["segments"] == 1
@@ -174,12 +181,16 @@ def test_log_to_accepts_only_known_sinks(tmp_path, corpus):
 
 
 def test_run_writes_the_report(reported):
-    assert reported["report_after_run"], "aic run did not write summary.json and report.png (run.py must call write_report)"
+    assert reported["report_after_run"], (
+        "aic run did not write summary.json and report.png (run.py must call write_report)"
+    )
 
 
 def test_run_with_log_to_tensorboard_writes_events(reported):
     run_dir = reported["run_dir"]
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")), "the torch trainer did not pass train.log_to to MetricsLog"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")), (
+        "the torch trainer did not pass train.log_to to MetricsLog"
+    )
     got = scalars(run_dir / "tensorboard")
     for rec in records(run_dir):
         if rec.get("stage") is None and "loss" in rec:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from aic_core.train.checkpoint import list_checkpoints
 from aic_core.cli import main
+from aic_core.train.checkpoint import list_checkpoints
 from tests.conftest import tiny_spec, write_spec
 
 
@@ -37,7 +37,13 @@ def test_run_writes_the_run_directory(trained):
         assert (run_dir / name).is_file(), name
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-4", "step-8"]
     for ckpt in list_checkpoints(run_dir):
-        assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "trainer_state.safetensors", "trainer_state.json", "state.json", "tokenizer.model"}
+        assert {p.name for p in ckpt.iterdir()} == {
+            "model.safetensors",
+            "trainer_state.safetensors",
+            "trainer_state.json",
+            "state.json",
+            "tokenizer.model",
+        }
     resolved = json.loads((run_dir / "spec.resolved.json").read_text())
     assert resolved["model"]["positional"] == {"type": "learned"}
     assert resolved["train"]["trainer"]["type"] == "torch"
@@ -56,7 +62,9 @@ def test_eval_reports_loss_perplexity_and_bits_per_byte(trained):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_resume_continues_exactly(tmp_path, corpus, device):
-    spec = tiny_spec(corpus, tmp_path / "straight", train={"trainer": {"type": "torch", "device": device, "precision": "fp32"}})
+    spec = tiny_spec(
+        corpus, tmp_path / "straight", train={"trainer": {"type": "torch", "device": device, "precision": "fp32"}}
+    )
     write_spec(tmp_path / "a.json", spec)
     assert main(["run", str(tmp_path / "a.json"), "--stage", "tokenizer,train"]) == 0
     spec["output_dir"] = str(tmp_path / "resumed")
@@ -84,10 +92,10 @@ def test_an_adapter_section_is_applied_to_the_model(tmp_path, corpus):
     """The adapter plugin named in the spec wraps the model before training (here a stand-in that freezes the MLPs)."""
     import types
 
+    from aic_core.model.loading import build_model
     from aic_core.plugins.hookspecs import hookimpl
     from aic_core.plugins.kinds import AdapterPlugin, PluginOptions
     from aic_core.plugins.registry import Registry
-    from aic_core.model.loading import build_model
     from aic_core.spec import parse_spec
 
     class FreezeMLP(AdapterPlugin):
@@ -128,7 +136,9 @@ def test_an_adapter_section_is_applied_to_the_model(tmp_path, corpus):
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_the_specs_decode_step_reaches_the_generate_stage_and_aic_generate(tmp_path, corpus, capsys):
     """generate.decode_step is what the generate stage and `aic generate` run; --decode-step overrides it."""
-    spec = write_spec(tmp_path / "s.json", tiny_spec(corpus, tmp_path / "run", train={"steps": 2}, generate={"decode_step": "graph"}))
+    spec = write_spec(
+        tmp_path / "s.json", tiny_spec(corpus, tmp_path / "run", train={"steps": 2}, generate={"decode_step": "graph"})
+    )
     assert main(["run", str(spec), "--stage", "tokenizer,train"]) == 0
     capsys.readouterr()
     assert main(["run", str(spec), "--stage", "generate"]) == 2  # a CUDA graph asked for, on the CPU
@@ -136,5 +146,8 @@ def test_the_specs_decode_step_reaches_the_generate_stage_and_aic_generate(tmp_p
     assert not (tmp_path / "run" / "samples.txt").exists()
     assert main(["generate", str(tmp_path / "run"), "--prompt", "Anne", "--max-new-tokens", "3"]) == 2
     assert "generate.decode_step ('graph')" in capsys.readouterr().err
-    assert main(["generate", str(tmp_path / "run"), "--prompt", "Anne", "--max-new-tokens", "3", "--decode-step", "eager"]) == 0
+    assert (
+        main(["generate", str(tmp_path / "run"), "--prompt", "Anne", "--max-new-tokens", "3", "--decode-step", "eager"])
+        == 0
+    )
     assert capsys.readouterr().out.startswith("Anne")

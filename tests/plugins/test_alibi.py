@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from aic_core.generate import generate
-from aic_core.plugins.kinds import Tokenizer
 from aic_core.model.nn.transformer import Transformer
+from aic_core.plugins.kinds import Tokenizer
 from aic_core.plugins.registry import Registry
 from aic_core.spec import SamplerSpec
 

@@ -19,8 +19,11 @@ RTOL = 1e-5  # fp32; measured agreement is ~1e-7 (summation order of gloo's all-
 def ds_spec(corpus, run_dir, stage: int, **trainer) -> dict:
     t = {"type": "deepspeed", "stage": stage, "device": "cpu", "precision": "fp32", **trainer}
     return tiny_spec(
-        corpus, run_dir, model={"dropout": 0.0},
-        train={"trainer": t, "grad_accum": 2, "steps": 4, "checkpoint_every": 2}, eval={"batches": 2},
+        corpus,
+        run_dir,
+        model={"dropout": 0.0},
+        train={"trainer": t, "grad_accum": 2, "steps": 4, "checkpoint_every": 2},
+        eval={"batches": 2},
     )
 
 
@@ -89,7 +92,9 @@ def test_stage3_resume_is_exact_and_weights_load_without_deepspeed(tmp_path, cor
     zero = [r for r in records(run_dir) if r.get("event") == "zero"]
     assert len(zero) == 1 and zero[0]["built_sharded"] is True
     total, held = zero[0]["params"], zero[0]["params_held"]
-    assert total == sum(v.numel() for v in load_file(str(run_dir / "checkpoints" / "step-2" / "model.safetensors")).values())
+    assert total == sum(
+        v.numel() for v in load_file(str(run_dir / "checkpoints" / "step-2" / "model.safetensors")).values()
+    )
     assert len(held) == 2 and all(0.49 * total <= h <= 0.52 * total for h in held), (held, total)
     assert not list((run_dir / "checkpoints").glob(".ds-*"))  # the staging folder moved into step-2
     run_two(tmp_path, spec, "--resume")
@@ -141,7 +146,9 @@ def test_engine_weights_equal_the_consolidated_file(tmp_path, corpus):
 
 
 def test_a_config_key_the_spec_owns_is_refused(tmp_path, corpus, capsys):
-    pytest.importorskip("deepspeed", reason='DeepSpeed is not installed: pip install --no-build-isolation "aic[deepspeed]"')
+    pytest.importorskip(
+        "deepspeed", reason='DeepSpeed is not installed: pip install --no-build-isolation "aic[deepspeed]"'
+    )
     spec = ds_spec(corpus, tmp_path / "bad", 2, config={"train_micro_batch_size_per_gpu": 8})
     assert main(["run", str(write_spec(tmp_path / "bad.json", spec))]) == 2
     err = capsys.readouterr().err
@@ -199,22 +206,33 @@ def test_stage2_checkpoint_resumes_at_world_size_1_from_the_consolidated_weights
         assert main(["run", str(tmp_path / "run.json"), "--stage", "tokenizer,train", "--resume"]) == 0
     got = losses(run_dir)
     assert list(got) == [1, 2, 3, 4] and {k: got[k] for k in (1, 2)} == {k: want[k] for k in (1, 2)}
-    assert got[3] == pytest.approx(want[3], rel=1e-5)  # the weights carry over exactly: step 3's loss is before any new update
+    assert got[3] == pytest.approx(
+        want[3], rel=1e-5
+    )  # the weights carry over exactly: step 3's loss is before any new update
     assert got[4] != pytest.approx(want[4], rel=1e-7)  # after it, the fresh moments show
 
 
 @pytest.fixture(scope="module")
 def lora_base(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("lora-base")
-    spec = tiny_spec(corpus, root / "base", model={"dropout": 0.0, "tie_embeddings": False}, train={"steps": 6}, generate={"prompts": []})
+    spec = tiny_spec(
+        corpus,
+        root / "base",
+        model={"dropout": 0.0, "tie_embeddings": False},
+        train={"steps": 6},
+        generate={"prompts": []},
+    )
     assert main(["run", str(write_spec(root / "base.json", spec))]) == 0
     return root / "base"
 
 
 def lora_spec(corpus, run_dir, base, trainer: dict) -> dict:
     spec = tiny_spec(
-        corpus, run_dir, adapter={"type": "lora", "r": 4, "targets": ["attn.qkv", "mlp.fc"]},
-        train={"trainer": trainer, "grad_accum": 2, "steps": 4, "lr": 1e-2, "warmup_steps": 0}, eval={"batches": 2},
+        corpus,
+        run_dir,
+        adapter={"type": "lora", "r": 4, "targets": ["attn.qkv", "mlp.fc"]},
+        train={"trainer": trainer, "grad_accum": 2, "steps": 4, "lr": 1e-2, "warmup_steps": 0},
+        eval={"batches": 2},
     )
     spec["model"] = {"init_from": str(base), "dropout": 0.0}
     del spec["tokenizer"]
@@ -227,14 +245,22 @@ def test_lora_under_zero_2_and_3_writes_the_torch_trainer_s_adapter(tmp_path, co
     from tests.core.test_multiprocess import losses
 
     ref_dir = tmp_path / "torch"
-    path = write_spec(tmp_path / "torch.json", lora_spec(corpus, ref_dir, lora_base, {"type": "torch", "device": "cpu", "precision": "fp32"}))
+    path = write_spec(
+        tmp_path / "torch.json",
+        lora_spec(corpus, ref_dir, lora_base, {"type": "torch", "device": "cpu", "precision": "fp32"}),
+    )
     assert main(["run", str(path), "--stage", "tokenizer,train"]) == 0
     want = load_file(str(ref_dir / "checkpoints" / "step-4" / "adapter.safetensors"))
     base = load_file(str(ref_dir / "checkpoints" / "step-4" / "model.safetensors"))
     assert want and all("lora_" in k for k in want)
     for stage in (2, 3):
         run_dir = tmp_path / f"zero{stage}"
-        run_two(tmp_path, lora_spec(corpus, run_dir, lora_base, {"type": "deepspeed", "stage": stage, "device": "cpu", "precision": "fp32"}))
+        run_two(
+            tmp_path,
+            lora_spec(
+                corpus, run_dir, lora_base, {"type": "deepspeed", "stage": stage, "device": "cpu", "precision": "fp32"}
+            ),
+        )
         assert losses(run_dir) == pytest.approx(losses(ref_dir), rel=RTOL)
         ckpt = run_dir / "checkpoints" / "step-4"
         got = load_file(str(ckpt / "adapter.safetensors"))
@@ -318,7 +344,17 @@ def test_resume_is_exact_for_each_stage(tmp_path, corpus, stage):
     from tests.core.test_multiprocess import losses
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(["run", str(write_spec(tmp_path / "straight.json", ds_spec(corpus, straight, stage))), "--stage", "tokenizer,train"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(write_spec(tmp_path / "straight.json", ds_spec(corpus, straight, stage))),
+                "--stage",
+                "tokenizer,train",
+            ]
+        )
+        == 0
+    )
     path = write_spec(tmp_path / "resumed.json", ds_spec(corpus, resumed, stage))
     assert main(["run", str(path), "--stage", "tokenizer,train", "--stop-at", "2"]) == 0
     assert main(["run", str(path), "--stage", "tokenizer,train", "--resume"]) == 0

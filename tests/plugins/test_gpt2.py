@@ -18,7 +18,16 @@ HF_PARAMS = {"gpt2-small": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large"
 
 def hf_model(**kwargs):
     torch.manual_seed(0)
-    kwargs = {"n_layer": 3, "n_head": 4, "n_embd": 64, "n_positions": 128, "vocab_size": 1000, "bos_token_id": 0, "eos_token_id": 0, **kwargs}
+    kwargs = {
+        "n_layer": 3,
+        "n_head": 4,
+        "n_embd": 64,
+        "n_positions": 128,
+        "vocab_size": 1000,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        **kwargs,
+    }
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kwargs)).eval()
     with torch.no_grad():  # HF zero-initialises the LayerNorm biases etc.; make every tensor count
         for p in model.parameters():
@@ -26,7 +35,9 @@ def hf_model(**kwargs):
     return model
 
 
-def build(options: dict, vocab_size: int = 0, device: str | torch.device = "cpu") -> tuple[Transformer, TransformerConfig]:
+def build(
+    options: dict, vocab_size: int = 0, device: str | torch.device = "cpu"
+) -> tuple[Transformer, TransformerConfig]:
     plugin = GPT2()
     opts = plugin.Options.model_validate(options)
     config = plugin.config(opts, vocab_size)
@@ -58,7 +69,15 @@ def hf_tied():
 
 def test_options_from_hf_config(hf_tied):
     options = GPT2().options_from_hf_config(hf_tied.config.to_dict())
-    assert options == {"n_layer": 3, "n_head": 4, "n_embd": 64, "block_size": 128, "vocab_size": 1000, "tie_embeddings": True, "norm_eps": 1e-5}
+    assert options == {
+        "n_layer": 3,
+        "n_head": 4,
+        "n_embd": 64,
+        "block_size": 128,
+        "vocab_size": 1000,
+        "tie_embeddings": True,
+        "norm_eps": 1e-5,
+    }
 
 
 def test_logits_match_transformers_tied_and_padded_vocab(hf_tied):

@@ -50,7 +50,9 @@ def _paragraphs(text: str, count: int) -> list[str]:
 def _variants(paragraphs: list[str]) -> list[str]:
     """The paragraphs as written, and with what the corpus lacks: typographic punctuation, accents, runs of spaces."""
     table = str.maketrans({'"': "“", "'": "’", "-": "—", "e": "é"})
-    return paragraphs + [("  " + p.translate(table)).replace(". ", ".   ").replace("\n", "\r\n") for p in paragraphs[::4]]
+    return paragraphs + [
+        ("  " + p.translate(table)).replace(". ", ".   ").replace("\n", "\r\n") for p in paragraphs[::4]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,12 @@ def exports(tmp_path_factory):
     out = {}
     for model_type in ("bpe", "unigram"):
         spec = tiny_spec(EXAMPLE_CORPUS, root / model_type, train={"steps": 1}, generate={"prompts": []})
-        spec["tokenizer"] = {"type": "sentencepiece", "vocab_size": 2000, "model_type": model_type, "special_tokens": ["<|sep|>"]}
+        spec["tokenizer"] = {
+            "type": "sentencepiece",
+            "vocab_size": 2000,
+            "model_type": model_type,
+            "special_tokens": ["<|sep|>"],
+        }
         assert main(["run", str(write_spec(root / f"{model_type}.json", spec))]) == 0
         assert main(["export", str(root / model_type), "--format", "hf", str(root / f"{model_type}-hf")]) == 0
         out[model_type] = root / f"{model_type}-hf"
@@ -93,14 +100,24 @@ def test_autotokenizer_gives_aic_ids_and_text(exports, model_type, use_fast):
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
 def test_autotokenizer_on_novels_it_was_not_trained_on(exports, model_type):
     """Uses ../shared/data/austen/*.txt (skipped without it): 150 paragraphs of each other novel."""
-    texts = [p for f in sorted(AUSTEN.glob("*.txt")) if f.name != EXAMPLE_CORPUS.name for p in _paragraphs(f.read_text(encoding="utf-8"), 150)]
+    texts = [
+        p
+        for f in sorted(AUSTEN.glob("*.txt"))
+        if f.name != EXAMPLE_CORPUS.name
+        for p in _paragraphs(f.read_text(encoding="utf-8"), 150)
+    ]
     _check(exports[model_type], _variants(texts), use_fast=True)
 
 
 def test_tokenizer_config_is_llama_style_and_adds_nothing(exports):
     config = json.loads((exports["bpe"] / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
-    assert (config["add_bos_token"], config["add_eos_token"], config["add_prefix_space"], config["legacy"]) == (False, False, False, False)
+    assert (config["add_bos_token"], config["add_eos_token"], config["add_prefix_space"], config["legacy"]) == (
+        False,
+        False,
+        False,
+        False,
+    )
     assert (config["unk_token"], config["bos_token"], config["eos_token"]) == ("<unk>", "<s>", "</s>")
     assert config["clean_up_tokenization_spaces"] is False and config["model_max_length"] == 32
     hf = transformers.AutoTokenizer.from_pretrained(str(exports["bpe"]))
@@ -129,7 +146,12 @@ print(json.dumps(got))
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
 def test_autotokenizer_needs_no_protobuf(exports, model_type):
     texts = EDGE_CASES + _paragraphs(EXAMPLE_CORPUS.read_text(encoding="utf-8"), 5)
-    result = subprocess.run([sys.executable, "-c", BLOCK_PROTOBUF, str(exports[model_type]), json.dumps(texts)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_PROTOBUF, str(exports[model_type]), json.dumps(texts)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     aic = load_checkpoint_model(exports[model_type].parent / model_type).tokenizer
     expected = [[aic.encode(t), t] for t in texts]
@@ -146,7 +168,9 @@ def test_without_byte_fallback_ids_still_match(tmp_path):
         for name, data in plugin.hf_tokenizer_files(options, aic.path, 64).items():
             (tmp_path / model_type / name).write_bytes(data)
         hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / model_type))
-        for text in [t for t in EDGE_CASES if "<" not in t] + _paragraphs(EXAMPLE_CORPUS.read_text(encoding="utf-8"), 20):
+        for text in [t for t in EDGE_CASES if "<" not in t] + _paragraphs(
+            EXAMPLE_CORPUS.read_text(encoding="utf-8"), 20
+        ):
             ids = hf(text)["input_ids"]
             assert ids == aic.encode(text) == aic.processor.encode(text), (model_type, text)
             assert hf.decode(ids) == aic.decode(ids), (model_type, text)
@@ -154,13 +178,20 @@ def test_without_byte_fallback_ids_still_match(tmp_path):
 
 def test_a_sentencepiece_model_aic_did_not_train_gets_no_tokenizer_json(tmp_path):
     """Default SentencePiece settings (NFKC, a dummy prefix, whitespace clean-up) are not reproduced: say so, write nothing."""
-    spm.SentencePieceTrainer.train(input=str(EXAMPLE_CORPUS), model_prefix=str(tmp_path / "plain"), vocab_size=500, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(EXAMPLE_CORPUS), model_prefix=str(tmp_path / "plain"), vocab_size=500, minloglevel=2
+    )
     plugin = SentencePiece()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert plugin.hf_tokenizer_files(plugin.Options(), tmp_path / "plain.model", 64) == {}
     message = str(caught[0].message)
-    assert "not trained by aic" in message and "normalizes text" in message and "dummy prefix" in message and "tokenizer.model alone" in message
+    assert (
+        "not trained by aic" in message
+        and "normalizes text" in message
+        and "dummy prefix" in message
+        and "tokenizer.model alone" in message
+    )
 
 
 BLOCK_TOKENIZERS = """
@@ -177,9 +208,19 @@ sys.exit(main(["export", sys.argv[1], "--format", "hf", sys.argv[2]]))
 
 def test_without_the_tokenizers_package_the_rest_is_written_and_the_export_says_why(exports, tmp_path):
     run = exports["bpe"].parent / "bpe"
-    result = subprocess.run([sys.executable, "-c", BLOCK_TOKENIZERS, str(run), str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_TOKENIZERS, str(run), str(tmp_path / "hf")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert {p.name for p in (tmp_path / "hf").iterdir()} == {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"}
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    }
     assert "note: the `tokenizers` package is not installed, so the export has no tokenizer.json" in result.stdout
     assert "pip install -U tokenizers" in result.stdout
 
@@ -200,5 +241,9 @@ def test_export_refuses_tokenizer_files_that_autotokenizer_reads_differently(exp
     capsys.readouterr()
     assert main(["export", str(exports["bpe"].parent / "bpe"), "--format", "hf", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
-    assert "AutoTokenizer gives other ids or text than aic's tokenizer" in err and "was not written" in err and "Traceback" not in err
+    assert (
+        "AutoTokenizer gives other ids or text than aic's tokenizer" in err
+        and "was not written" in err
+        and "Traceback" not in err
+    )
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))

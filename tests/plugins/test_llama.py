@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aic_core.model.loading import import_hf
 from aic_core.errors import AicError
 from aic_core.generate import generate
+from aic_core.model.loading import import_hf
 from aic_core.plugins.registry import get_registry
 from aic_core.spec import SamplerSpec
 from tests.core.test_generation import CharTokenizer
@@ -17,9 +17,18 @@ transformers = pytest.importorskip("transformers")
 
 def hf_llama(tmp_path, **overrides):
     fields = dict(
-        hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-        max_position_embeddings=128, vocab_size=1000, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=None,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        vocab_size=1000,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
     )
     fields.update(overrides)
     torch.manual_seed(0)
@@ -70,7 +79,14 @@ def test_presets_fill_the_tinyllama_shape():
     llama = get_registry().get("model", "llama")
     opts = llama.Options(preset="tinyllama-1.1b", vocab_size=32000)
     cfg = llama.config(opts, 32000)
-    assert (cfg.n_layer, cfg.n_embd, cfg.hidden, cfg.n_head, cfg.kv_heads, cfg.block_size) == (22, 2048, 5632, 32, 4, 2048)
+    assert (cfg.n_layer, cfg.n_embd, cfg.hidden, cfg.n_head, cfg.kv_heads, cfg.block_size) == (
+        22,
+        2048,
+        5632,
+        32,
+        4,
+        2048,
+    )
     with torch.device("meta"):
         rope = get_registry().get("positional", "rope")
         model = llama.build(opts, cfg, rope.build(rope.Options(), cfg))

@@ -9,17 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aic_core.train.checkpoint import list_checkpoints
 from aic_core.cli import main
-from aic_core.model.convert import export_hf
-from aic_core.model.loading import load_adapter
 from aic_core.generate import generate
+from aic_core.model.convert import export_hf
+from aic_core.model.loading import load_adapter, load_checkpoint_model
 from aic_core.plugins.registry import get_registry
-from aic_core.model.loading import load_checkpoint_model
 from aic_core.spec import SamplerSpec
+from aic_core.train.checkpoint import list_checkpoints
 from aic_plugins.adapters.lora import LoRALinear, LoRAOptions
-from tests.core.test_run import losses
 from tests.conftest import tiny_spec, write_spec
+from tests.core.test_run import losses
 
 LLAMA = {"type": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32, "mlp_hidden": 64, "block_size": 32}
 GPT2 = {"type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "tie_embeddings": False}
@@ -39,14 +38,19 @@ def bases(tmp_path_factory, corpus):
 
 
 def lora_spec(corpus, run_dir, base, **adapter):
-    spec = tiny_spec(corpus, run_dir, train={"steps": 8, "lr": 1e-2, "warmup_steps": 0}, adapter={"type": "lora", "r": 4, **adapter})
+    spec = tiny_spec(
+        corpus, run_dir, train={"steps": 8, "lr": 1e-2, "warmup_steps": 0}, adapter={"type": "lora", "r": 4, **adapter}
+    )
     spec["model"] = {"init_from": str(base)}
     del spec["tokenizer"]
     return spec
 
 
 def lora(tmp_path, corpus, base, name="ft", **adapter):
-    assert main(["run", str(write_spec(tmp_path / f"{name}.json", lora_spec(corpus, tmp_path / name, base, **adapter)))]) == 0
+    assert (
+        main(["run", str(write_spec(tmp_path / f"{name}.json", lora_spec(corpus, tmp_path / name, base, **adapter)))])
+        == 0
+    )
     return tmp_path / name
 
 
@@ -58,7 +62,9 @@ def test_init_is_peft_s_and_the_adapted_model_starts_equal_to_the_base():
     wrapped = LoRALinear(base, r=8, alpha=16, dropout=0.0, use_rslora=False)
     assert torch.equal(wrapped(x), expected)  # B = 0
     assert torch.count_nonzero(wrapped.lora_B) == 0 and wrapped.scaling == 2.0
-    bound = 1 / math.sqrt(48)  # kaiming_uniform_(a=sqrt(5)) on (r, in): U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear and PEFT
+    bound = 1 / math.sqrt(
+        48
+    )  # kaiming_uniform_(a=sqrt(5)) on (r, in): U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear and PEFT
     assert wrapped.lora_A.abs().max() <= bound and wrapped.lora_A.abs().max() > 0.8 * bound
     assert LoRALinear(base, r=16, alpha=16, dropout=0.0, use_rslora=True).scaling == 4.0  # alpha / sqrt(r)
 
@@ -70,7 +76,10 @@ def test_merge_is_within_1e5_and_unmerge_restores_the_base_exactly():
     wrapped = LoRALinear(base, r=4, alpha=8, dropout=0.0, use_rslora=False)
     torch.nn.init.normal_(wrapped.lora_B)
     x = torch.randn(5, 64, dtype=torch.float64)
-    reference = torch.nn.functional.linear(x, weight.double(), base.bias.double()) + x @ wrapped.lora_A.double().T @ wrapped.lora_B.double().T * 2
+    reference = (
+        torch.nn.functional.linear(x, weight.double(), base.bias.double())
+        + x @ wrapped.lora_A.double().T @ wrapped.lora_B.double().T * 2
+    )
     unmerged = wrapped(x.float())
     wrapped.merge()
     merged = wrapped(x.float())
@@ -83,7 +92,9 @@ def test_merge_is_within_1e5_and_unmerge_restores_the_base_exactly():
 def test_targets_select_layers_and_all_linear_skips_the_head(bases):
     plugin = get_registry().get("adapter", "lora")
     model = load_checkpoint_model(bases["gpt2"]).model
-    assert plugin.apply(model, LoRAOptions(targets=["mlp.*"])) == [f"blocks.{i}.mlp.{p}" for i in range(2) for p in ("fc", "proj")]
+    assert plugin.apply(model, LoRAOptions(targets=["mlp.*"])) == [
+        f"blocks.{i}.mlp.{p}" for i in range(2) for p in ("fc", "proj")
+    ]
     model = load_checkpoint_model(bases["gpt2"]).model
     names = plugin.apply(model, LoRAOptions(targets=["all-linear"]))
     assert len(names) == 8 and "lm_head" not in names
@@ -109,9 +120,13 @@ def test_lora_run_trains_only_the_adapter_and_writes_adapter_files(bases, tmp_pa
     ckpt = list_checkpoints(run)[-1]
     adapter = load_file(str(ckpt / "adapter.safetensors"))
     assert set(adapter) == {f"blocks.{i}.{m}.lora_{x}" for i in range(2) for m in ("attn.qkv", "mlp.fc") for x in "AB"}
-    assert all(torch.equal(adapter[k], tuned_state[k]) for k in adapter) and any(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)
+    assert all(torch.equal(adapter[k], tuned_state[k]) for k in adapter) and any(
+        adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k
+    )
     meta = json.loads((ckpt / "adapter.json").read_text())
-    assert meta["adapter"]["r"] == 4 and meta["base"] == str(bases["llama"].resolve()) and len(meta["base_sha256"]) == 64
+    assert (
+        meta["adapter"]["r"] == 4 and meta["base"] == str(bases["llama"].resolve()) and len(meta["base_sha256"]) == 64
+    )
 
 
 def test_lora_resume_is_exact(bases, tmp_path, corpus):
@@ -125,7 +140,10 @@ def test_lora_resume_is_exact(bases, tmp_path, corpus):
     assert sorted(straight) == sorted(resumed) == list(range(1, 9))
     for step in straight:
         assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
-    a, b = load_checkpoint_model(tmp_path / "straight").model.state_dict(), load_checkpoint_model(tmp_path / "resumed").model.state_dict()
+    a, b = (
+        load_checkpoint_model(tmp_path / "straight").model.state_dict(),
+        load_checkpoint_model(tmp_path / "resumed").model.state_dict(),
+    )
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
@@ -140,7 +158,9 @@ def test_merge_cli_writes_a_plain_checkpoint_and_hf_export(bases, tmp_path, corp
     assert merged.spec.adapter is None and not any("lora" in k for k in merged.model.state_dict())
     adapted = load_checkpoint_model(run)
     greedy = SamplerSpec(temperature=0)
-    assert generate(merged.model, merged.tokenizer, ["Anne"], 10, greedy) == generate(adapted.model, adapted.tokenizer, ["Anne"], 10, greedy)
+    assert generate(merged.model, merged.tokenizer, ["Anne"], 10, greedy) == generate(
+        adapted.model, adapted.tokenizer, ["Anne"], 10, greedy
+    )
     assert (tmp_path / "merged" / "hf" / "config.json").is_file()
     assert main(["merge", str(bases["llama"]), str(tmp_path / "again")]) == 2
     assert "holds no adapter" in capsys.readouterr().err
@@ -160,12 +180,15 @@ def test_adapter_loads_onto_its_base_and_refuses_another(bases, tmp_path, corpus
     assert "trained on another base model" in err and str(bases["llama"].resolve()) in err
 
 
-@pytest.mark.parametrize(("family", "adapter"), [
-    ("llama", {"targets": ["all-linear"]}),
-    ("llama", {"targets": ["attn.qkv"], "use_rslora": True, "r": 2}),
-    ("gpt2", {"targets": ["attn.qkv", "mlp.*"]}),
-    ("gpt2", {"targets": ["all-linear", "lm_head"]}),
-])
+@pytest.mark.parametrize(
+    ("family", "adapter"),
+    [
+        ("llama", {"targets": ["all-linear"]}),
+        ("llama", {"targets": ["attn.qkv"], "use_rslora": True, "r": 2}),
+        ("gpt2", {"targets": ["attn.qkv", "mlp.*"]}),
+        ("gpt2", {"targets": ["all-linear", "lm_head"]}),
+    ],
+)
 def test_peft_export_matches_aic_in_peft(bases, tmp_path, corpus, family, adapter, capsys):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
@@ -198,7 +221,9 @@ def test_lora_from_an_hf_folder_fits_the_same_base_in_aic_format(bases, tmp_path
     """The base hash is over the tensors, not the file: an adapter trained from the HF export of a base loads onto the aic base."""
     export_hf(bases["gpt2"], tmp_path / "base-hf")
     run = lora(tmp_path, corpus, tmp_path / "base-hf", targets=["mlp.*"])
-    assert json.loads((list_checkpoints(run)[-1] / "adapter.json").read_text())["base"] == str((tmp_path / "base-hf").resolve())
+    assert json.loads((list_checkpoints(run)[-1] / "adapter.json").read_text())["base"] == str(
+        (tmp_path / "base-hf").resolve()
+    )
     base = load_checkpoint_model(bases["gpt2"])
     load_adapter(base.model, run)
     ids = torch.arange(16)[None]

@@ -32,7 +32,9 @@ def reg() -> Registry:
 def rope(reg: Registry, n_head: int = 4, n_embd: int = 64, n_kv_head: int | None = 2, **options):
     """The plugin's module for a head shape (block_size 16: most test positions lie past it, so the table grows)."""
     plugin = reg.get("positional", "rope")
-    config = TransformerConfig(vocab_size=VOCAB, block_size=16, n_layer=1, n_head=n_head, n_embd=n_embd, n_kv_head=n_kv_head)
+    config = TransformerConfig(
+        vocab_size=VOCAB, block_size=16, n_layer=1, n_head=n_head, n_embd=n_embd, n_kv_head=n_kv_head
+    )
     return plugin.build(plugin.Options(**options), config)
 
 
@@ -41,10 +43,12 @@ def qk_positions(head_dim: int, T: int = 9, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, 4, T, head_dim, generator=g)
     k = torch.randn(2, 2, T, head_dim, generator=g)
-    positions = torch.stack([
-        torch.randint(0, 3000, (T,), generator=g).sort().values,  # left-to-right, with gaps
-        torch.randint(0, 40, (T,), generator=g),  # any order, repeats
-    ])
+    positions = torch.stack(
+        [
+            torch.randint(0, 3000, (T,), generator=g).sort().values,  # left-to-right, with gaps
+            torch.randint(0, 40, (T,), generator=g),  # any order, repeats
+        ]
+    )
     return q, k, positions
 
 
@@ -57,7 +61,12 @@ def test_matches_transformers_llama(reg, factor):
     if factor is not None:
         params = {"rope_type": "linear", "rope_theta": 500000.0, "factor": factor}
     hf_config = transformers.LlamaConfig(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=16, rope_parameters=params
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=16,
+        rope_parameters=params,
     )
     hf_rope = LlamaRotaryEmbedding(hf_config)
     ours = rope(reg, theta=500000.0, scaling_factor=factor or 1.0)
@@ -79,7 +88,9 @@ def test_matches_transformers_llama(reg, factor):
 
 def test_matches_transformers_gpt_neox_partial_rotary(reg):
     hf_config = transformers.GPTNeoXConfig(
-        hidden_size=64, num_attention_heads=4, max_position_embeddings=16,
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=16,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
     )
     hf_rope = neox.GPTNeoXRotaryEmbedding(hf_config)
@@ -98,7 +109,9 @@ def test_matches_transformers_gpt_neox_partial_rotary(reg):
 # --- a float64 reference and invariants ----------------------------------------------------------
 
 
-def reference_rotate(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float, factor: float) -> torch.Tensor:
+def reference_rotate(
+    x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float, factor: float
+) -> torch.Tensor:
     """RoPE as complex multiplication in float64: dims (i, i + r/2) are one complex number, turned by
     (position / factor) * theta^(-2i/r). x (B, H, T, D), positions (B, T)."""
     x = x.double()
@@ -171,7 +184,9 @@ def test_odd_rotary_dim_is_a_spec_error(reg):
 
 
 def test_check_refuses_the_spec_before_any_work(reg, corpus, tmp_path):
-    raw = tiny_spec(corpus, tmp_path, model={"n_embd": 40, "n_head": 4, "positional": {"type": "rope", "rotary_fraction": 0.5}})
+    raw = tiny_spec(
+        corpus, tmp_path, model={"n_embd": 40, "n_head": 4, "positional": {"type": "rope", "rotary_fraction": 0.5}}
+    )
     with pytest.raises(SpecError, match=r"model\.positional\.rotary_fraction.*int\(10 \* 0\.5\) = 5"):
         parse_spec(raw, reg)
     raw["model"]["positional"]["rotary_fraction"] = 0.4

@@ -133,7 +133,7 @@ def test_newlines_and_spaces_are_pieces_not_dropped(trained):
 def test_without_byte_fallback_only_the_corpus_characters_round_trip(corpus, tmp_path):
     path = tmp_path / "t.model"
     tok = PLUGIN.train(options(byte_fallback=False, vocab_size=300), [corpus], path)
-    text = "Anne said,  \"Yes.\"\n\n    She  walked on.\n"
+    text = 'Anne said,  "Yes."\n\n    She  walked on.\n'
     assert tok.decode(tok.encode(text)) == text
     ref = reference(path)
     unseen = "a\tb 日"  # neither a tab nor CJK is in the novel: they become unk, as in SentencePiece

@@ -10,8 +10,8 @@ import torch
 
 from aic_core.cli import main
 from aic_core.errors import SpecError
-from aic_core.plugins.registry import get_registry
 from aic_core.model.loading import load_checkpoint_model
+from aic_core.plugins.registry import get_registry
 from aic_core.spec import TrainSpec, parse_spec
 from aic_core.train.common import Throughput, lr_at, param_groups
 from tests.conftest import tiny_spec, write_spec
@@ -32,7 +32,11 @@ def test_weight_decay_applies_to_matrices_and_embeddings_only(corpus, tmp_path):
     model = build_model(spec, get_registry(), 400)
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[id(p)] for p in decay["params"]} >= {"wte.weight", "positional.wpe.weight", "blocks.0.attn.qkv.weight"}
+    assert {names[id(p)] for p in decay["params"]} >= {
+        "wte.weight",
+        "positional.wpe.weight",
+        "blocks.0.attn.qkv.weight",
+    }
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
@@ -68,7 +72,12 @@ def test_tokens_per_s_logged_after_an_evaluation_is_the_training_speed(corpus, t
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, "evaluate", slow_evaluate)
-    spec = tiny_spec(corpus, tmp_path / "run", train={"steps": 6, "log_every": 2, "trainer": {"type": trainer}}, eval={"batches": 1, "every": 2})
+    spec = tiny_spec(
+        corpus,
+        tmp_path / "run",
+        train={"steps": 6, "log_every": 2, "trainer": {"type": trainer}},
+        eval={"batches": 1, "every": 2},
+    )
     assert main(["run", str(write_spec(tmp_path / "s.json", spec)), "--stage", "tokenizer,train"]) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rate = {r["step"]: r["tokens_per_s"] for r in records if "tokens_per_s" in r}
@@ -80,21 +89,31 @@ def test_tokens_per_s_logged_after_an_evaluation_is_the_training_speed(corpus, t
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-@pytest.mark.parametrize("trainer, field", [({"type": "torch", "device": "cuda"}, "device"), ({"type": "torch", "precision": "bf16"}, "precision")])
+@pytest.mark.parametrize(
+    "trainer, field",
+    [({"type": "torch", "device": "cuda"}, "device"), ({"type": "torch", "precision": "bf16"}, "precision")],
+)
 def test_cuda_only_settings_are_refused_on_a_cpu_machine(corpus, tmp_path, trainer, field):
     with pytest.raises(SpecError, match=f"train.trainer.{field}"):
         parse_spec(tiny_spec(corpus, tmp_path, train={"trainer": trainer}), get_registry())
 
 
 def _val_losses(run_dir):
-    return [r["val_loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    return [
+        r["val_loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r
+    ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_model", [False, True])
 def test_trains_on_cuda_in_bf16_and_the_checkpoint_loads_on_cpu(corpus, tmp_path, compile_model):
     trainer = {"type": "torch", "device": "cuda", "precision": "bf16", "compile": compile_model}
-    spec = tiny_spec(corpus, tmp_path / "run", train={"trainer": trainer, "steps": 60, "log_every": 10}, eval={"every": 20, "batches": 4})
+    spec = tiny_spec(
+        corpus,
+        tmp_path / "run",
+        train={"trainer": trainer, "steps": 60, "log_every": 10},
+        eval={"every": 20, "batches": 4},
+    )
     assert main(["run", str(write_spec(tmp_path / "s.json", spec))]) == 0
     val = _val_losses(tmp_path / "run")
     assert len(val) == 3 and val[-1] < val[0] < math.log(400) + 0.5

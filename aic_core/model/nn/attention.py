@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aic_core.model.nn.positional import Positional
 from aic_core.model.nn.kv_cache import KVCache
+from aic_core.model.nn.positional import Positional
 
 if TYPE_CHECKING:
     from aic_core.model.nn.transformer import TransformerConfig
@@ -50,7 +50,9 @@ class CausalSelfAttention(nn.Module):
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)  # an additive bias must match q's dtype under autocast
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
             is_causal=causal,
@@ -82,7 +84,9 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, 1, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, rotated = positional.rotate(q, k, positions)
         if rotated is k:  # keys as computed (no rotation): k and v are one slice of the matmul's output
-            kv = qkv[..., q_size:].view(B, 1, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, Hkv, 1, D)
+            kv = (
+                qkv[..., q_size:].view(B, 1, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
+            )  # (2, B, Hkv, 1, D)
         else:
             kv = torch.stack((rotated, v))
         k, v = cache.update_at(layer, slot, kv)  # (B, Hkv, max_len, D)

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from aic_core.model.nn.positional import Positional
 from aic_core.model.nn.attention import CausalSelfAttention
 from aic_core.model.nn.kv_cache import KVCache
 from aic_core.model.nn.mlp import make_mlp
 from aic_core.model.nn.norm import make_norm
+from aic_core.model.nn.positional import Positional
 
 if TYPE_CHECKING:
     from aic_core.model.nn.transformer import TransformerConfig

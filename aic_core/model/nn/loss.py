@@ -18,7 +18,9 @@ import torch
 IGNORE = -1  # targets equal to this are not counted (padding, the rows a batch does not predict)
 
 
-def lm_head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, rows: int | None = None) -> torch.Tensor:
+def lm_head_loss(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, rows: int | None = None
+) -> torch.Tensor:
     """Mean cross-entropy of the logits x @ weight[:vocab_size].T against `targets` (-1 ignored): the value of
     F.cross_entropy(F.linear(x, weight)[..., :vocab_size].float(), targets, ignore_index=-1), in fp32 (or the
     wider dtype of x), with the matmuls in autocast's dtype when autocast is on.
@@ -69,7 +71,9 @@ def _chunked(x, weight, targets, vocab_size, dtype, rows, need_x, need_w):  # no
     counted targets. x (N, C), targets (N,). The gradients are those of the summed loss: the 1/n of the mean
     waits for the backward pass, so that in fp16 the small per-token gradients do not underflow before a loss
     scale multiplies them (the plain path scales first too: autograd passes the scale down before any cast)."""
-    acc = torch.promote_types(dtype, torch.float32)  # softmax and loss: fp32 at least, as F.cross_entropy on .float() logits
+    acc = torch.promote_types(
+        dtype, torch.float32
+    )  # softmax and loss: fp32 at least, as F.cross_entropy on .float() logits
     xs, w = x.to(dtype), weight.to(dtype)
     valid = targets != IGNORE
     picks = torch.where(valid, targets, 0)[:, None]  # (N, 1): an ignored row picks column 0, then counts nothing

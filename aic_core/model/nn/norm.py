@@ -29,7 +29,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.weight.dtype == torch.float32:  # torch's rms_norm: one fused kernel each way on CUDA, the same math
+        if (
+            x.dtype == self.weight.dtype == torch.float32
+        ):  # torch's rms_norm: one fused kernel each way on CUDA, the same math
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # bf16/fp16 input: normalise in fp32, round to the input's dtype, then scale, as Llama does.
         h = x.float()

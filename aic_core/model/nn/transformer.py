@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from aic_core.model.nn.positional import Positional
 from aic_core.model.nn.block import Block
 from aic_core.model.nn.kv_cache import KVCache
 from aic_core.model.nn.loss import lm_head_loss
 from aic_core.model.nn.norm import make_norm
+from aic_core.model.nn.positional import Positional
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,9 @@ class Transformer(nn.Module):
     def num_params(self, trainable_only: bool = False) -> int:
         """Parameters, not counting the rows that pad the vocabulary (they never receive a gradient)."""
         # ds_numel: a parameter DeepSpeed's ZeRO-3 has sharded holds only its share; this is its whole size.
-        total = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters() if p.requires_grad or not trainable_only)
+        total = sum(
+            getattr(p, "ds_numel", p.numel()) for p in self.parameters() if p.requires_grad or not trainable_only
+        )
         c = self.config
         padding = (c.padded_vocab_size - c.vocab_size) * c.n_embd
         for weight in (self.wte.weight, None if self.lm_head is None else self.lm_head.weight):
@@ -130,7 +132,9 @@ class Transformer(nn.Module):
         weight = self.wte.weight
         return KVCache(c.n_layer, batch_size, c.kv_heads, max_len, c.head_dim, dtype or weight.dtype, weight.device)
 
-    def decode(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    def decode(
+        self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot: torch.Tensor, window: int | None = None
+    ) -> torch.Tensor:
         """The one-token decode step: idx, positions (B, 1) -> logits (B, vocab_size) of the next token.
 
         The token goes to cache slot `slot`, a (1,) long tensor on the device, and attends over the whole
@@ -197,7 +201,19 @@ class Transformer(nn.Module):
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
             if recompute:
-                x = checkpoint(block, x, positions, self.positional, mask, causal, None, i, start, use_reentrant=False, preserve_rng_state=True)
+                x = checkpoint(
+                    block,
+                    x,
+                    positions,
+                    self.positional,
+                    mask,
+                    causal,
+                    None,
+                    i,
+                    start,
+                    use_reentrant=False,
+                    preserve_rng_state=True,
+                )
             else:
                 x = block(x, positions, self.positional, mask, causal, cache, i, start)
         if last_only:
