@@ -1,13 +1,13 @@
-"""Where a model's weights come from, and Hugging Face interop.
+"""Format maps: an aic model or adapter to and from Hugging Face's and PEFT's formats.
 
-A *model source* is anything `model.init_from`, `aic generate` and `aic export` can start from: an aic run
-directory, one of its checkpoints, a folder written by `aic import hf`, or a Hugging Face model folder
-(config.json + model.safetensors). `open_source` reads its model section, tokenizer section and tokenizer
-file without building anything; `source.weights(config)` gives the tensors under aic's names.
+    aic import hf DIR OUT              an HF model folder -> an aic checkpoint folder
+    aic export RUN --format hf OUT     config.json + model.safetensors + the tokenizer's files for transformers
+    aic export RUN --format peft OUT   adapter_config.json + adapter_model.safetensors for PEFT
+    aic merge RUN OUT                  the adapter folded into its base: a plain checkpoint (and its HF export)
 
-For HF folders, the model plugin whose `hf_architectures` lists the folder's architecture maps the config
-to its options and the tensors to aic names (and back, for export); the core reads and writes the files,
-checks that every tensor is used, and compares logits before it reports success.
+The model plugin maps its options and tensor names to and from the HF ones; this module writes the files,
+checks that every tensor is used, and compares logits (against transformers or PEFT where installed, and
+against the folder read back) before it reports success. Reading sources and building models is loading.py's.
 """
 
 from __future__ import annotations

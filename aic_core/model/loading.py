@@ -91,10 +91,6 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    return read_hf_config(folder), read_hf_weights(folder)
-
-
 def hf_model_plugin(config: dict[str, Any], registry: Registry, where: str) -> ModelPlugin:
     architectures = config.get("architectures") or []
     for plugin in registry.plugins("model").values():

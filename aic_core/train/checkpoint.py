@@ -39,7 +39,6 @@ LATEST = "latest"
 WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.safetensors"  # the trainer state's tensors (optimizer moments, RNG states)
 TRAINER_STATE_META = "trainer_state.json"  # everything else in it, with references to those tensors
-LEGACY_TRAINER_STATE = "optimizer.pt"  # before: a pickle; read only with torch.load(weights_only=True)
 STATE = "state.json"
 TOKENIZER = "tokenizer.model"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -292,33 +291,6 @@ def load_trainer_state(folder: Path, files: dict[str, str] | None = None) -> dic
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise CheckpointError(
             f"{meta_path}: corrupt trainer state ({type(exc).__name__}: {exc}). Resume from an earlier checkpoint."
-        ) from None
-
-
-def _load_legacy_trainer_state(path: Path) -> dict[str, Any]:
-    """optimizer.pt of checkpoints written before the safetensors trainer state: read with torch's restricted
-    unpickler (weights_only=True), which builds tensors, containers and numpy number arrays and refuses any
-    other global, so it cannot run code. Never weights_only=False."""
-    import pickle
-
-    allowed = [np.ndarray, np.dtype, np.dtypes.UInt32DType]
-    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        with contextlib.suppress(ImportError, AttributeError):
-            allowed.append(__import__(module, fromlist=["_reconstruct"])._reconstruct)
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        detail = " ".join(str(exc).split("WeightsUnpickler error:")[-1].split())[:200]
-        raise CheckpointError(
-            f"{path}: refused: this old-format trainer state (a pickle) holds something other than tensors, numbers and "
-            f"numpy arrays ({detail}), and reading it could run code. aic reads only plain data from checkpoints. "
-            f"If this checkpoint is not yours, do not use it; otherwise resume from a checkpoint written by this aic version "
-            f"(trainer_state.safetensors + trainer_state.json), or start a new run."
-        ) from None
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path}: corrupt trainer state ({type(exc).__name__}: {exc}). Resume from an earlier checkpoint."
         ) from None
 
 
@@ -584,18 +556,9 @@ class Checkpoint:
                 f"{path}: corrupt weights file ({exc}). Use an earlier checkpoint of this run or retrain."
             ) from None
 
-    def trainer_state(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-        """The trainer state saved with this checkpoint; tensors on the CPU (the optimizer moves its own).
-        `map_location` is kept for callers of the old signature and only applies to legacy files."""
-        if (self.path / TRAINER_STATE_META).is_file() or (self.path / TRAINER_STATE).is_file():
-            return load_trainer_state(self.path, self.files)
-        legacy = self.path / LEGACY_TRAINER_STATE
-        if legacy.is_file():
-            return _load_legacy_trainer_state(legacy)
-        raise CheckpointError(
-            f"{self.path / TRAINER_STATE}: missing, so training cannot resume from this checkpoint exactly. "
-            f"Resume from an earlier checkpoint or start a new run."
-        )
+    def trainer_state(self) -> dict[str, Any]:
+        """The trainer state saved with this checkpoint; tensors on the CPU (the optimizer moves its own)."""
+        return load_trainer_state(self.path, self.files)
 
 
 def open_checkpoint(path: Path) -> Checkpoint:
