@@ -35,7 +35,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(json.dumps(resolved_dict(spec, registry), indent=2))
     else:
         print(
-            f"{args.spec}: valid ({spec.model.type} + {spec.model.positional.type}, tokenizer {spec.tokenizer.type}, trainer {spec.train.trainer.type})"
+            f"{args.spec}: valid ({spec.model.type} + {spec.model.positional.type}, tokenizer {spec.tokenizer.type}, "
+            f"trainer {spec.train.trainer.type})"
         )
     return 0
 
@@ -105,7 +106,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise AicError(
-            f"--max-new-tokens: {args.max_new_tokens}; give at least 1 (or leave it out for the spec's generate.max_new_tokens)."
+            f"--max-new-tokens: {args.max_new_tokens}; "
+            "give at least 1 (or leave it out for the spec's generate.max_new_tokens)."
         )
     loaded = load_checkpoint_model(Path(args.run), device="cpu")
     if args.adapter:
@@ -113,7 +115,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
         if loaded.spec.adapter is not None:
             raise AicError(
-                f"--adapter: {args.run} already holds a '{loaded.spec.adapter.type}' adapter; pass its plain base model instead."
+                f"--adapter: {args.run} already holds a '{loaded.spec.adapter.type}' adapter; "
+                "pass its plain base model instead."
             )
         load_adapter(loaded.model, Path(args.adapter))
     loaded.model.to(device=device, dtype=_generate_dtype(args.dtype, device)).eval()
@@ -208,7 +211,8 @@ def _report(verb: str, source: str, report) -> None:
         else f"{report.vs_transformers:.2e}"
     )
     print(
-        f"{verb} {source} -> {report.out}: {report.parameters:,} parameters; tokenizer: {report.tokenizer or 'none in the source'}"
+        f"{verb} {source} -> {report.out}: {report.parameters:,} parameters; tokenizer: "
+        f"{report.tokenizer or 'none in the source'}"
     )
     back = "" if report.vs_reload is None else f"; after reading back {report.vs_reload:.2e}"
     print(f"  max abs logit difference on fixed inputs: against transformers {hf}{back}")
@@ -239,7 +243,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         for note in report.notes:
             print(f"  note: {note}")
         print(
-            f"  load it: peft.AutoPeftModelForCausalLM.from_pretrained({str(args.out)!r}) (a relative base is read from the current folder)"
+            f"  load it: peft.AutoPeftModelForCausalLM.from_pretrained({str(args.out)!r}) "
+            "(a relative base is read from the current folder)"
         )
         return 0
     if args.base_name is not None:
@@ -322,9 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
         "plan",
         parents=[common],
         help="parameters, FLOPs per token and per-device memory of a spec, and whether it fits",
-        description="Plan a spec before running it: parameters, FLOPs per token, and per-device memory (weights, gradients, "
-        "optimizer state, activations, logits/loss buffer, KV cache) for its trainer and for DeepSpeed ZeRO stages 1-3, "
-        "and whether that fits the device. Nothing is allocated.",
+        description="Plan a spec before running it: parameters, FLOPs per token, and per-device memory (weights, "
+        "gradients, optimizer state, activations, logits/loss buffer, KV cache) "
+        "for its trainer and for DeepSpeed ZeRO stages 1-3, and whether that fits the device. Nothing is allocated.",
     )
     p.add_argument("spec", help="the JSON run spec")
     p.add_argument(
@@ -374,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "run",
-        help="a run directory (its latest checkpoint), a checkpoints/step-N folder, an `aic import` folder or a Hugging Face model folder",
+        help="a run directory (its latest checkpoint), a checkpoints/step-N folder, "
+        "an `aic import` folder or a Hugging Face model folder",
     )
     p.add_argument(
         "--prompt",
@@ -403,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-p",
         type=float,
         metavar="P",
-        help="nucleus sampling: the smallest set of tokens with probability >= P (default: generate.sampler.top_p, off)",
+        help="nucleus sampling: the smallest set of tokens with probability >= P (default: "
+        "generate.sampler.top_p, off)",
     )
     p.add_argument(
         "--min-p",
@@ -415,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--repetition-penalty",
         type=float,
         metavar="R",
-        help="penalise tokens already in the text by R (>1 discourages repeats) (default: generate.sampler.repetition_penalty, 1.0)",
+        help="penalise tokens already in the text by R (>1 discourages repeats) (default: "
+        "generate.sampler.repetition_penalty, 1.0)",
     )
     p.add_argument(
         "--stop",
@@ -435,14 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--decode-step",
         choices=["auto", "eager", "graph", "compile"],
-        help="how each decode step runs: auto is a CUDA graph on a GPU and eager on the CPU; compile adds torch.compile, "
-        "the fastest steps after a compile of 7-13 s, for long generations (default: generate.decode_step, auto)",
+        help="how each decode step runs: auto is a CUDA graph on a GPU and eager on the CPU; "
+        "compile adds torch.compile, the fastest steps after a compile of 7-13 s, for long generations (default: "
+        "generate.decode_step, auto)",
     )
     p.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
         default="auto",
-        help="precision of the weights and the KV cache: auto is bfloat16 on a CUDA GPU that supports it, else float32 (default: auto)",
+        help="precision of the weights and the KV cache: auto is bfloat16 on a CUDA GPU that supports it, "
+        "else float32 (default: auto)",
     )
     p.add_argument(
         "--adapter",
@@ -467,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=["hf", "peft"],
         default="hf",
-        help="hf: config.json, model.safetensors and tokenizer files that transformers loads (default); peft: a LoRA run's adapter alone, for peft",
+        help="hf: config.json, model.safetensors and tokenizer files that transformers loads (default); peft: "
+        "a LoRA run's adapter alone, for peft",
     )
     p.add_argument("out", help="the folder to write (must not exist yet)")
     p.add_argument(
@@ -555,7 +566,8 @@ def _main(args: argparse.Namespace) -> int:
         # A collective failed because a peer process stopped (it printed why), or timed out (AIC_DIST_TIMEOUT).
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(
-            f"aic: error: rank {rank}: lost contact with the other processes ({first}); the one that stopped first says why above.",
+            f"aic: error: rank {rank}: lost contact with the other processes ({first}); "
+            "the one that stopped first says why above.",
             file=sys.stderr,
         )
         return 1

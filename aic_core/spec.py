@@ -45,8 +45,8 @@ class ModelSection(PluginSection):
     init_from: str | None = Field(
         None,
         description="Start from these weights instead of a random init: an aic run directory, one of its checkpoints, "
-        "a folder from `aic import hf`, or a Hugging Face model folder. The model and tokenizer sections default to the "
-        "source's; keys set here override them (shapes must still match the weights).",
+        "a folder from `aic import hf`, or a Hugging Face model folder. The model and tokenizer sections default to "
+        "the source's; keys set here override them (shapes must still match the weights).",
     )
 
 
@@ -64,8 +64,9 @@ DataPath = Annotated[str, Field(min_length=1)]
 class DataSpec(Section):
     train: list[DataPath] = Field(
         min_length=1,
-        description="What to train on: files, folders (their data files by suffix, recursively) and glob patterns "
-        "('shards/*.jsonl', '**' for any depth), relative to the spec file. Files are read in order, each sorted by path.",
+        description="What to train on: files, folders (their data files by suffix, recursively) "
+        "and glob patterns ('shards/*.jsonl', '**' for any depth), relative to the spec file. "
+        "Files are read in order, each sorted by path.",
     )
     val: list[DataPath] = Field(
         default_factory=list, description="Validation data, as data.train; if empty, the tail of the training data."
@@ -75,8 +76,8 @@ class DataSpec(Section):
     )
     format: Literal["auto", "text", "jsonl", "parquet"] = Field(
         "auto",
-        description="How files are read: 'text' (UTF-8), 'jsonl' (one JSON object a line), 'parquet' (needs pip install "
-        "\"aic[parquet]\"); 'auto' goes by suffix: .jsonl/.ndjson, .parquet/.pq, anything else text.",
+        description="How files are read: 'text' (UTF-8), 'jsonl' (one JSON object a line), 'parquet' (needs pip "
+        "install \"aic[parquet]\"); 'auto' goes by suffix: .jsonl/.ndjson, .parquet/.pq, anything else text.",
     )
     text_field: str = Field(
         "text", min_length=1, description="The JSONL field, or Parquet column, that holds each document's text."
@@ -84,18 +85,19 @@ class DataSpec(Section):
     separator: str | None = Field(
         None,
         min_length=1,
-        description="In text files, the string between documents (e.g. '<|endoftext|>'), replaced by the end-of-text token; "
-        "null: each text file is one document.",
+        description="In text files, the string between documents (e.g. '<|endoftext|>'), "
+        "replaced by the end-of-text token; null: each text file is one document.",
     )
     bad_rows: Literal["refuse", "skip"] = Field(
         "refuse",
-        description="JSONL/Parquet rows that are not JSON, lack text_field, hold a non-string or invalid UTF-8: 'refuse' stops "
-        "and names the first few (file and line); 'skip' leaves them out and reports how many.",
+        description="JSONL/Parquet rows that are not JSON, lack text_field, hold a non-string or invalid UTF-8: "
+        "'refuse' stops and names the first few (file and line); 'skip' leaves them out and reports how many.",
     )
     workers: int | None = Field(
         None,
         gt=0,
-        description="Processes that encode the corpus (default: the CPUs available). The tokens are the same for any number.",
+        description="Processes that encode the corpus (default: the CPUs available). "
+        "The tokens are the same for any number.",
     )
     cache_dir: str | None = Field(
         None, description="Where encoded token arrays are cached (default: $AIC_CACHE_DIR or ~/.cache/aic)."
@@ -320,7 +322,8 @@ def _check_plugin_types(raw: dict[str, Any], registry: Registry, source: str, mo
         if not isinstance(name, str) or name not in registry.names(kind):
             raise SpecError(
                 f"{source}: {where}: unknown {kind} plugin {name!r}{did_you_mean(name, registry.names(kind))}. "
-                f"Installed {kind} plugins: {installed}. Run `aic plugins` to see all plugins and any that failed to load."
+                f"Installed {kind} plugins: {installed}. "
+                "Run `aic plugins` to see all plugins and any that failed to load."
             )
 
 
@@ -445,7 +448,8 @@ def _fill_from_init(
         return
     if not isinstance(model["init_from"], str) or not model["init_from"]:
         raise SpecError(
-            f"{source}: model.init_from: expected the path of a run, checkpoint or Hugging Face folder (got {model['init_from']!r})."
+            f"{source}: model.init_from: expected the path of a run, "
+            f"checkpoint or Hugging Face folder (got {model['init_from']!r})."
         )
     path = Path(model["init_from"]).expanduser()
     if not path.is_absolute() and base_dir is not None:
@@ -456,8 +460,9 @@ def _fill_from_init(
         raise SpecError(f"{source}: model.init_from: {exc}") from None
     if "type" in model and model["type"] != src.model_section["type"]:
         raise SpecError(
-            f"{source}: model.type: {model['type']!r}, but the init_from source {path} holds a {src.model_section['type']!r} model. "
-            f"Remove model.type (it comes from the source) or start from a {model['type']!r} checkpoint."
+            f"{source}: model.type: {model['type']!r}, but the init_from source {path} holds a "
+            f"{src.model_section['type']!r} model. Remove model.type (it comes from the source) "
+            f"or start from a {model['type']!r} checkpoint."
         )
     merged = {
         **src.model_section,
@@ -475,8 +480,9 @@ def _fill_from_init(
     raw["model"] = merged
     if src.tokenizer_section is None:
         raise SpecError(
-            f"{source}: model.init_from: {path} carries no tokenizer, and a model only makes sense with the tokenizer it was trained with. "
-            f"Put the model's tokenizer file in that folder (for sentencepiece: tokenizer.model) and import it again."
+            f"{source}: model.init_from: {path} carries no tokenizer, and a model only makes sense with the tokenizer "
+            "it was trained with. Put the model's tokenizer file in that folder (for sentencepiece: tokenizer.model) "
+            "and import it again."
         )
     tokenizer = raw.get("tokenizer")
     if tokenizer is None:
@@ -494,7 +500,8 @@ def _check_positional(spec: RunSpec, registry: Registry, source: str) -> None:
     if spec.generate.use_cache and not plugin.supports_kv_cache:
         raise SpecError(
             f"{source}: generate.use_cache: the '{plugin.name}' positional encoding does not work with the KV cache "
-            f"(it declares supports_kv_cache = False). Set generate.use_cache to false (each step then recomputes the sequence)."
+            "(it declares supports_kv_cache = False). Set generate.use_cache to false (each step then "
+            "recomputes the sequence)."
         )
     block_size = getattr(spec.model, "block_size", None)
     if plugin.extrapolates or block_size is None:
@@ -510,7 +517,8 @@ def _check_positional(spec: RunSpec, registry: Registry, source: str) -> None:
 
 TENSORBOARD_MISSING = (
     "train.log_to: 'tensorboard' asks for TensorBoard logging, but the tensorboard package is not installed here. "
-    'Install it with `pip install "aic[tensorboard]"`, or remove "tensorboard" from train.log_to (metrics.jsonl is always written).'
+    'Install it with `pip install "aic[tensorboard]"`, or remove "tensorboard" from train.log_to (metrics.jsonl is '
+    "always written)."
 )
 
 
@@ -537,7 +545,8 @@ def load_spec_file(
     path = Path(path)
     if path.is_dir():
         raise SpecError(
-            f"{path}: is a directory, not a spec file. Pass the path of a JSON run spec, e.g. examples/austen-tiny.json."
+            f"{path}: is a directory, not a spec file. Pass the path of a JSON run spec, e.g. "
+            "examples/austen-tiny.json."
         )
     if not path.is_file():
         raise SpecError(

@@ -97,7 +97,7 @@ def main() -> None:
     rows = []
     for mode in ("full", "lora"):
 
-        def child(steps: int, warmup: int, env: dict) -> dict:
+        def child(steps: int, warmup: int, env: dict, mode: str = mode) -> dict:
             cmd = [
                 sys.executable,
                 __file__,
@@ -126,12 +126,13 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['mode']} | {r['trainable']:,} / {r['params']:,} | {r['ms']:.1f} | {BATCH * CONTEXT / r['ms'] * 1000:,.0f} | "
-            f"{r['peak']:,.0f} | {r['peak'] - r['before']:,.0f} |"
+            f"| {r['mode']} | {r['trainable']:,} / {r['params']:,} | {r['ms']:.1f} | "
+            f"{BATCH * CONTEXT / r['ms'] * 1000:,.0f} | {r['peak']:,.0f} | {r['peak'] - r['before']:,.0f} |"
         )
     full, lora = rows
     print(
-        f"\nLoRA / full: step time {lora['ms'] / full['ms']:.2f}x, training memory {(lora['peak'] - lora['before']) / (full['peak'] - full['before']):.2f}x"
+        f"\nLoRA / full: step time {lora['ms'] / full['ms']:.2f}x, "
+        f"training memory {(lora['peak'] - lora['before']) / (full['peak'] - full['before']):.2f}x"
     )
 
 

@@ -122,9 +122,9 @@ def floor(threads: int) -> None:
     attn = LAYERS * best(attention)
     big = gemm(2048, 2048, 2048)
     print(
-        f"\nFloor: the step's GEMMs alone {seconds * 1e3:.1f} ms ({flops / 1e9:.1f} GFLOP at {flops / seconds / 1e9:.0f} "
-        f"GFLOP/s; a 2048^3 GEMM runs at {big[1] / big[0] / 1e9:.0f}), attention forward + backward alone "
-        f"{attn * 1e3:.1f} ms: {(seconds + attn) * 1e3:.1f} ms together."
+        f"\nFloor: the step's GEMMs alone {seconds * 1e3:.1f} ms ({flops / 1e9:.1f} GFLOP at "
+        f"{flops / seconds / 1e9:.0f} GFLOP/s; a 2048^3 GEMM runs at {big[1] / big[0] / 1e9:.0f}), "
+        f"attention forward + backward alone {attn * 1e3:.1f} ms: {(seconds + attn) * 1e3:.1f} ms together."
     )
 
 
@@ -206,12 +206,14 @@ def main() -> None:
     tokens = BATCH * CONTEXT
     nano_r, hf_r = runners[1], runners[2]
     print(
-        f"CPU ({args.threads} threads), fp32, torch {torch.__version__}, transformers {transformers.__version__}; {LAYERS} layers, "
-        f"{HEADS} heads, width {WIDTH}, context {CONTEXT}, batch {BATCH}, vocab {VOCAB}; {args.rounds} rounds, each the best of "
-        f"two timings of {args.steps} steps, alternating order, after {args.warmup} warm-up steps\n"
+        f"CPU ({args.threads} threads), fp32, torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"{LAYERS} layers, {HEADS} heads, width {WIDTH}, context {CONTEXT}, batch {BATCH}, vocab {VOCAB}; "
+        f"{args.rounds} rounds, each the best of two timings of {args.steps} steps, alternating order, "
+        f"after {args.warmup} warm-up steps\n"
     )
     print(
-        "| model | params | ms/step (best round) | tokens/s | vs nanoGPT | vs HF | vs nanoGPT, each round | vs HF, each round |"
+        "| model | params | ms/step (best round) | tokens/s | vs nanoGPT | vs HF | vs nanoGPT, "
+        "each round | vs HF, each round |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
 
@@ -223,8 +225,8 @@ def main() -> None:
         best = min(runner.rounds)
         params = sum(p.numel() for p in runner.model.parameters())  # tied weights count once
         print(
-            f"| {runner.name} | {params:,} | {best * 1e3:.1f} | {tokens / best:,.0f} | {min(nano_r.rounds) / best:.2f} | "
-            f"{min(hf_r.rounds) / best:.2f} | {spread(runner, nano_r)} | {spread(runner, hf_r)} |"
+            f"| {runner.name} | {params:,} | {best * 1e3:.1f} | {tokens / best:,.0f} | {min(nano_r.rounds) / best:.2f} "
+            f"| {min(hf_r.rounds) / best:.2f} | {spread(runner, nano_r)} | {spread(runner, hf_r)} |"
         )
     if compile_s is not None:
         print(f"\naic under torch.compile: first step {compile_s:.1f} s longer than a compiled step (the compile).")

@@ -264,12 +264,13 @@ def main() -> None:
     build(folder, args.size_mb)
     tokenizer(folder)
     print(
-        f"corpus: {args.size_mb} MB of Austen chapters under {folder} (built in {time.perf_counter() - t0:.0f}s); {os.cpu_count()} CPUs; "
-        f"load average {os.getloadavg()[0]:.2f}",
+        f"corpus: {args.size_mb} MB of Austen chapters under {folder} (built in {time.perf_counter() - t0:.0f}s); "
+        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     print(
-        "| form | encoder | MB/s | tokens/s | vs plain loop | seconds | CPU seconds, all its processes | peak RSS, encoding process | peak RSS, a worker | load avg after |"
+        "| form | encoder | MB/s | tokens/s | vs plain loop | seconds | CPU seconds, all its processes | peak RSS, "
+        "encoding process | peak RSS, a worker | load avg after |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for form in args.forms.split(","):
@@ -284,8 +285,8 @@ def main() -> None:
             rate = r["n_bytes"] / r["seconds"] / 1e6
             worker_rss = f"{r['workers_rss_mb']:.0f} MB" if r["workers_rss_mb"] > 1 and "workers" in name else "-"
             print(
-                f"| {form} | {name} | {rate:.2f} | {r['tokens'] / r['seconds'] / 1e6:.2f}M | {rate / plain_rate:.2f}x | {r['seconds']:.1f} | {r['cpu_s']:.1f} "
-                f"| {r['rss_mb']:.0f} MB | {worker_rss} | {r['load']:.2f} |",
+                f"| {form} | {name} | {rate:.2f} | {r['tokens'] / r['seconds'] / 1e6:.2f}M | {rate / plain_rate:.2f}x "
+                f"| {r['seconds']:.1f} | {r['cpu_s']:.1f} | {r['rss_mb']:.0f} MB | {worker_rss} | {r['load']:.2f} |",
                 flush=True,
             )
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")

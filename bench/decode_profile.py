@@ -95,7 +95,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for r in results:
         print(
-            f"| {r['mode']} | {r['batch']} | {r['ms_step']:.3f} | {r['batch'] / r['ms_step'] * 1e3:,.0f} | {r['kernels']:.0f} | {r['gpu_us']:.1f} |"
+            f"| {r['mode']} | {r['batch']} | {r['ms_step']:.3f} | {r['batch'] / r['ms_step'] * 1e3:,.0f} | "
+            f"{r['kernels']:.0f} | {r['gpu_us']:.1f} |"
         )
 
 

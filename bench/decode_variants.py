@@ -165,14 +165,16 @@ def main() -> None:
                     if args.smoke:  # the smoke run checks the script itself: no failure is expected there
                         raise
                     print(
-                        f"| {attn} | {gelu} | {flags or ''} | {mode} | {batch} | failed: {type(exc).__name__}: {str(exc)[:80]} | | |",
+                        f"| {attn} | {gelu} | {flags or ''} | {mode} | {batch} | failed: {type(exc).__name__}: "
+                        f"{str(exc)[:80]} | | |",
                         flush=True,
                     )
                     continue
                 base = shipped.setdefault((mode, batch), tokens)
                 same = int((tokens == base).sum())
                 print(
-                    f"| {attn} | {gelu} | {flags or ''} | {mode} | {batch} | {ms:.3f} | {batch / ms * 1e3:,.0f} | {same} of {base.numel()} |",
+                    f"| {attn} | {gelu} | {flags or ''} | {mode} | {batch} | {ms:.3f} | {batch / ms * 1e3:,.0f} | "
+                    f"{same} of {base.numel()} |",
                     flush=True,
                 )
 

@@ -177,11 +177,13 @@ def main() -> None:
 
     bandwidth = copy_bandwidth(device)
     print(
-        f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}, transformers {transformers.__version__}; {dtype}"
+        f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; {dtype}"
     )
     print(
         f"model: {shape['layers']} layers, {shape['heads']} heads, {shape['width']} wide, vocab {shape['vocab']}; "
-        f"aic weights {weight_bytes(aic) / 1e6:.1f} MB, transformers {weight_bytes(hf) / 1e6:.1f} MB; copy bandwidth {bandwidth / 1e12:.3f} TB/s"
+        f"aic weights {weight_bytes(aic) / 1e6:.1f} MB, transformers {weight_bytes(hf) / 1e6:.1f} MB; "
+        f"copy bandwidth {bandwidth / 1e12:.3f} TB/s"
     )
     print(f"prompt {shape['prompt']} tokens, {shape['new']} new tokens; aic CUDA_STEP = {generation.CUDA_STEP!r}")
 
@@ -267,7 +269,8 @@ def main() -> None:
         ref = next((r["tok_s"] for r in rows if r["system"] == peer and "tok_s" in r), float("nan"))
         print(f"\nbatch {batch}, prompt {shape['prompt']}, {shape['new']} new tokens, {dtype}")
         print(
-            "| system | first call (s) | TTFT (ms) | ms/step | tok/s | x transformers static | share of bandwidth floor |"
+            "| system | first call (s) | TTFT (ms) | ms/step | tok/s | x transformers static | share "
+            "of bandwidth floor |"
         )
         print("|---|---:|---:|---:|---:|---:|---:|")
         for r in rows:
@@ -275,8 +278,8 @@ def main() -> None:
                 print(f"| {r['system']} | failed: {r['error'][:120]} | | | | | |")
                 continue
             print(
-                f"| {r['system']} | {r['first_call_s']:.2f} | {r['ttft_ms']:.1f} | {r['ms_per_step']:.3f} | {r['tok_s']:,.0f} | "
-                f"{r['tok_s'] / ref:.2f} | {100 * r['floor_share']:.1f} % |"
+                f"| {r['system']} | {r['first_call_s']:.2f} | {r['ttft_ms']:.1f} | {r['ms_per_step']:.3f} | "
+                f"{r['tok_s']:,.0f} | {r['tok_s'] / ref:.2f} | {100 * r['floor_share']:.1f} % |"
             )
     if args.json:
         Path(args.json).write_text(

@@ -12,8 +12,9 @@ DeepSpeed the process is a world of 1 (the trainer starts a group of one, as a p
     python bench/gpu_deepspeed.py --models gpt2-small --variants   # + DeepSpeed knobs for ZeRO-1/2
     python bench/gpu_deepspeed.py --world-size 2          # + DDP and ZeRO-1/2/3 on 2 GPUs (torchrun), against 1 GPU
     python bench/gpu_deepspeed.py --device cpu --quick     # smoke test on the CPU (tiny shapes, fp32)
-    python bench/gpu_deepspeed.py --device cpu --models narrow --steps 200 --log-every 20 --stages 0 1 2 3   # host cost per step
-    python bench/gpu_deepspeed.py --models gpt2-small --host-reads    # where each trainer makes the host wait for the GPU
+    # host cost per step:
+    python bench/gpu_deepspeed.py --device cpu --models narrow --steps 200 --log-every 20 --stages 0 1 2 3
+    python bench/gpu_deepspeed.py --models gpt2-small --host-reads    # where each trainer makes the host wait for GPUs
 """
 
 from __future__ import annotations
@@ -277,10 +278,12 @@ def main() -> None:
         torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else args.device
     )
     print(
-        f"\ndevice: {device}; torch {torch.__version__}; {args.steps} steps, tokens/s = median of the logged intervals after the first"
+        f"\ndevice: {device}; torch {torch.__version__}; {args.steps} steps, "
+        "tokens/s = median of the logged intervals after the first"
     )
     print(
-        "per GPU: tokens/s divided by the processes; scaling: that over the one-process torch trainer's; peak: the largest of the processes'\n"
+        "per GPU: tokens/s divided by the processes; scaling: that over the one-process torch trainer's; peak: "
+        "the largest of the processes'\n"
     )
     print("| model | trainer | processes | tokens/s | per GPU | scaling | peak GiB | plan GiB | plan / peak |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -292,13 +295,14 @@ def main() -> None:
         peak = f"{r['peak'] / GiB:.2f}" if r["peak"] else "-"
         fit = f"{r['planned'] / r['peak']:.3f}" if r["peak"] else "-"
         print(
-            f"| {r['model']} | {r['name']} | {r['world']} | {f'{rate:,.0f}' if rate else '-'} | {f'{per:,.0f}' if per else '-'} | {scaling} | "
-            f"{peak} | {r['planned'] / GiB:.2f} | {fit} |"
+            f"| {r['model']} | {r['name']} | {r['world']} | {f'{rate:,.0f}' if rate else '-'} | "
+            f"{f'{per:,.0f}' if per else '-'} | {scaling} | {peak} | {r['planned'] / GiB:.2f} | {fit} |"
         )
     if args.host_reads:
         print(
-            f"\nhost reads of tensor values per step (each a GPU sync on CUDA), steps 4-{args.steps}, log and evaluation steps included"
-            " (counting them slows every read: take tokens/s from a run without --host-reads):"
+            f"\nhost reads of tensor values per step (each a GPU sync on CUDA), steps 4-{args.steps}, "
+            "log and evaluation steps included (counting them slows every read: "
+            "take tokens/s from a run without --host-reads):"
         )
         for r in rows:
             reads = r["host_reads"]

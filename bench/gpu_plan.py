@@ -274,7 +274,7 @@ def main() -> None:
     if args.quick:
         tiny = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64, "vocab_size": 300}
         shrunk = []
-        for n, m, b, t, ck, ad in configs:
+        for n, m, _b, _t, ck, ad in configs:
             m = {k: v for k, v in m.items() if k not in ("preset", "n_kv_head", "mlp_hidden")} | tiny
             if m["type"] == "llama":
                 m |= {"n_kv_head": 2, "mlp_hidden": 176}
@@ -294,10 +294,10 @@ def main() -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(r)
         print(
-            f"{r['name']} {r['batch']}x{r['seq_len']} ckpt={r['ckpt']}: kernel planned {r['kernel_planned']}, measured "
-            f"{r.get('kernel_measured', '-')}; peak plan {r['plan']['total'] / GiB:.2f} GiB, measured {r['peak'] / GiB:.2f} GiB "
-            f"({pct(r['plan']['total'], r['peak'])}); loss {r['loss']:.3f}; step 3 MiB: "
-            + ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in r["phases"]["2"].items()),
+            f"{r['name']} {r['batch']}x{r['seq_len']} ckpt={r['ckpt']}: kernel planned {r['kernel_planned']}, "
+            f"measured {r.get('kernel_measured', '-')}; peak plan {r['plan']['total'] / GiB:.2f} GiB, "
+            f"measured {r['peak'] / GiB:.2f} GiB ({pct(r['plan']['total'], r['peak'])}); loss "
+            f"{r['loss']:.3f}; step 3 MiB: " + ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in r["phases"]["2"].items()),
             flush=True,
         )
     print()

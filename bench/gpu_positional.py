@@ -96,7 +96,8 @@ def main() -> None:
     precision = "bf16 autocast" if args.device == "cuda" else "fp32"
     print(
         f"{name}, {precision}; {args.layers} layers, 12 heads (llama: 4 KV heads), width 768, context {args.context}, "
-        f"batch {args.batch}, vocab {VOCAB}; median of {args.steps} steps after {args.warmup} warm-up, torch {torch.__version__}\n"
+        f"batch {args.batch}, vocab {VOCAB}; median of {args.steps} steps after {args.warmup} warm-up, "
+        f"torch {torch.__version__}\n"
     )
     print("| model | positional | params | ms/step | tokens/s | peak memory MiB |")
     print("|---|---|---:|---:|---:|---:|")

@@ -154,7 +154,7 @@ def sync(device: torch.device) -> None:
 
 
 def plain_loss(x, weight, targets, vocab_size):  # noqa: ANN001, ANN201
-    """The loss before aic_core.model.nn.loss: full logits, padding sliced off, cross-entropy in fp32 (--ablate-loss)."""
+    """The loss before aic_core.model.nn.loss: full logits, padding sliced off, fp32 cross-entropy (--ablate-loss)."""
     logits = F.linear(x, weight)[..., :vocab_size]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -255,9 +255,10 @@ def main() -> None:
     peak = matmul_peak(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"{name}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; torch {torch.__version__}, transformers "
-        f"{transformers.__version__}; {str(dtype).removeprefix('torch.')} matmul peak measured: {peak / 1e12:.1f} TFLOP/s; "
-        f"best of {args.repeats} timings of {args.steps} steps after {args.warmup} warm-up steps\n"
+        f"{name}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; {str(dtype).removeprefix('torch.')} matmul peak measured: "
+        f"{peak / 1e12:.1f} TFLOP/s; best of {args.repeats} timings of {args.steps} steps after "
+        f"{args.warmup} warm-up steps\n"
     )
     modes = [False] if args.no_compile else [True] if args.compiled_only else [False, True]
     summary = []
@@ -289,8 +290,9 @@ def main() -> None:
                     )
                 )
         print(
-            f"### {workload}: {s.n_layer} layers, {s.n_head} heads{f' ({s.n_kv_head} KV)' if s.n_kv_head else ''}, width {s.n_embd}, "
-            f"vocab {s.vocab}, {'biases' if s.bias else 'no biases'}, batch {s.batch} x context {s.context}; {fpt / 1e9:.3f} GFLOP/token\n"
+            f"### {workload}: {s.n_layer} layers, {s.n_head} heads{f' ({s.n_kv_head} KV)' if s.n_kv_head else ''}, "
+            f"width {s.n_embd}, vocab {s.vocab}, {'biases' if s.bias else 'no biases'}, "
+            f"batch {s.batch} x context {s.context}; {fpt / 1e9:.3f} GFLOP/token\n"
         )
         print("| model | mode | tokens/s | ms/step | MFU | peak memory GiB | compile s | loss |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -309,7 +311,8 @@ def main() -> None:
                 summary.append(f"{workload}, {mode}: aic / HF = {aic['tok_s'] / hf_rows[0]['tok_s']:.2f}")
             if workload.startswith("gpt2") and compiled and not args.smoke:
                 summary.append(
-                    f"{workload}, compiled: aic / nanoGPT's compiled figure ({NANOGPT_COMPILED:,} tok/s) = {aic['tok_s'] / NANOGPT_COMPILED:.2f}"
+                    f"{workload}, compiled: aic / nanoGPT's compiled figure ({NANOGPT_COMPILED:,} tok/s) "
+                    f"= {aic['tok_s'] / NANOGPT_COMPILED:.2f}"
                 )
     print("Ratios (tokens/s):")
     for line in summary:

@@ -36,7 +36,8 @@ def main() -> int:
     texts = paragraphs()
     plugin = SentencePiece()
     print(
-        f"transformers {transformers.__version__}; {len(texts):,} paragraphs, {sum(len(t) for t in texts) / 1e6:.1f} M characters"
+        f"transformers {transformers.__version__}; {len(texts):,} paragraphs, "
+        f"{sum(len(t) for t in texts) / 1e6:.1f} M characters"
     )
     print("| model_type | use_fast | ids equal | text equal | AutoTokenizer s | aic s |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
@@ -58,7 +59,8 @@ def main() -> int:
                 ids_ok = sum(g == e for g, e in zip(got, expected))
                 text_ok = sum(hf.decode(g) == t for g, t in zip(got, texts))
                 print(
-                    f"| {model_type} | {fast} | {ids_ok}/{len(texts)} | {text_ok}/{len(texts)} | {hf_s:.2f} | {aic_s:.2f} |"
+                    f"| {model_type} | {fast} | {ids_ok}/{len(texts)} | {text_ok}/{len(texts)} | "
+                    f"{hf_s:.2f} | {aic_s:.2f} |"
                 )
     return 0
 

@@ -115,7 +115,8 @@ def profile_one(workload: str, s, args, device, peak: float) -> None:
     for label in ("matmul", "attention", "fused", "optimizer", "other"):
         times = per_class.get(label, [])
         print(
-            f"| {label} | {len(times) / n:.0f} | {sum(times) / n / 1e3:.2f} | {100 * sum(times) / n / 1e3 / (wall * 1e3):.1f} % |"
+            f"| {label} | {len(times) / n:.0f} | {sum(times) / n / 1e3:.2f} | "
+            f"{100 * sum(times) / n / 1e3 / (wall * 1e3):.1f} % |"
         )
     idle = wall * 1e3 - busy_ms
     print(f"| idle (no kernel running) | | {idle:.2f} | {100 * idle / (wall * 1e3):.1f} % |")

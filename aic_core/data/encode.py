@@ -44,7 +44,7 @@ from aic_core.errors import DataError
 
 TASK_BYTES = 1 << 20  # input bytes per task: what the parent holds per task in flight
 WINDOW = 4  # tasks in flight per worker: enough to keep every worker busy while the parent writes
-CHUNK_CHARS = 1024  # a document is encoded in pieces of about this many characters: SentencePiece is ~1.4x faster on these than on 16 KB
+CHUNK_CHARS = 1024  # documents are encoded in pieces of about this many characters: SentencePiece is faster on these
 MAX_CARRY = 4 << 20  # a text with no safe cut in this many bytes is cut at a line end (or a character boundary)
 POOL_MIN_BYTES = (
     8 << 20
@@ -154,7 +154,8 @@ def tasks(files: list[DataFile], records: list[FileRecord], options: ReadOptions
             ) from None
         if not now.same_stat(record):
             raise DataError(
-                f"{f.where} changed while it was being encoded (its size or modification time is not what it was). Run again once it is complete."
+                f"{f.where} changed while it was being encoded (its size or modification time is not what it was). "
+                "Run again once it is complete."
             )
         record.sha256 = reader.sha.hexdigest()
 
@@ -330,7 +331,8 @@ def _parquet_rows(values: Any, name: str) -> Iterator[tuple[int, str | None, str
 
 
 class Encoder:
-    """Turns a task into (token bytes, documents, text bytes, bad rows [(file index, line or row, reason)], bad count)."""
+    """Turns a task into (token bytes, documents, text bytes, bad rows, bad count); a bad row is (file index, line or
+    row, reason)."""
 
     def __init__(self, tokenizer: Any, settings: Settings) -> None:
         self.tokenizer, self.settings = tokenizer, settings
@@ -421,7 +423,9 @@ def encode_into(
     pooled = workers > 1 and sum(r.size for r in records) > max(POOL_MIN_BYTES, TASK_BYTES)
     if pooled and not _picklable(tokenizer):
         warnings.warn(
-            f"{label}: the tokenizer ({type(tokenizer).__name__}) cannot be sent to worker processes (it does not pickle); encoding in this process."
+            f"{label}: the tokenizer ({type(tokenizer).__name__}) cannot be sent to worker processes "
+            "(it does not pickle); encoding in this process.",
+            stacklevel=2,
         )
         pooled = False
     pool = _start_pool(tokenizer, settings, workers, label) if pooled else None
@@ -437,7 +441,8 @@ def encode_into(
             if bad and bad[0][1] == -1:
                 f = files[bad[0][0]]
                 raise DataError(
-                    f"{f.where} is not UTF-8 text: {where_not_utf8(f.path)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or remove it from the list."
+                    f"{f.where} is not UTF-8 text: {where_not_utf8(f.path)}. Convert it to UTF-8 (e.g. "
+                    "`iconv -f latin1 -t utf-8`) or remove it from the list."
                 )
             summary.n_bad += n_bad
             summary.bad += [f"{row_name(files[i], n)}: {reason}" for i, n, reason in bad][
@@ -467,7 +472,8 @@ def refused_message(label: str, field: str, summary: Summary, read: int) -> str:
     where = "; ".join(summary.bad) + (" ..." if summary.n_bad > len(summary.bad) else "")
     return (
         f'{field}: bad rows, so {label} was not encoded (data.bad_rows is "refuse"): {summary.n_bad:,} in the first '
-        f'{_size(read)} read, where it stopped: {where}. Fix or remove these rows, or set data.bad_rows to "skip" to leave '
+        f"{_size(read)} read, where it stopped: {where}. Fix or remove these rows, "
+        'or set data.bad_rows to "skip" to leave '
         "such rows out (they are then counted and reported)."
     )
 
@@ -525,7 +531,7 @@ def _start_pool(tokenizer: Any, settings: Settings, workers: int, label: str) ->
             ready.result()
     except (BrokenProcessPool, OSError) as exc:
         pool.shutdown(wait=False, cancel_futures=True)
-        warnings.warn(f"{label}: worker processes could not start ({exc}); encoding in this process.")
+        warnings.warn(f"{label}: worker processes could not start ({exc}); encoding in this process.", stacklevel=2)
         return None
     return pool
 

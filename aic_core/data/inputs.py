@@ -47,7 +47,8 @@ class DataFile:
 
     @property
     def where(self) -> str:
-        """`data.train[2]: shards/a.jsonl (from the pattern 'shards/*.jsonl')`: the start of a message about this file."""
+        """The start of a message about this file, e.g.
+        `data.train[2]: shards/a.jsonl (from the pattern 'shards/*.jsonl')`."""
         return f"{self.field}: {self.path}{self.origin}"
 
 
@@ -82,15 +83,17 @@ def expand(entries: list[str], field: str, options: ReadOptions = ReadOptions())
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
             if not matches:
                 raise DataError(
-                    f"{where}: the pattern '{entry}' matches no file. Check the pattern (relative patterns are taken from the "
-                    "spec file's folder; `*` stays within a folder, `**` matches any depth, hidden files only with a leading `.`)."
+                    f"{where}: the pattern '{entry}' matches no file. Check the pattern (relative patterns are taken "
+                    "from the spec file's folder; `*` stays within a folder, `**` matches any depth, "
+                    "hidden files only with a leading `.`)."
                 )
             files += [
                 DataFile(p, _format_of(p, options.format), where, f" (from the pattern '{entry}')") for p in matches
             ]
         else:
             raise DataError(
-                f"{where}: file not found: {path}. Check the path (relative paths are taken from the spec file's folder)."
+                f"{where}: file not found: {path}. Check the path (relative paths are taken from the "
+                "spec file's folder)."
             )
     return files
 
@@ -103,7 +106,8 @@ def _exists(path: Path, where: str) -> bool:
         return False
     except OSError as exc:
         raise DataError(
-            f"{where}: {path} cannot be read ({exc.strerror or exc}). Check the path and the permissions of its folders."
+            f"{where}: {path} cannot be read ({exc.strerror or exc}). "
+            "Check the path and the permissions of its folders."
         ) from None
 
 
@@ -142,7 +146,8 @@ def _folder_hint(folder: Path, configured: str) -> str:
     names = ", ".join(f'"{p}"' for p in entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
     return (
         f"A folder gives its {suffixes} files (data.format: {configured}); it holds {len(entries)} others: {names}. "
-        f'List such files by name or with a glob pattern (e.g. "{folder}/*{entries[0].suffix}"), which reads any suffix.'
+        f'List such files by name or with a glob pattern (e.g. "{folder}/*{entries[0].suffix}"), '
+        "which reads any suffix."
     )
 
 
@@ -178,7 +183,8 @@ def check_data_file(f: DataFile, options: ReadOptions = ReadOptions()) -> Path:
         raise DataError(f"{f.where} is not a regular file (a device, pipe or socket). List data files.")
     if path.suffix.lower() in COMPRESSED:
         raise DataError(
-            f"{f.where} is compressed ({path.suffix}); aic reads plain text, JSONL and Parquet. Decompress it first (e.g. `gunzip -k {path}`)."
+            f"{f.where} is compressed ({path.suffix}); aic reads plain text, JSONL and Parquet. "
+            f"Decompress it first (e.g. `gunzip -k {path}`)."
         )
     try:
         with open(path, "rb") as fh:
@@ -200,7 +206,8 @@ def pyarrow_parquet(f: DataFile) -> Any:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(
-            f"{f.where} is a Parquet file, and reading Parquet needs pyarrow, which is not installed. Install it with `{PARQUET_EXTRA}`."
+            f"{f.where} is a Parquet file, and reading Parquet needs pyarrow, which is not installed. "
+            f"Install it with `{PARQUET_EXTRA}`."
         ) from None
     return pq
 
@@ -212,19 +219,22 @@ def text_column(f: DataFile, name: str) -> Any:
         pfile = pq.ParquetFile(f.path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError and others for a file it cannot read
         raise DataError(
-            f"{f.where} is not a Parquet file pyarrow can read ({exc}). Check the file, or set data.format if it is text or JSONL."
+            f"{f.where} is not a Parquet file pyarrow can read ({exc}). Check the file, "
+            "or set data.format if it is text or JSONL."
         ) from None
     schema = pfile.schema_arrow
     if name not in schema.names:
         raise DataError(
-            f"data.text_field: '{name}' is not a column of {f.path} ({f.field}){did_you_mean(name, schema.names)}; its columns: "
-            f"{', '.join(schema.names[:20])}. Set data.text_field to the column that holds the documents' text."
+            f"data.text_field: '{name}' is not a column of {f.path} ({f.field}){did_you_mean(name, schema.names)}; "
+            f"its columns: {', '.join(schema.names[:20])}. "
+            "Set data.text_field to the column that holds the documents' text."
         )
     kind = str(schema.field(name).type)
     if kind not in _TEXT_TYPES + _BINARY_TYPES:
         raise DataError(
-            f"data.text_field: the column '{name}' of {f.path} ({f.field}) holds {kind}, not text. Set data.text_field to a string column "
-            f"(its string columns: {', '.join(n for n in schema.names if str(schema.field(n).type) in _TEXT_TYPES) or 'none'})."
+            f"data.text_field: the column '{name}' of {f.path} ({f.field}) holds {kind}, not text. "
+            "Set data.text_field to a string column (its string columns: "
+            f"{', '.join(n for n in schema.names if str(schema.field(n).type) in _TEXT_TYPES) or 'none'})."
         )
     return pfile
 

@@ -100,8 +100,8 @@ def _step_modes(decode_step: str, use_cache: bool, device: torch.device) -> tupl
         return simpler[simpler.index(CUDA_STEP) :]
     if not use_cache:
         raise GenerationError(
-            f"decode_step is {decode_step!r} but use_cache is false: without the KV cache every step recomputes the whole "
-            "sequence and there is no decode step to run. Leave decode_step at 'auto', or set use_cache to true."
+            f"decode_step is {decode_step!r} but use_cache is false: without the KV cache every step recomputes the "
+            "whole sequence and there is no decode step to run. Leave decode_step at 'auto', or set use_cache to true."
         )
     if decode_step in ("graph", "compile") and device.type != "cuda":
         raise GenerationError(
@@ -116,7 +116,8 @@ def _encode_prompts(
 ) -> list[list[int]]:
     if not prompts:
         raise GenerationError(
-            "No prompts to generate from: give at least one prompt (an empty string starts from the beginning-of-text token)."
+            "No prompts to generate from: give at least one prompt (an empty string starts from the "
+            "beginning-of-text token)."
         )
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens is {max_new_tokens}; it must be at least 1.")
@@ -128,7 +129,8 @@ def _encode_prompts(
         if not ids:
             if start is None:
                 raise GenerationError(
-                    f"Prompt {i} is empty and the tokenizer has no bos or eos token to start from; give a non-empty prompt."
+                    f"Prompt {i} is empty and the tokenizer has no bos or eos token to start from; "
+                    "give a non-empty prompt."
                 )
             ids = [start]
         n = len(ids)
@@ -144,9 +146,10 @@ def _encode_prompts(
                 else f"shorten the prompt below {max_positions} tokens"
             )
             raise GenerationError(
-                f"Prompt {i} is {n} tokens long and max_new_tokens is {max_new_tokens}, so the sequence would reach "
-                f"{n + max_new_tokens} tokens, past the {max_positions} positions the positional encoding can represent "
-                f"(learned positions cannot extrapolate). To fix: {fix}, or use an extrapolating positional encoding such as rope or alibi."
+                f"Prompt {i} is {n} tokens long and max_new_tokens is {max_new_tokens}, "
+                f"so the sequence would reach {n + max_new_tokens} tokens, past the {max_positions} positions the "
+                f"positional encoding can represent (learned positions cannot extrapolate). To fix: {fix}, "
+                "or use an extrapolating positional encoding such as rope or alibi."
             )
         out.append(ids)
     return out
@@ -390,8 +393,9 @@ class _CachedSteps:
                 if i == len(self.step_modes) - 1:
                     raise
                 warnings.warn(
-                    f"The decode step could not run as {mode!r} ({type(exc).__name__}: {exc}); trying {self.step_modes[i + 1]!r}, "
-                    f"which is slower. Pass decode_step={self.step_modes[i + 1]!r} to skip the attempt.",
+                    f"The decode step could not run as {mode!r} ({type(exc).__name__}: {exc}); "
+                    f"trying {self.step_modes[i + 1]!r}, which is slower. "
+                    f"Pass decode_step={self.step_modes[i + 1]!r} to skip the attempt.",
                     RuntimeWarning,
                     stacklevel=2,
                 )

@@ -116,7 +116,8 @@ def _prepare_out(out: Path) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(
-            f"{out}: already exists and is not empty; nothing was written. Choose a new output folder, or remove it first."
+            f"{out}: already exists and is not empty; nothing was written. "
+            "Choose a new output folder, or remove it first."
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
@@ -257,15 +258,16 @@ def transformers_tokenizer_check(folder: Path, tokenizer: Tokenizer, what: str, 
         hf = transformers.AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the tokenizer export has failed
         raise CheckpointError(
-            f"{what}: transformers {transformers.__version__} could not load the exported tokenizer ({type(exc).__name__}: {exc}); "
-            f"{where} was not written. Please report this with the tokenizer file."
+            f"{what}: transformers {transformers.__version__} could not load the exported tokenizer "
+            f"({type(exc).__name__}: {exc}); {where} was not written. Please report this with the tokenizer file."
         ) from None
     for text in TOKENIZER_PROBES:
         ours, theirs = tokenizer.encode(text), list(hf(text)["input_ids"])
         if theirs != ours or hf.decode(theirs) != tokenizer.decode(ours):
             raise CheckpointError(
-                f"{what}: transformers {transformers.__version__} AutoTokenizer gives other ids or text than aic's tokenizer for {text!r} "
-                f"(aic: {ours[:16]}, transformers: {theirs[:16]}), so {where} was not written. Please report this with the tokenizer file."
+                f"{what}: transformers {transformers.__version__} AutoTokenizer gives other ids or text than aic's "
+                f"tokenizer for {text!r} (aic: {ours[:16]}, transformers: {theirs[:16]}), so {where} was not written. "
+                "Please report this with the tokenizer file."
             )
     return len(TOKENIZER_PROBES)
 
@@ -288,7 +290,8 @@ def merge_run(run: Path, out: Path, registry: Registry | None = None) -> MergeRe
     loaded = load_checkpoint_model(Path(run), registry)
     if loaded.spec.adapter is None:
         raise CheckpointError(
-            f"{loaded.checkpoint.path}: holds no adapter, so there is nothing to merge; it already is a plain checkpoint."
+            f"{loaded.checkpoint.path}: holds no adapter, so there is nothing to merge; "
+            "it already is a plain checkpoint."
         )
     plugin = registry.get("adapter", loaded.spec.adapter.type)
     model = loaded.model
@@ -344,23 +347,27 @@ def export_peft(
     base_dir, notes = (Path(base_name) if base_name and Path(base_name).exists() else None), []
     if base_dir is not None and not is_hf_folder(base_dir):
         raise CheckpointError(
-            f"base_model_name_or_path {base_name}: is not a Hugging Face model folder (config.json + model.safetensors), so transformers "
-            f"cannot load it (an aic run or checkpoint is not one). Export the base with `aic export BASE --format hf DIR` and pass "
-            f"--base-name DIR, or a Hub model name; nothing was written."
+            f"base_model_name_or_path {base_name}: is not a Hugging Face model folder (config.json + "
+            "model.safetensors), so transformers cannot load it (an aic run or checkpoint is not one). "
+            "Export the base with `aic export BASE --format hf DIR` and pass --base-name DIR, or a Hub model name; "
+            "nothing was written."
         )
     if base_name is None:
         notes.append(
-            "the run has no model.init_from, so its base exists only inside its checkpoints and base_model_name_or_path is unset: "
-            "load the adapter with peft.PeftModel.from_pretrained(BASE_MODEL, OUT), or name the base with --base-name."
+            "the run has no model.init_from, so its base exists only inside its checkpoints and "
+            "base_model_name_or_path is unset: load the adapter with peft.PeftModel.from_pretrained(BASE_MODEL, OUT), "
+            "or name the base with --base-name."
         )
     elif base_dir is None:
         write = (
-            f"; write the base's export there with `aic export {_relative(Path(spec.model.init_from))} --format hf {base_name}`"
+            f"; write the base's export there with `aic export {_relative(Path(spec.model.init_from))} "
+            f"--format hf {base_name}`"
             if spec.model.init_from
             else ""
         )
         notes.append(
-            f"base_model_name_or_path {base_name} is not a folder here{write}. PEFT was checked on a temporary HF export of the base."
+            f"base_model_name_or_path {base_name} is not a folder here{write}. "
+            "PEFT was checked on a temporary HF export of the base."
         )
     ids = probe_ids(model.config.vocab_size, model.config.block_size)
     reference = aic_logits(model, ids)
@@ -373,8 +380,9 @@ def export_peft(
 
         def wrong_base(why: str) -> CheckpointError:
             return CheckpointError(
-                f"base_model_name_or_path {base_name}: is not the base this adapter was trained on ({spec.model.init_from or 'the run itself'}): "
-                f"{why}. Export that base there, or pass --base-name with its export; {out} was not written."
+                f"base_model_name_or_path {base_name}: is not the base this adapter was trained on "
+                f"({spec.model.init_from or 'the run itself'}): {why}. Export that base there, "
+                f"or pass --base-name with its export; {out} was not written."
             )
 
         try:

@@ -68,7 +68,8 @@ class GPT2(ModelPlugin):
         activation = hf.get("activation_function", "gelu_new")
         if activation not in ("gelu_new", "gelu_pytorch_tanh"):
             raise SpecError(
-                f"config.json: activation_function {activation!r} is not supported; aic's gpt2 uses the tanh GELU ('gelu_new')."
+                f"config.json: activation_function {activation!r} is not supported; "
+                "aic's gpt2 uses the tanh GELU ('gelu_new')."
             )
         return {
             "n_layer": hf["n_layer"],
@@ -109,22 +110,23 @@ class GPT2(ModelPlugin):
         extra = sorted(set(src) - used)
         if missing or extra:
             raise PluginError(
-                f"the GPT-2 checkpoint does not match its config.json ({config.n_layer} layers): "
-                f"missing tensors: {', '.join(missing[:10]) or 'none'}; unexpected tensors: {', '.join(prefix + e for e in extra[:10]) or 'none'}. "
-                f"It is damaged, or config.json belongs to another model."
+                f"the GPT-2 checkpoint does not match its config.json ({config.n_layer} layers): missing tensors: "
+                f"{', '.join(missing[:10]) or 'none'}; unexpected tensors: "
+                f"{', '.join(prefix + e for e in extra[:10]) or 'none'}. It is damaged, "
+                "or config.json belongs to another model."
             )
         return pad_vocab(out, config.padded_vocab_size)
 
     def hf_config(self, options: Any, config: TransformerConfig) -> dict[str, Any]:
         if options.positional.type != "learned":
             raise PluginError(
-                f"GPT2LMHeadModel has learned positions only; this model uses '{options.positional.type}' positions, which the "
-                f"export would lose. Export gpt2 + learned models, or keep this one in aic's format."
+                f"GPT2LMHeadModel has learned positions only; this model uses '{options.positional.type}' positions, "
+                "which the export would lose. Export gpt2 + learned models, or keep this one in aic's format."
             )
         if not options.bias:
             raise PluginError(
-                "GPT2LMHeadModel always has biases; this model has bias=false. Its export would hold zero biases that become "
-                "trainable in transformers, a different model. Keep this one in aic's format."
+                "GPT2LMHeadModel always has biases; this model has bias=false. Its export would hold zero biases that "
+                "become trainable in transformers, a different model. Keep this one in aic's format."
             )
         return {
             "architectures": list(self.hf_architectures),

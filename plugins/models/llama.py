@@ -94,7 +94,8 @@ class Llama(ModelPlugin):
         head_dim = hf.get("head_dim") or n_embd // n_head
         if head_dim * n_head != n_embd:
             raise SpecError(
-                f"config.json: head_dim {head_dim} x {n_head} heads != hidden_size {n_embd}; aic's llama needs head_dim = hidden_size / num_attention_heads."
+                f"config.json: head_dim {head_dim} x {n_head} heads != hidden_size {n_embd}; "
+                "aic's llama needs head_dim = hidden_size / num_attention_heads."
             )
         return {
             "n_layer": hf["num_hidden_layers"],
@@ -114,7 +115,8 @@ class Llama(ModelPlugin):
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "linear"):
             raise SpecError(
-                f"config.json: rope type {kind!r} is not supported; aic's rope does plain and linear-scaled rotary embeddings."
+                f"config.json: rope type {kind!r} is not supported; "
+                "aic's rope does plain and linear-scaled rotary embeddings."
             )
         section: dict[str, Any] = {"type": "rope", "theta": float(theta)}
         if kind == "linear":
@@ -143,9 +145,9 @@ class Llama(ModelPlugin):
         extra = sorted(set(src) - used)
         if missing or extra:
             raise PluginError(
-                f"the Llama checkpoint does not match its config.json ({config.n_layer} layers): "
-                f"missing tensors: {', '.join(missing[:10]) or 'none'}; unexpected tensors: {', '.join(extra[:10]) or 'none'}. "
-                f"It is damaged, or config.json belongs to another model."
+                f"the Llama checkpoint does not match its config.json ({config.n_layer} layers): missing tensors: "
+                f"{', '.join(missing[:10]) or 'none'}; unexpected tensors: {', '.join(extra[:10]) or 'none'}. "
+                "It is damaged, or config.json belongs to another model."
             )
         return pad_vocab(out, config.padded_vocab_size)
 
@@ -153,13 +155,14 @@ class Llama(ModelPlugin):
         positional = options.positional
         if positional.type != "rope":
             raise PluginError(
-                f"LlamaForCausalLM has rotary positions only; this model uses '{positional.type}' positions, which the export "
-                f"would lose. Export llama + rope models, or keep this one in aic's format."
+                f"LlamaForCausalLM has rotary positions only; this model uses '{positional.type}' positions, "
+                "which the export would lose. Export llama + rope models, or keep this one in aic's format."
             )
         if positional.rotary_fraction != 1.0:
             raise PluginError(
-                f"LlamaForCausalLM rotates every dim of a head; this model rotates only a fraction of them "
-                f"(model.positional.rotary_fraction {positional.rotary_fraction}), which the export would lose. Keep it in aic's format."
+                "LlamaForCausalLM rotates every dim of a head; this model rotates only a fraction of them "
+                f"(model.positional.rotary_fraction {positional.rotary_fraction}), which the export would lose. "
+                "Keep it in aic's format."
             )
         hf: dict[str, Any] = {
             "architectures": list(self.hf_architectures),

@@ -96,8 +96,9 @@ class SentencePieceTokenizer(Tokenizer):
             if not 0 <= i < n:
                 where = f" ({self.path})" if self.path else ""
                 raise DataError(
-                    f"token id {i} at position {pos} is out of range for this tokenizer{where}, whose ids are 0..{n - 1}. "
-                    "The ids come from a model or tokenizer other than this one; decode them with the tokenizer they were made with."
+                    f"token id {i} at position {pos} is out of range for this tokenizer{where}, "
+                    f"whose ids are 0..{n - 1}. The ids come from a model or tokenizer other than this one; "
+                    "decode them with the tokenizer they were made with."
                 )
         return self.processor.decode(ids)
 
@@ -131,18 +132,21 @@ class SentencePiece(TokenizerPlugin):
         vocab_size: int = Field(
             4096,
             gt=0,
-            description="Number of pieces, including unk/bos/eos, the special tokens and (with byte_fallback) the 256 byte pieces.",
+            description="Number of pieces, including unk/bos/eos, the special tokens and (with byte_fallback) "
+            "the 256 byte pieces.",
         )
         model_type: Literal["bpe", "unigram"] = Field("bpe", description="The segmentation algorithm.")
         character_coverage: float = Field(
             1.0,
             gt=0,
             le=1,
-            description="Share of the corpus's characters that get their own piece; the rarest others go to byte pieces (or unk).",
+            description="Share of the corpus's characters that get their own piece; "
+            "the rarest others go to byte pieces (or unk).",
         )
         byte_fallback: bool = Field(
             True,
-            description="Spell characters outside the vocabulary as UTF-8 byte pieces, so every text round-trips; costs 256 ids.",
+            description="Spell characters outside the vocabulary as UTF-8 byte pieces, "
+            "so every text round-trips; costs 256 ids.",
         )
         special_tokens: list[str] = Field(
             default_factory=list,
@@ -163,7 +167,8 @@ class SentencePiece(TokenizerPlugin):
         def _input_sentence_size(cls, size: int) -> int:
             if 0 < size <= 100:
                 raise ValueError(
-                    "SentencePiece samples more than 100 paragraphs or all of them; set it above 100, or to 0 for all (memory grows with it)"
+                    "SentencePiece samples more than 100 paragraphs or all of them; set it above 100, "
+                    "or to 0 for all (memory grows with it)"
                 )
             return size
 
@@ -176,11 +181,13 @@ class SentencePiece(TokenizerPlugin):
                     raise ValueError("a special token cannot be the empty string")
                 if any(ch.isspace() for ch in token) or SPACE in token:
                     raise ValueError(
-                        f"special token {token!r} contains whitespace; SentencePiece cannot keep it as one piece. Use a token without spaces or newlines"
+                        f"special token {token!r} contains whitespace; SentencePiece cannot keep it as one piece. "
+                        "Use a token without spaces or newlines"
                     )
                 if token in RESERVED or re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
                     raise ValueError(
-                        f"special token {token!r} is one of SentencePiece's own pieces ({', '.join(RESERVED)}, <0x00>..<0xFF>); choose another name"
+                        f"special token {token!r} is one of SentencePiece's own pieces ({', '.join(RESERVED)}, "
+                        "<0x00>..<0xFF>); choose another name"
                     )
                 if token in seen:
                     raise ValueError(f"special token {token!r} is listed twice")
@@ -208,8 +215,8 @@ class SentencePiece(TokenizerPlugin):
             parts.append("1 for newline, plus the corpus's characters")
             hint = " or set tokenizer.byte_fallback to false" if options.byte_fallback else ""
             raise SpecError(
-                f"tokenizer.vocab_size: {options.vocab_size} is too small; it needs at least {minimum} ({', '.join(parts)}). "
-                f"Raise tokenizer.vocab_size well above {minimum}{hint}."
+                f"tokenizer.vocab_size: {options.vocab_size} is too small; it needs at least {minimum} "
+                f"({', '.join(parts)}). Raise tokenizer.vocab_size well above {minimum}{hint}."
             )
 
     # --- train / load -------------------------------------------------------------------------
@@ -222,7 +229,8 @@ class SentencePiece(TokenizerPlugin):
         for f in files:
             if not f.exists():
                 raise DataError(
-                    f"{f}: training file not found. Check the path under data.train (relative paths are taken from the spec file's folder)."
+                    f"{f}: training file not found. Check the path under data.train (relative paths are taken from the "
+                    "spec file's folder)."
                 )
             if not f.is_file():
                 raise DataError(f"{f}: not a file. List text files under data.train, not folders.")
@@ -262,7 +270,8 @@ class SentencePiece(TokenizerPlugin):
             if not reader.has_text:
                 names = ", ".join(str(f) for f in files)
                 raise DataError(
-                    f"{names}: the training corpus is empty (only whitespace). Give the tokenizer some text to train on."
+                    f"{names}: the training corpus is empty (only whitespace). "
+                    "Give the tokenizer some text to train on."
                 )
             if failure is not None:
                 raise _translate(failure, options, files) from None
@@ -295,7 +304,8 @@ def _cpu_count() -> int:
 def _load(path: Path) -> SentencePieceTokenizer:
     if not path.is_file():
         raise DataError(
-            f"{path}: tokenizer file not found. Train it with the run's tokenizer stage (`aic run SPEC --stage tokenizer`) or restore the file."
+            f"{path}: tokenizer file not found. Train it with the run's tokenizer stage (`aic run SPEC --stage "
+            "tokenizer`) or restore the file."
         )
     data = path.read_bytes()
     processor = spm.SentencePieceProcessor()
@@ -303,12 +313,13 @@ def _load(path: Path) -> SentencePieceTokenizer:
         processor.LoadFromSerializedProto(data)
     except (RuntimeError, OSError) as exc:
         raise DataError(
-            f"{path}: not a valid SentencePiece model ({_clean(exc) or 'it does not parse'}). "
-            "The file is corrupt or not a tokenizer; retrain it with the tokenizer stage or restore it from a checkpoint."
+            f"{path}: not a valid SentencePiece model ({_clean(exc) or 'it does not parse'}). The file is corrupt or "
+            "not a tokenizer; retrain it with the tokenizer stage or restore it from a checkpoint."
         ) from None
     if processor.get_piece_size() == 0:
         raise DataError(
-            f"{path}: not a valid SentencePiece model (it holds no pieces). Retrain it with the tokenizer stage or restore it from a checkpoint."
+            f"{path}: not a valid SentencePiece model (it holds no pieces). "
+            "Retrain it with the tokenizer stage or restore it from a checkpoint."
         )
     return SentencePieceTokenizer(processor, path)
 
@@ -323,14 +334,16 @@ def _translate(exc: RuntimeError, options: PluginOptions, files: list[Path]) -> 
     if m := _TOO_HIGH.search(msg):
         largest = int(m.group(2))
         return SpecError(
-            f"tokenizer.vocab_size: {options.vocab_size} is more than this corpus can support; SentencePiece can make at most "
-            f"{largest} pieces from it. Lower tokenizer.vocab_size to {largest} or less (well below is better), or train on more text."
+            f"tokenizer.vocab_size: {options.vocab_size} is more than this corpus can support; "
+            f"SentencePiece can make at most {largest} pieces from it. "
+            f"Lower tokenizer.vocab_size to {largest} or less (well below is better), or train on more text."
         )
     if m := _TOO_FEW.search(msg):
         needed = int(m.group(2))
         return SpecError(
-            f"tokenizer.vocab_size: {options.vocab_size} is too small for this corpus: its characters plus the reserved pieces "
-            f"need at least {needed}. Raise tokenizer.vocab_size to at least {needed} (well above leaves room for learned pieces), or lower tokenizer.character_coverage."
+            f"tokenizer.vocab_size: {options.vocab_size} is too small for this corpus: "
+            f"its characters plus the reserved pieces need at least {needed}. Raise tokenizer.vocab_size to at least "
+            f"{needed} (well above leaves room for learned pieces), or lower tokenizer.character_coverage."
         )
     if "sentences_.empty()" in msg:
         names = ", ".join(str(f) for f in files)
@@ -338,7 +351,8 @@ def _translate(exc: RuntimeError, options: PluginOptions, files: list[Path]) -> 
             f"{names}: SentencePiece found no usable text to train on. Check that the files hold plain text."
         )
     return DataError(
-        f"tokenizer: SentencePiece could not train on {', '.join(str(f) for f in files)}: {_clean(exc) or msg}. Check the files and tokenizer options."
+        f"tokenizer: SentencePiece could not train on {', '.join(str(f) for f in files)}: {_clean(exc) or msg}. "
+        "Check the files and tokenizer options."
     )
 
 
@@ -457,8 +471,9 @@ def hf_tokenizer_files(path: Path, model_max_length: int) -> dict[str, bytes]:
     pieces, trainer, normalizer = _read_model_proto(path.read_bytes())
     if why := _not_reproducible(trainer, normalizer):
         warnings.warn(
-            f"{path}: this SentencePiece model was not trained by aic ({why}), and the tokenizer.json aic writes reproduces only "
-            f"aic's settings; the export carries tokenizer.model alone, which sentencepiece reads exactly (transformers.AutoTokenizer will not load it).",
+            f"{path}: this SentencePiece model was not trained by aic ({why}), and the tokenizer.json aic writes "
+            "reproduces only aic's settings; the export carries tokenizer.model alone, "
+            "which sentencepiece reads exactly (transformers.AutoTokenizer will not load it).",
             stacklevel=2,
         )
         return {}
@@ -494,8 +509,9 @@ def hf_tokenizer_files(path: Path, model_max_length: int) -> dict[str, bytes]:
         files["tokenizer.json"] = _tokenizer_json(pieces, names, trainer.get(3, UNIGRAM), bool(trainer.get(35, 0)))
     except ImportError as exc:
         warnings.warn(
-            f"{exc}, so the export has no tokenizer.json and transformers.AutoTokenizer cannot load it (tokenizer.model and "
-            f"tokenizer_config.json are written). `pip install -U tokenizers` (transformers brings it) and export again.",
+            f"{exc}, so the export has no tokenizer.json and transformers.AutoTokenizer cannot load it "
+            "(tokenizer.model and tokenizer_config.json are written). "
+            "`pip install -U tokenizers` (transformers brings it) and export again.",
             stacklevel=2,
         )
     return files

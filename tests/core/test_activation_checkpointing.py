@@ -225,7 +225,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ddp_gradients_equal_with_checkpointing(tmp_path):
-    """Under DistributedDataParallel (2 gloo processes), the all-reduced gradients with checkpointing equal those without."""
+    """Under DDP (2 gloo processes), the all-reduced gradients with checkpointing equal those without."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -237,7 +237,11 @@ def test_ddp_gradients_equal_with_checkpointing(tmp_path):
         assert results[False].keys() == results[True].keys()
         for name, ref in results[False].items():
             torch.testing.assert_close(
-                results[True][name], ref, rtol=0, atol=1e-6, msg=lambda m, name=name: f"rank {rank} {name}: {m}"
+                results[True][name],
+                ref,
+                rtol=0,
+                atol=1e-6,
+                msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}",
             )
 
 

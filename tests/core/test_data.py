@@ -176,7 +176,8 @@ def test_encoding_gives_the_file_offset(late_bad_byte, tokenizer, tmp_path):
     tok, _, tok_hash = tokenizer
     with pytest.raises(
         DataError,
-        match=rf"^data\.train\[0\]: .*late\.txt is not UTF-8 text: invalid start byte 0xff at byte {offset} \(line {line}\)",
+        match=r"^data\.train\[0\]: .*late\.txt is not UTF-8 text: "
+        rf"invalid start byte 0xff at byte {offset} \(line {line}\)",
     ):
         encode_files([str(path)], "data.train", tok, tok_hash, tmp_path / "cache")
     assert not list((tmp_path / "cache").iterdir())  # nothing left behind

@@ -158,8 +158,9 @@ if __name__ == "__main__":
             tokenizer.__class__ = OwnTokenizer
         pool = _start_pool(tokenizer, Settings("text", "uint16", tok.eos_id, 1024), 2, name)
         modules, ran_again, hwm_kb = pool.submit(eval, PROBE).result()
+        encodes = pool.submit(tokenizer.encode, "a test").result() == tok.encode("a test")
         report[name] = {"torch": "torch" in modules, "cli": "aic_core.cli" in modules, "ran_again": ran_again,
-                        "encodes": pool.submit(tokenizer.encode, "a test").result() == tok.encode("a test"), "mb": int(hwm_kb) // 1024}
+                        "encodes": encodes, "mb": int(hwm_kb) // 1024}
         pool.shutdown()
     print(json.dumps(report))
 """
@@ -310,7 +311,8 @@ def test_a_parquet_column_that_is_not_there_or_not_text(tmp_path):
     pq.write_table(pa.table({"txt": ["a b c"], "n": [1]}), path)
     with pytest.raises(
         DataError,
-        match=r"^data\.text_field: 'text' is not a column of .*t\.parquet \(data\.train\[0\]\) \(did you mean 'txt'\?\); its columns: txt, n",
+        match=r"^data\.text_field: 'text' is not a column of .*t\.parquet \(data\.train\[0\]\) "
+        r"\(did you mean 'txt'\?\); its columns: txt, n",
     ):
         check_data_files(SimpleNamespace(train=[str(path)], val=[]))
     with pytest.raises(
@@ -325,7 +327,8 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
     with pytest.raises(
         DataError,
-        match=r'^data\.train\[0\]: .*t\.parquet is a Parquet file, and reading Parquet needs pyarrow.*pip install "aic\[parquet\]"',
+        match=r"^data\.train\[0\]: .*t\.parquet is a Parquet file, and reading Parquet needs pyarrow.*pip install "
+        r'"aic\[parquet\]"',
     ):
         check_data_files(SimpleNamespace(train=[str(path)], val=[]))
 

@@ -197,9 +197,11 @@ def test_top_k_keeps_the_k_largest_and_ties_with_the_kth():
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     three = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]])  # probabilities 0.5, 0.3, 0.2
-    kept = lambda p: torch.isfinite(
-        process_logits(three, PREV[:1, :0], None, SamplerSpec(temperature=1, top_p=p))
-    ).tolist()[0]
+
+    def kept(p: float) -> list[bool]:
+        logits = process_logits(three, PREV[:1, :0], None, SamplerSpec(temperature=1, top_p=p))
+        return torch.isfinite(logits).tolist()[0]
+
     assert kept(0.4) == [True, False, False]  # the top token alone already reaches 0.4
     assert kept(0.75) == [True, True, False]
     assert kept(0.9) == [True, True, True]

@@ -1,4 +1,4 @@
-"""float64 reference checks of the transformer building blocks: attention, KV cache, left padding, vocab padding, loss."""
+"""float64 reference checks of the transformer blocks: attention, KV cache, left padding, vocab padding, loss."""
 
 from __future__ import annotations
 

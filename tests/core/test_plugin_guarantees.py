@@ -18,7 +18,11 @@ from aic_core.plugins import registry as registry_module
 from tests.conftest import tiny_spec, write_spec
 from tests.installing import AIC, run
 
-HEADER = "from typing import Callable\nfrom aic_core.plugins.hookspecs import hookimpl\nfrom aic_core.plugins.kinds import ModelPlugin, PluginOptions, Positional, PositionalPlugin\n"
+HEADER = (
+    "from typing import Callable\n"
+    "from aic_core.plugins.hookspecs import hookimpl\n"
+    "from aic_core.plugins.kinds import ModelPlugin, PluginOptions, Positional, PositionalPlugin\n"
+)
 # distribution -> (entry-point name, module name, module source)
 FAKES = {
     "aic-broken-import": (

@@ -177,7 +177,8 @@ def test_without_byte_fallback_ids_still_match(tmp_path):
 
 
 def test_a_sentencepiece_model_aic_did_not_train_gets_no_tokenizer_json(tmp_path):
-    """Default SentencePiece settings (NFKC, a dummy prefix, whitespace clean-up) are not reproduced: say so, write nothing."""
+    """Default SentencePiece settings (NFKC, a dummy prefix, whitespace clean-up) are not reproduced: say so, write
+    nothing."""
     spm.SentencePieceTrainer.train(
         input=str(EXAMPLE_CORPUS), model_prefix=str(tmp_path / "plain"), vocab_size=500, minloglevel=2
     )
@@ -226,7 +227,8 @@ def test_without_the_tokenizers_package_the_rest_is_written_and_the_export_says_
 
 
 def test_export_refuses_tokenizer_files_that_autotokenizer_reads_differently(exports, tmp_path, monkeypatch, capsys):
-    """The export loads AutoTokenizer on what it wrote: a tokenizer.json that adds a bos token is refused, nothing is written."""
+    """The export loads AutoTokenizer on what it wrote: a tokenizer.json that adds a bos token is refused, nothing is
+    written."""
     from tokenizers import Tokenizer, processors
 
     made = SentencePiece.hf_tokenizer_files

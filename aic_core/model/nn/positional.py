@@ -1,4 +1,4 @@
-"""The interface attention calls for positions; positional plugins subclass it (aic_core.plugins.kinds re-exports it)."""
+"""The interface attention asks for positions; positional plugins subclass it (aic_core.plugins.kinds re-exports it)."""
 
 from __future__ import annotations
 

@@ -82,27 +82,27 @@ class Transformer(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.init_weights()
 
-    def init_weights(self, gathered: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None) -> None:
-        """Fresh weights (as GPT-2). `gathered(params)` wraps each step that writes parameters: a trainer whose
-        parameters are sharded while the model is built (DeepSpeed's zero.Init) passes a context that makes
+    def init_weights(self, writing: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None) -> None:
+        """Fresh weights (as GPT-2). `writing(params)` wraps each step that writes parameters: a trainer whose
+        parameters are sharded while the model is built (`TrainerPlugin.build_model`) passes a context that makes
         them whole for the step and shards the result again, so no process holds the whole model at once. The
         random numbers are drawn in the same order either way, so a seed gives the same weights."""
-        gathered = gathered or (lambda params: nullcontext())
+        writing = writing or (lambda params: nullcontext())
         for module in _apply_order(self):  # nn.Module.apply's order: children first
             own = list(module.parameters(recurse=False))
             if own and isinstance(module, nn.Linear | nn.Embedding):
-                with gathered(own):
+                with writing(own):
                     self._init_weights(module)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                with gathered([p]):
+                with writing([p]):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
-        # The rows that pad the vocabulary are never used; zero, they stay zero, so converted weights round-trip exactly.
+        # The rows padding the vocabulary are never used: zeros stay zeros, so converted weights round-trip exactly.
         with torch.no_grad():
             for weight in (self.wte.weight, None if self.lm_head is None else self.lm_head.weight):
                 if weight is not None:
-                    with gathered([weight]):
+                    with writing([weight]):
                         weight[self.config.vocab_size :].zero_()
 
     @staticmethod
@@ -114,12 +114,16 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @staticmethod
+    def param_numel(p: nn.Parameter) -> int:
+        """How many numbers parameter `p` holds in all (what `num_params` counts). A trainer that shards parameters
+        while the model is built (`TrainerPlugin.build_model`), so that `p.numel()` is only this process's share,
+        sets the model's `param_numel` to a function that gives the whole size."""
+        return p.numel()
+
     def num_params(self, trainable_only: bool = False) -> int:
         """Parameters, not counting the rows that pad the vocabulary (they never receive a gradient)."""
-        # ds_numel: a parameter DeepSpeed's ZeRO-3 has sharded holds only its share; this is its whole size.
-        total = sum(
-            getattr(p, "ds_numel", p.numel()) for p in self.parameters() if p.requires_grad or not trainable_only
-        )
+        total = sum(self.param_numel(p) for p in self.parameters() if p.requires_grad or not trainable_only)
         c = self.config
         padding = (c.padded_vocab_size - c.vocab_size) * c.n_embd
         for weight in (self.wte.weight, None if self.lm_head is None else self.lm_head.weight):
