@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from aic_core.errors import AicError, CheckpointError
-from aic_core.spec import TENSORBOARD_MISSING, check_log_to  # noqa: F401 - the log_to check lives with the spec
 from aic_core.train.checkpoint import latest_checkpoint, open_checkpoint, write_atomic, write_json
 
 METRICS, SUMMARY, PNG, EVAL, RESOLVED = "metrics.jsonl", "summary.json", "report.png", "eval.json", "spec.resolved.json"

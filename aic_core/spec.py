@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -331,7 +332,7 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     origin = typing.get_origin(annotation)
     if origin is Annotated:
         return _models_in(typing.get_args(annotation)[0])
-    if origin in (Union, getattr(__import__("types"), "UnionType", Union), list, tuple):
+    if origin in (Union, types.UnionType, list, tuple):
         return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]

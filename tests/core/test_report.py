@@ -12,7 +12,8 @@ import pytest
 
 from aic_core.cli import main
 from aic_core.errors import SpecError
-from aic_core.report import MATPLOTLIB_HINT, check_log_to, draw, segments
+from aic_core.report import MATPLOTLIB_HINT, draw, segments
+from aic_core.spec import check_log_to
 from aic_core.train.common import MetricsLog
 from tests.conftest import tiny_spec, write_spec
 
