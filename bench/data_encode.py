@@ -8,7 +8,7 @@ on the novels. Each measurement runs in a fresh process, so its peak RSS (/proc 
 deleted after each.
 
     python bench/data_encode.py --size-mb 100 --repeat 3   # a quick look, best of 3
-    python bench/data_encode.py                            # 1 GB, the target (about 25 minutes on 2 cores)
+    python bench/data_encode.py                            # 1 GB, the target (long: see bench/RESULTS.md)
 
 Rows: the plain loop (one process, each document encoded whole); two plain loops at once on half the files each (what
 two processes can get from the machine: the ceiling for 2 workers); aic with 1 worker (encodes in the one process)

@@ -46,9 +46,7 @@ TASK_BYTES = 1 << 20  # input bytes per task: what the parent holds per task in 
 WINDOW = 4  # tasks in flight per worker: enough to keep every worker busy while the parent writes
 CHUNK_CHARS = 1024  # documents are encoded in pieces of about this many characters: SentencePiece is faster on these
 MAX_CARRY = 4 << 20  # a text with no safe cut in this many bytes is cut at a line end (or a character boundary)
-POOL_MIN_BYTES = (
-    8 << 20
-)  # smaller corpora are encoded in this process: workers start in ~0.4 s, about what they save on 5 MB at 2 workers
+POOL_MIN_BYTES = 8 << 20  # smaller corpora are encoded in this process: starting workers costs what they would save
 SHOWN_BAD_ROWS = 5  # bad rows named in a message
 
 Task = tuple  # ("text" | "jsonl" | "parquet", file index, first line or row, payload)
@@ -503,8 +501,8 @@ def _main_hidden() -> Iterator[None]:
     """While worker processes are spawned, `__main__` is a bare module, so the workers do not run the parent's main
     script again. multiprocessing re-runs it in every spawned child (as `__mp_main__`) in case a function the child
     needs is defined there; aic's are not (the workers run this module's functions and unpickle the tokenizer from
-    its plugin module), and `aic`'s console script imports the whole CLI and torch: about 200 MB and 1-2 s a worker
-    for nothing. Not used when the tokenizer's class is defined in `__main__` (a script that defines its own)."""
+    its plugin module), and `aic`'s console script imports the whole CLI and torch: memory and start-up time in every
+    worker for nothing. Not used when the tokenizer's class is defined in `__main__` (a script that defines its own)."""
     main = sys.modules["__main__"]
     bare = types.ModuleType("__main__")  # no __file__, no __spec__: multiprocessing leaves the child's main alone
     sys.modules["__main__"] = bare

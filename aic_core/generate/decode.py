@@ -37,7 +37,7 @@ from aic_core.spec import DecodeStep, SamplerSpec
 #   auto     on CUDA: CUDA_STEP, falling back (with a warning) to the simpler ones if capture fails, as it
 #            does for a positional plugin that syncs with the host; elsewhere: eager
 DECODE_STEPS: tuple[str, ...] = typing.get_args(DecodeStep)
-CUDA_STEP = "graph"  # the first call takes under a second; "compile" adds a compilation of 7-13 s (GPT-2 small, H100)
+CUDA_STEP = "graph"  # its first call is quick; "compile" adds seconds of compilation to every new process
 SYNC_EVERY = 16  # on an accelerator: decode steps between two reads of the new tokens
 CACHE_MULTIPLE = 64  # the cache length is rounded up to this: aligned attention masks, fewer distinct shapes
 

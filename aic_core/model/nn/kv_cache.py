@@ -87,9 +87,8 @@ class KVCache:
 # Under torch.compile the write is one opaque op that mutates the whole buffer, which inductor does in place.
 # Written as `kv[layer].index_copy_`, functionalization turned it into a copy of the layer's cache into a fresh
 # buffer, the one-token write there, and copies of its k and v for the attention kernel: three passes over
-# the layer's cache per layer and step, 1.5 ms a step of GPT-2 small at batch 16 on an H100. Outside
-# torch.compile the plain `index_copy_` is used: called eagerly, the custom op costs 17 us against the write's
-# 3.4 us (CPU, GPT-2 small's layer), 0.16 ms more a step of 12 layers.
+# the layer's cache per layer and step. Outside torch.compile the plain `index_copy_` is used: called eagerly,
+# the custom op costs several times the write itself (bench/RESULTS.md has the figures).
 @torch.library.custom_op("aic::write_kv", mutates_args=("kv",))
 def write_kv(kv: torch.Tensor, layer: int, slot: torch.Tensor, new: torch.Tensor) -> None:
     """kv[layer][:, :, :, slot] = new, in place: kv (layers, 2, B, Hkv, max_len, D), new (2, B, Hkv, 1, D)."""
