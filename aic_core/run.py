@@ -169,6 +169,24 @@ def _check_run_dir(run_dir: Path) -> None:
         )
 
 
+def _open_run_dir(run_dir: Path, lock: RunLock) -> None:
+    """Make the run directory and take its lock; a folder that cannot be made or written is the output_dir's fault."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpecError(
+            f"output_dir: {run_dir}: the run directory cannot be made ({exc.strerror or exc}). Choose an output_dir "
+            "(or --output-dir) on a disk this user can write."
+        ) from None
+    try:
+        lock.__enter__()
+    except OSError as exc:
+        raise SpecError(
+            f"output_dir: {run_dir}: cannot write {lock.path.name} there ({exc.strerror or exc}). Choose an output_dir "
+            "(or --output-dir) on a disk this user can write, or fix the folder's permissions."
+        ) from None
+
+
 class RunLock:
     """One `aic run` at a time on a run directory: an exclusive flock on run_dir/.aic.lock, held for the run and
     released by the kernel if the process dies. The holder's PID is written into the file for the refusal."""
@@ -262,7 +280,7 @@ def run(
     dist = setup(device, world)
     lock = RunLock(run_dir)
     try:
-        dist.once(lambda: (run_dir.mkdir(parents=True, exist_ok=True), lock.__enter__()))
+        dist.once(lambda: _open_run_dir(run_dir, lock))
         return _pipeline(spec, spec_path, stages, resume, stop_at, registry, echo if dist.is_main else _quiet, dist)
     finally:
         lock.__exit__()

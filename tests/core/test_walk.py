@@ -1,0 +1,72 @@
+"""What a new user's walk found (issue 24, part 7): bad input and broken disks give exit 2 and one clear paragraph,
+silent surprises get a warning, advice is right, and killed runs leave no litter behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from aic_core.cli import main
+from tests.conftest import tiny_spec, write_spec
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under a folder (the lock file aside) and its bytes."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".aic.lock"
+    }
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def _deny_write(monkeypatch, *paths: Path) -> None:
+    """As if `paths` were read-only to this user (tests may run as root, for whom every folder is writable)."""
+    real, denied = os.access, {str(p) for p in paths}
+
+    def access(path, mode, *args, **kwargs):
+        if str(path) in denied and mode & os.W_OK:
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus) -> tuple[Path, dict]:
+    """A tiny run trained to step 8 with checkpoints at 4 and 8 (copy it before changing it)."""
+    tmp = tmp_path_factory.mktemp("walk")
+    spec = tiny_spec(corpus, tmp / "run", train={"checkpoint_every": 4})
+    path = write_spec(tmp / "spec.json", spec)
+    assert main(["run", str(path), "--stage", "tokenizer,train"]) == 0
+    return tmp / "run", spec
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> tuple[Path, dict]:
+    """A copy of the trained run, and a spec for it that resumes to step 12."""
+    run_dir, spec = trained
+    shutil.copytree(run_dir, tmp_path / "run")
+    spec = {**spec, "output_dir": str(tmp_path / "run"), "train": {**spec["train"], "steps": 12}}
+    return tmp_path / "run", spec
+
+
+# --- the run directory -----------------------------------------------------------------------------------
+
+
+def test_an_output_dir_that_cannot_be_made_is_a_clear_error(tmp_path, corpus, capsys):
+    if not Path("/proc").is_dir():
+        pytest.skip("needs /proc, a folder in which no folder can be made")
+    spec = write_spec(tmp_path / "spec.json", tiny_spec(corpus, tmp_path / "run"))
+    assert main(["run", str(spec), "--output-dir", "/proc/aic-run"]) == 2
+    err = _error(capsys)
+    assert "output_dir: /proc/aic-run" in err and "cannot be made" in err, err
+    assert not (tmp_path / "run").exists()
