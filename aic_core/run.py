@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shlex
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -281,9 +282,15 @@ def run(
     lock = RunLock(run_dir)
     try:
         dist.once(lambda: _open_run_dir(run_dir, lock))
-        return _pipeline(spec, spec_path, stages, resume, stop_at, registry, echo if dist.is_main else _quiet, dist)
+        again = _again(spec_path, output_dir)
+        return _pipeline(spec, again, stages, resume, stop_at, registry, echo if dist.is_main else _quiet, dist)
     finally:
         lock.__exit__()
+
+
+def _again(spec_path: str | Path, output_dir: str | Path | None) -> str:
+    """The command that runs this spec into this run directory again, for the hints (with the --output-dir given)."""
+    return shlex.join(["aic", "run", str(spec_path), *(["--output-dir", str(output_dir)] if output_dir else [])])
 
 
 def _quiet(_: str) -> None:
@@ -320,7 +327,7 @@ def _check_world(spec: RunSpec, stages: list[str], world: tuple[int, int, int, i
 
 def _pipeline(
     spec: RunSpec,
-    spec_path: str | Path,
+    again: str,
     stages: list[str],
     resume: bool,
     stop_at: int | None,
@@ -369,7 +376,8 @@ def _pipeline(
             _tokenizer_stage(spec, registry, tok_path, ckpt is not None, echo)
         if not tok_path.is_file():
             raise DataError(
-                f"{tok_path}: no tokenizer in the run directory yet. Run the tokenizer stage first: `aic run {spec_path} --stage tokenizer`."
+                f"{tok_path}: no tokenizer in the run directory yet. "
+                f"Run the tokenizer stage first: `{again} --stage tokenizer`."
             )
 
     dist.once(prepare)
@@ -445,10 +453,10 @@ def _pipeline(
         except KeyboardInterrupt:
             latest = latest_checkpoint(run_dir)
             saved = f"the latest checkpoint is {latest}" if latest else "no checkpoint was saved"
-            raise Interrupted(f"training interrupted; {saved}. Continue with `aic run {spec_path} --resume`.") from None
+            raise Interrupted(f"training interrupted; {saved}. Continue with `{again} --resume`.") from None
         echo(f"train: done in {time.perf_counter() - t0:.1f}s")
         if stop_at is not None and stop_at < spec.train.steps:
-            echo(f"stopped after step {stop_at} of {spec.train.steps}; continue with `aic run {spec_path} --resume`")
+            echo(f"stopped after step {stop_at} of {spec.train.steps}; continue with `{again} --resume`")
             if dist.is_main:
                 _report(run_dir, echo)
             return run_dir

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from aic_core.cli import main
+from aic_core.plugins.registry import get_registry
 from tests.conftest import tiny_spec, write_spec
 
 
@@ -70,3 +71,35 @@ def test_an_output_dir_that_cannot_be_made_is_a_clear_error(tmp_path, corpus, ca
     err = _error(capsys)
     assert "output_dir: /proc/aic-run" in err and "cannot be made" in err, err
     assert not (tmp_path / "run").exists()
+
+
+# --- hints that say how to go on ---------------------------------------------------------------------------
+
+
+def test_the_ctrl_c_hint_keeps_the_output_dir(tmp_path, corpus, capsys, monkeypatch):
+    trainer = get_registry().get("trainer", "torch")
+
+    def interrupted(options, job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    spec = write_spec(tmp_path / "spec.json", tiny_spec(corpus, tmp_path / "elsewhere"))
+    out_dir = tmp_path / "out dir"
+    assert main(["run", str(spec), "--output-dir", str(out_dir), "--stage", "tokenizer,train"]) == 130
+    err = _error(capsys)
+    assert f"Continue with `aic run {spec} --output-dir '{out_dir}' --resume`" in err, err
+
+
+def test_the_stop_at_hint_keeps_the_output_dir(tmp_path, corpus, capsys):
+    spec = write_spec(tmp_path / "spec.json", tiny_spec(corpus, tmp_path / "elsewhere", train={"steps": 3}))
+    out_dir = tmp_path / "out"
+    assert main(["run", str(spec), "--output-dir", str(out_dir), "--stop-at", "1"]) == 0
+    assert f"continue with `aic run {spec} --output-dir {out_dir} --resume`" in capsys.readouterr().out
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_the_missing_tokenizer_hint_keeps_the_output_dir(tmp_path, corpus, capsys):
+    spec = write_spec(tmp_path / "spec.json", tiny_spec(corpus, tmp_path / "elsewhere"))
+    out_dir = tmp_path / "out"
+    assert main(["run", str(spec), "--output-dir", str(out_dir), "--stage", "train"]) == 2
+    assert f"`aic run {spec} --output-dir {out_dir} --stage tokenizer`" in _error(capsys)
