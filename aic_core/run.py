@@ -170,6 +170,22 @@ def _check_run_dir(run_dir: Path) -> None:
         )
 
 
+def _check_writable(run_dir: Path, stages: list[str]) -> None:
+    """What the stages will write into, before any work: a read-only checkpoints/ found only after the steps are
+    trained would cost those steps. (The run directory itself is checked by _check_run_dir.)"""
+    parts = {"metrics.jsonl": "the metrics log"} if {"train", "eval"} & set(stages) else {}
+    if "train" in stages:
+        parts |= {"checkpoints": "checkpoints", "tensorboard": "TensorBoard events"}
+    for name, what in parts.items():
+        path = run_dir / name
+        mode = os.W_OK | (os.X_OK if path.is_dir() else 0)
+        if path.exists() and not os.access(path, mode):
+            raise CheckpointError(
+                f"{path}: not writable by this user, and this run writes {what} there; nothing was changed. "
+                f"Make it writable (chmod -R u+w {shlex.quote(str(path))}), or run as the user who owns the run."
+            )
+
+
 def _open_run_dir(run_dir: Path, lock: RunLock) -> None:
     """Make the run directory and take its lock; a folder that cannot be made or written is the output_dir's fault."""
     try:
@@ -367,6 +383,7 @@ def _pipeline(
                 f"--resume: {tok_path} is not the tokenizer checkpoint {ckpt.path.name} was trained with. "
                 f"Copy {ckpt.tokenizer_path} back to {tok_path}, or start a new run."
             )
+        _check_writable(run_dir, stages)
         # The resolved spec describes the run's checkpoints: written when training (re)starts or before there are any.
         if "train" in stages or ckpt is None:
             write_json(run_dir / "spec.resolved.json", resolved)

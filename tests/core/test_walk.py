@@ -103,3 +103,21 @@ def test_the_missing_tokenizer_hint_keeps_the_output_dir(tmp_path, corpus, capsy
     out_dir = tmp_path / "out"
     assert main(["run", str(spec), "--output-dir", str(out_dir), "--stage", "train"]) == 2
     assert f"`aic run {spec} --output-dir {out_dir} --stage tokenizer`" in _error(capsys)
+
+
+# --- read-only parts of a run ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("part", ["checkpoints", "metrics.jsonl"])
+def test_resume_into_a_read_only_part_of_the_run_is_refused_before_training(
+    run_copy, tmp_path, capsys, monkeypatch, part
+):
+    run_dir, spec = run_copy
+    path = write_spec(tmp_path / "spec.json", spec)
+    target = run_dir / part
+    _deny_write(monkeypatch, target)
+    before = _snapshot(run_dir)
+    assert main(["run", str(path), "--resume", "--stage", "train"]) == 2
+    err = _error(capsys)
+    assert f"{target}: not writable by this user" in err and "nothing was changed" in err, err
+    assert _snapshot(run_dir) == before
