@@ -10,9 +10,11 @@ run_dir/samples.txt          the generate stage's samples
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shlex
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -53,6 +55,8 @@ from aic_core.report import write_report
 from aic_core.spec import RunSpec, resolved_dict
 from aic_core.train.checkpoint import (
     Checkpoint,
+    disk_full_error,
+    is_disk_full,
     latest_checkpoint,
     open_checkpoint,
     write_atomic,
@@ -505,9 +509,13 @@ def _tokenizer_stage(
     else:
         t0 = time.perf_counter()
         plugin = registry.get("tokenizer", spec.tokenizer.type)
+        _remove_tokenizer_litter(tok_path.parent)
         if plugin.trains:
-            with tokenizer_corpus(spec.data.train, ReadOptions.of(spec.data), tok_path.parent) as (files, corpus):
-                trained = plugin.train(spec.tokenizer, files, tok_path)
+            try:
+                with tokenizer_corpus(spec.data.train, ReadOptions.of(spec.data), tok_path.parent) as (files, corpus):
+                    trained = plugin.train(spec.tokenizer, files, tok_path)
+            except OSError as exc:
+                raise _tokenizer_write_error(exc, spec, tok_path) from None
             sample = getattr(trained, "training_sample", None)  # what the plugin sampled from the corpus, if it says
             echo(
                 f"tokenizer: trained {spec.tokenizer.type} in {time.perf_counter() - t0:.1f}s on {corpus}{f'; {sample}' if sample else ''} -> {tok_path}"
@@ -515,6 +523,29 @@ def _tokenizer_stage(
         else:  # nothing to learn from the corpus; the plugin still writes its file
             plugin.train(spec.tokenizer, [], tok_path)
             echo(f"tokenizer: {spec.tokenizer.type} needs no training; wrote {tok_path}")
+
+
+def _remove_tokenizer_litter(run_dir: Path) -> None:
+    """What a killed tokenizer stage left in the run directory: a plugin's `.tokenizer.model.*.tmp` folders and
+    tokenizer_corpus's `.tokenizer-text-*` text. This process holds the run's lock, so no live run is writing them."""
+    for path in [*run_dir.glob(f".{TOKENIZER_FILE}.*.tmp"), *run_dir.glob(".tokenizer-text-*")]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _tokenizer_write_error(exc: OSError, spec: RunSpec, tok_path: Path) -> AicError:
+    """An OSError while training the tokenizer (a full disk, most often) as the error to show."""
+    if is_disk_full(exc):
+        kept = f"Its temporary files were removed; {tok_path.name} was left as it was."
+        return disk_full_error(tok_path.parent, f"the tokenizer ({spec.tokenizer.type})", kept)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return DataError(
+        f"tokenizer: training {spec.tokenizer.type} failed: {exc.strerror or exc}{where}. "
+        f"Check that the data.train files are readable and that {tok_path.parent} can be written."
+    )
 
 
 def _report(run_dir: Path, echo: Callable[[str], None]) -> None:

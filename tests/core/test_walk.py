@@ -3,6 +3,7 @@ silent surprises get a warning, advice is right, and killed runs leave no litter
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -121,3 +122,30 @@ def test_resume_into_a_read_only_part_of_the_run_is_refused_before_training(
     err = _error(capsys)
     assert f"{target}: not writable by this user" in err and "nothing was changed" in err, err
     assert _snapshot(run_dir) == before
+
+
+# --- the tokenizer stage -----------------------------------------------------------------------------------
+
+
+def test_a_full_disk_while_training_the_tokenizer_is_a_clear_error(tmp_path, corpus, capsys, monkeypatch):
+    import sentencepiece as spm
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", full)
+    spec = write_spec(tmp_path / "spec.json", tiny_spec(corpus, tmp_path / "run"))
+    assert main(["run", str(spec), "--stage", "tokenizer"]) == 2
+    err = _error(capsys)
+    assert "the disk is full" in err and "the tokenizer" in err and "run the same command again" in err, err
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.name != ".aic.lock"] == ["spec.resolved.json"]
+
+
+def test_the_tokenizer_stage_removes_what_a_killed_one_left(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    for litter in (".tokenizer.model.k1ll3d.tmp", ".tokenizer-text-k1ll3d"):
+        (run_dir / litter).mkdir(parents=True)
+        (run_dir / litter / "part").write_text("left by a kill -9")
+    spec = write_spec(tmp_path / "spec.json", tiny_spec(corpus, run_dir))
+    assert main(["run", str(spec), "--stage", "tokenizer"]) == 0
+    assert sorted(p.name for p in run_dir.iterdir()) == [".aic.lock", "spec.resolved.json", "tokenizer.model"]
