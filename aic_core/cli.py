@@ -10,7 +10,9 @@ import warnings
 from pathlib import Path
 
 from aic_core import __version__
+from aic_core.devices import DEVICE_NAMES, device_named, is_device_name
 from aic_core.errors import AicError, Interrupted
+from aic_core.plugins import KINDS
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -24,10 +26,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from aic_core.model.loading import load_spec
     from aic_core.plugins.registry import get_registry
-    from aic_core.spec import resolved_dict
+    from aic_core.spec import resolved_dict, warn_surprises
 
     registry = get_registry()
     spec = load_spec(args.spec, registry)
+    warn_surprises(spec)
     from aic_core.data.tokens import check_data_files
 
     check_data_files(spec.data)  # the data files exist, are files (not folders), readable and not empty
@@ -46,7 +49,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from aic_core.plan.memory import fit_advice, format_plan, plan
     from aic_core.plugins.registry import get_registry
 
-    if args.device is not None and args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+    if args.device is not None and not is_device_name(args.device):
         raise AicError(f"--device: {args.device!r}; plan for cpu or cuda (default: the spec's train.trainer.device).")
     registry = get_registry()
     spec = load_spec(args.spec, registry)
@@ -103,7 +106,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from aic_core.model.loading import load_checkpoint_model
     from aic_core.spec import SamplerSpec
 
-    device = _device(args.device)
+    device = device_named(args.device, "--device")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise AicError(
             f"--max-new-tokens: {args.max_new_tokens}; "
@@ -181,27 +184,6 @@ def _generate_dtype(name: str, device):
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, name)
-
-
-def _device(name: str):
-    """--device as torch.device, refused clearly when it is not a device name or not present here."""
-    import re
-
-    import torch
-
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
-        raise AicError(
-            f"--device: unknown device {name!r}. Use auto (CUDA if there is a GPU, else the CPU), cpu, cuda or cuda:N."
-        )
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(name.partition(":")[2] or 0)
-        if index >= count:
-            have = f"this machine has {count} CUDA device(s)" if count else "no CUDA GPU is available here"
-            raise AicError(f"--device: {name} was asked for, but {have}. Use --device cpu (or auto).")
-    return torch.device(name)
 
 
 def _report(verb: str, source: str, report) -> None:
@@ -363,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="write a plugin package (entry point, plugin, contract tests) to start from",
     )
-    p.add_argument("kind", metavar="KIND", help="model, positional, adapter, tokenizer or trainer")
+    p.add_argument("kind", metavar="KIND", help=f"{', '.join(KINDS[:-1])} or {KINDS[-1]}")
     p.add_argument(
         "name", metavar="NAME", help="the plugin's name, e.g. my-positions (package aic-NAME, import aic_NAME)"
     )
@@ -438,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device",
         default="auto",
-        help="auto (CUDA if there is a GPU, else the CPU), cpu, cuda or cuda:N (default: auto)",
+        help=f"{DEVICE_NAMES} (default: auto)",
     )
     p.add_argument(
         "--decode-step",

@@ -18,6 +18,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +43,19 @@ from aic_core.errors import (
 from aic_core.generate import generate
 from aic_core.model.loading import (
     Loaded,
+    ModelSource,
     build_model,
     load_checkpoint_model,
-    load_spec,
+    load_spec_with_source,
     load_tokenizer,
     open_source,
 )
+from aic_core.model.nn.transformer import Transformer
 from aic_core.plan.memory import check_fits
-from aic_core.plugins.kinds import TrainJob
+from aic_core.plugins.kinds import Tokenizer, TrainerPlugin, TrainJob
 from aic_core.plugins.registry import Registry, get_registry
 from aic_core.report import write_report
-from aic_core.spec import RunSpec, resolved_dict
+from aic_core.spec import RunSpec, resolved_dict, warn_surprises
 from aic_core.train.checkpoint import (
     Checkpoint,
     disk_full_error,
@@ -107,7 +110,8 @@ def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint, echo: Callable[[s
         section, changes = changed
         raise CheckpointError(
             f"--resume: the spec's {section} section differs from checkpoint {ckpt.path} ({'; '.join(changes[:6])}). "
-            f"A run resumes with the model it was trained with: undo the change, or start a new run (a new name or output_dir)."
+            "A run resumes with the model it was trained with: undo the change, "
+            "or start a new run (a new name or output_dir)."
         )
     changes = [c for key in ("seed", "data", "train") for c in _diff(spec_dict.get(key), old.get(key), key)]
     changes = [
@@ -120,7 +124,8 @@ def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint, echo: Callable[[s
     trainer = [c for c in changes if c.startswith("train.trainer.")]
     if trainer:
         raise CheckpointError(
-            f"--resume: the spec changes the trainer checkpoint {ckpt.path.name} was written by ({'; '.join(trainer[:4])}). "
+            f"--resume: the spec changes the trainer checkpoint {ckpt.path.name} was written by "
+            f"({'; '.join(trainer[:4])}). "
             f"Its optimizer state is in that trainer's layout (a ZeRO stage shards it differently), so the run cannot "
             f"continue exactly under the new setting. Undo the change to resume; or, to go on from these weights with "
             f'the new setting, start a new run with "model": {{"init_from": "{ckpt.path}"}} (the weights carry over; '
@@ -128,20 +133,22 @@ def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint, echo: Callable[[s
         )
     if changes:
         raise CheckpointError(
-            f"--resume: the spec changes what checkpoint {ckpt.path.name} was trained with ({'; '.join(changes[:6])}), so the "
-            f"resumed run would not continue it exactly. Undo the change, or start a new run (a new name or output_dir). "
-            f"A resumed run may raise train.steps and change checkpoint_every, log_every, keep_last, log_to, activation_checkpointing, trainer.device and trainer.compile."
+            f"--resume: the spec changes what checkpoint {ckpt.path.name} was trained with ({'; '.join(changes[:6])}), "
+            "so the resumed run would not continue it exactly. Undo the change, or start a new run (a new name or "
+            "output_dir). A resumed run may raise train.steps and change checkpoint_every, log_every, keep_last, "
+            "log_to, activation_checkpointing, trainer.device and trainer.compile."
         )
     old_steps, new_steps = int(old["train"]["steps"]), int(spec_dict["train"]["steps"])
     if steps and new_steps < old_steps:
         raise CheckpointError(
-            f"--resume: train.steps is {new_steps}, fewer than the {old_steps} this run was started with; a run's schedule "
-            f"cannot shrink. To stop early, keep train.steps at {old_steps} and pass --stop-at N."
+            f"--resume: train.steps is {new_steps}, fewer than the {old_steps} this run was started with; "
+            f"a run's schedule cannot shrink. To stop early, keep train.steps at {old_steps} and pass --stop-at N."
         )
     if steps:
         echo(
-            f"resume: train.steps {old_steps} -> {new_steps}: the learning-rate schedule is stretched from step {ckpt.step} on "
-            f"(steps already done followed the {old_steps}-step schedule, so this is not a straight {new_steps}-step run)"
+            f"resume: train.steps {old_steps} -> {new_steps}: the learning-rate schedule is stretched from step "
+            f"{ckpt.step} on (steps already done followed the {old_steps}-step schedule, "
+            f"so this is not a straight {new_steps}-step run)"
         )
 
 
@@ -170,7 +177,8 @@ def _check_run_dir(run_dir: Path) -> None:
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise SpecError(
-            f"output_dir: {where}: {existing} is not writable by this user. Choose another output_dir or fix its permissions."
+            f"output_dir: {where}: {existing} is not writable by this user. "
+            "Choose another output_dir or fix its permissions."
         )
 
 
@@ -224,8 +232,8 @@ class RunLock:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise CheckpointError(
-                f"{self.path.parent}: another `aic run` (PID {holder}) is using this run directory; nothing was changed. "
-                f"Wait for it to finish (or stop it), or give this run a new name or output_dir."
+                f"{self.path.parent}: another `aic run` (PID {holder}) is using this run directory; "
+                "nothing was changed. Wait for it to finish (or stop it), or give this run a new name or output_dir."
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -275,14 +283,17 @@ def run(
     echo: Callable[[str], None] = print,
     output_dir: str | Path | None = None,
 ) -> Path:
-    """Run the stages of a spec (into `output_dir` if given, else the spec's); return the run directory. Everything that can be checked is checked before
-    anything in the run directory is written and before a process group starts. Under torchrun or deepspeed,
-    every process runs this; rank 0 does the work that happens once and writes every file."""
+    """Run the stages of a spec (into `output_dir` if given, else the spec's); return the run directory. Everything
+    that can be checked is checked before anything in the run directory is written and before a process group
+    starts. Under torchrun or deepspeed, every process runs this; rank 0 does the work that happens once and writes
+    every file. The stages share one RunContext: each file is read and each model built once."""
     registry = registry or get_registry()
     world = launcher_world()
-    spec = load_spec(spec_path, registry)
+    spec, source = load_spec_with_source(spec_path, registry)
     if output_dir is not None:
         spec.output_dir = str(output_dir)  # the resolved spec and checkpoints record where the run really is
+    if world[0] == 0:
+        warn_surprises(spec)
     stages = _stages(stages)
     run_dir = spec.run_dir
     _check_run_dir(run_dir)
@@ -298,12 +309,25 @@ def run(
     _check_world(spec, stages, world, device)
     if "train" in stages:
         check_fits(spec, registry, world_size=world[1], device=device)  # the analytic plan; allocates nothing
+    resolved = resolved_dict(spec, registry)
     dist = setup(device, world)
     lock = RunLock(run_dir)
     try:
         dist.once(lambda: _open_run_dir(run_dir, lock))
-        again = _again(spec_path, output_dir)
-        return _pipeline(spec, again, stages, resume, stop_at, registry, echo if dist.is_main else _quiet, dist)
+        ctx = RunContext(
+            spec,
+            _again(spec_path, output_dir),
+            stages,
+            resume,
+            stop_at,
+            registry,
+            resolved,
+            source,
+            trainer,
+            dist,
+            echo if dist.is_main else _quiet,
+        )
+        return _pipeline(ctx)
     finally:
         lock.__exit__()
 
@@ -331,179 +355,203 @@ def _check_world(spec: RunSpec, stages: list[str], world: tuple[int, int, int, i
     if t.grad_accum % world_size:
         fits = [n for n in range(1, t.grad_accum + 1) if t.grad_accum % n == 0]
         raise SpecError(
-            f"train.grad_accum: {t.grad_accum} micro-batches per step cannot be shared by {world_size} processes. The global "
-            f"batch is train.batch_size x train.grad_accum = {t.batch_size * t.grad_accum} sequences whatever the number of "
-            f"processes, and each process takes grad_accum / processes micro-batches of batch_size. Set train.grad_accum to a "
-            f"multiple of {world_size} (e.g. {world_size * max(1, t.grad_accum // world_size)}), or launch {', '.join(map(str, fits))} processes."
+            f"train.grad_accum: {t.grad_accum} micro-batches per step cannot be shared by {world_size} processes. "
+            f"The global batch is train.batch_size x train.grad_accum = {t.batch_size * t.grad_accum} sequences "
+            "whatever the number of processes, and each process takes grad_accum / processes micro-batches of "
+            f"batch_size. Set train.grad_accum to a multiple of {world_size} (e.g. "
+            f"{world_size * max(1, t.grad_accum // world_size)}), or launch {', '.join(map(str, fits))} processes."
         )
     if device.type == "cuda":
         gpus = torch.cuda.device_count()
         if local_world > gpus:
             raise SpecError(
-                f"train.trainer.device: {local_world} processes on this machine, but it has {gpus} CUDA GPU(s); each process "
-                f"trains on its own GPU. Launch at most {gpus} processes per machine (torchrun --nproc_per_node {gpus})."
+                f"train.trainer.device: {local_world} processes on this machine, but it has {gpus} CUDA GPU(s); "
+                "each process trains on its own GPU. "
+                f"Launch at most {gpus} processes per machine (torchrun --nproc_per_node {gpus})."
             )
 
 
-def _pipeline(
-    spec: RunSpec,
-    again: str,
-    stages: list[str],
-    resume: bool,
-    stop_at: int | None,
-    registry: Registry,
-    echo: Callable[[str], None],
-    dist: Dist,
-) -> Path:
-    run_dir = spec.run_dir
-    ckpt_dir = latest_checkpoint(run_dir)
-    resolved = resolved_dict(spec, registry)
-    tok_path = run_dir / TOKENIZER_FILE
+@dataclass
+class RunContext:
+    """What one `aic run` opens once and hands from stage to stage, so no stage reopens a file or rebuilds a model
+    another has: the spec and its resolved form, the registry, the trainer plugin, the process group, the run's
+    latest checkpoint, the `model.init_from` source, the tokenizer and its hash, the model and its parameter counts."""
 
-    def prepare() -> None:
-        """Rank 0: the checks that read the run directory, then the resolved spec and the tokenizer."""
-        ckpt = open_checkpoint(ckpt_dir) if ckpt_dir is not None else None
-        if "train" in stages:
-            if resume and ckpt is None:
-                raise CheckpointError(
-                    f"--resume: {run_dir} holds no checkpoint to resume from. Run without --resume to start training."
-                )
-            if not resume and ckpt is not None:
-                raise CheckpointError(
-                    f"{run_dir} already holds a trained checkpoint ({ckpt.path.name}); nothing was changed. "
-                    f"Pass --resume to continue that run, or give this run a new name or output_dir."
-                )
-            if resume:
-                _check_resume(resolved, ckpt, echo)
-                _check_stop_at(stop_at, spec, ckpt)
-                if ckpt.step >= spec.train.steps:
-                    echo(
-                        f"resume: {ckpt.path.name} is already at train.steps ({spec.train.steps}); nothing left to train (raise train.steps to train further)"
-                    )
-        elif ckpt is not None and ({"eval", "generate"} & set(stages)):
-            _check_same_model(resolved, ckpt, stages)
-        if ckpt is not None and resume and tok_path.is_file() and ckpt.state["tokenizer_hash"] != file_sha256(tok_path):
-            raise CheckpointError(
-                f"--resume: {tok_path} is not the tokenizer checkpoint {ckpt.path.name} was trained with. "
-                f"Copy {ckpt.tokenizer_path} back to {tok_path}, or start a new run."
+    spec: RunSpec
+    again: str  # the command that runs this spec into this run directory, for hints: `{again} --resume`
+    stages: list[str]
+    resume: bool
+    stop_at: int | None
+    registry: Registry
+    resolved: dict[str, Any]  # resolved_dict(spec, registry): written to spec.resolved.json and every checkpoint
+    source: ModelSource | None  # model.init_from, opened once by load_spec_with_source
+    trainer: TrainerPlugin
+    dist: Dist
+    echo: Callable[[str], None]
+    checkpoint: Checkpoint | None = None  # the latest: as the run found it (rank 0), then as training left it
+    tokenizer: Tokenizer | None = None
+    tokenizer_hash: str | None = None
+    loaded: Loaded | None = None  # the model eval and generate use: the one just trained, or loaded once from disk
+    parameters: tuple[int, int] | None = None  # (total, trainable) of the run's model, for the report
+
+    @property
+    def run_dir(self) -> Path:
+        return self.spec.run_dir
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.run_dir / TOKENIZER_FILE
+
+    def model(self) -> Loaded:
+        """The model of the latest checkpoint: the one in memory, else loaded from disk once."""
+        if self.loaded is None:
+            self.loaded = load_checkpoint_model(
+                self.run_dir, self.registry, resolve_device("auto"), checkpoint=self.checkpoint
             )
-        _check_writable(run_dir, stages)
-        # The resolved spec describes the run's checkpoints: written when training (re)starts or before there are any.
-        if "train" in stages or ckpt is None:
-            write_json(run_dir / "spec.resolved.json", resolved)
-        processes = f", {dist.world_size} processes" if dist.active else ""
-        echo(f"run {spec.name}: {run_dir} (stages: {', '.join(stages)}{processes})")
-        if "tokenizer" in stages:
-            _tokenizer_stage(spec, registry, tok_path, ckpt is not None, echo)
-        if not tok_path.is_file():
-            raise DataError(
-                f"{tok_path}: no tokenizer in the run directory yet. "
-                f"Run the tokenizer stage first: `{again} --stage tokenizer`."
-            )
+            self.checkpoint = self.loaded.checkpoint
+            model = self.loaded.model
+            self.parameters = (model.num_params(), model.num_params(trainable_only=True))
+        return self.loaded
 
-    dist.once(prepare)
-    tokenizer_hash = file_sha256(tok_path)
-    tokenizer = load_tokenizer(spec, registry, tok_path)
 
-    trained = None
+def _pipeline(ctx: RunContext) -> Path:
+    ckpt_dir = latest_checkpoint(ctx.run_dir)
+    ctx.dist.once(lambda: _prepare(ctx, ckpt_dir))
+    ctx.tokenizer_hash = file_sha256(ctx.tokenizer_path)
+    ctx.tokenizer = load_tokenizer(ctx.spec, ctx.registry, ctx.tokenizer_path)
+    if "train" in ctx.stages and not _train_stage(ctx, ckpt_dir if ctx.resume else None):
+        return ctx.run_dir  # stopped early (--stop-at): eval and generate wait for the end of training
+    if ctx.dist.is_main:  # the others are done: they do not wait (an eval or generate stage may outlast any timeout)
+        if "eval" in ctx.stages:
+            _eval_stage(ctx)
+        if "generate" in ctx.stages:
+            _generate_stage(ctx)
+        if "train" in ctx.stages or (ctx.run_dir / "metrics.jsonl").is_file():
+            _report(ctx)
+    return ctx.run_dir
+
+
+def _prepare(ctx: RunContext, ckpt_dir: Path | None) -> None:
+    """Rank 0: the checks that read the run directory, then the resolved spec and the tokenizer."""
+    spec, stages, run_dir, tok_path, echo = ctx.spec, ctx.stages, ctx.run_dir, ctx.tokenizer_path, ctx.echo
+    ckpt = ctx.checkpoint = open_checkpoint(ckpt_dir) if ckpt_dir is not None else None
     if "train" in stages:
-        torch.manual_seed(spec.seed)  # the same seed gives the same initial weights, on every rank
-        trainer = registry.get("trainer", spec.train.trainer.type)
-        model = trainer.build_model(
-            spec.train.trainer,
-            spec,
-            dist,
-            lambda: build_model(spec, registry, tokenizer.vocab_size, init_weights=not resume),
-        )
-        if dist.rank:  # dropout masks differ between ranks
-            torch.manual_seed(spec.seed + dist.rank)
-        if spec.model.init_from and not resume:
-            echo(f"model: weights from {spec.model.init_from}")
-        seq_len = spec.train.seq_len or model.config.block_size
-        if seq_len > model.config.block_size:
-            raise SpecError(
-                f"train.seq_len: {seq_len} is longer than the model's context (block_size {model.config.block_size}). Lower train.seq_len or raise model.block_size."
+        if ctx.resume and ckpt is None:
+            raise CheckpointError(
+                f"--resume: {run_dir} holds no checkpoint to resume from. Run without --resume to start training."
             )
-        t0 = time.perf_counter()
-
-        def splits(may_encode: bool = True):
-            cache = token_cache_dir(spec.data.cache_dir)
-            return load_splits(
-                spec.data.train,
-                spec.data.val,
-                spec.data.val_fraction,
-                tokenizer,
-                tokenizer_hash,
-                cache,
-                seq_len,
-                ReadOptions.of(spec.data),
-                echo,
-                may_encode,
+        if not ctx.resume and ckpt is not None:
+            raise CheckpointError(
+                f"{run_dir} already holds a trained checkpoint ({ckpt.path.name}); nothing was changed. "
+                f"Pass --resume to continue that run, or give this run a new name or output_dir."
             )
-
-        built = dist.once(
-            splits, local=True
-        )  # each machine encodes the corpus once; the other ranks then map the cache
-        train_data, val_data = dist.each(lambda: built or splits(may_encode=False))
-        echo(
-            f"data: {len(train_data):,} training and {len(val_data):,} validation tokens ({time.perf_counter() - t0:.1f}s)"
+        if ctx.resume:
+            _check_resume(ctx.resolved, ckpt, echo)
+            _check_stop_at(ctx.stop_at, spec, ckpt)
+            if ckpt.step >= spec.train.steps:
+                echo(
+                    f"resume: {ckpt.path.name} is already at train.steps ({spec.train.steps}); "
+                    f"nothing left to train (raise train.steps to train further)"
+                )
+    elif ckpt is not None and ({"eval", "generate"} & set(stages)):
+        _check_same_model(ctx.resolved, ckpt, stages)
+    if ckpt is not None and ctx.resume and tok_path.is_file() and ckpt.state["tokenizer_hash"] != file_sha256(tok_path):
+        raise CheckpointError(
+            f"--resume: {tok_path} is not the tokenizer checkpoint {ckpt.path.name} was trained with. "
+            f"Copy {ckpt.tokenizer_path} back to {tok_path}, or start a new run."
         )
-        total, trainable = model.num_params(), model.num_params(trainable_only=True)
-        adapted = (
-            f"; {spec.adapter.type}: {trainable:,} trainable ({100 * trainable / total:.2f}%)" if spec.adapter else ""
+    _check_writable(run_dir, stages)
+    # The resolved spec describes the run's checkpoints: written when training (re)starts or before there are any.
+    if "train" in stages or ckpt is None:
+        write_json(run_dir / "spec.resolved.json", ctx.resolved)
+    processes = f", {ctx.dist.world_size} processes" if ctx.dist.active else ""
+    echo(f"run {spec.name}: {run_dir} (stages: {', '.join(stages)}{processes})")
+    if "tokenizer" in stages:
+        _tokenizer_stage(ctx)
+    if not tok_path.is_file():
+        raise DataError(
+            f"{tok_path}: no tokenizer in the run directory yet. "
+            f"Run the tokenizer stage first: `{ctx.again} --stage tokenizer`."
         )
-        echo(f"model: {spec.model.type} + {spec.model.positional.type}, {total:,} parameters{adapted}")
-        adapter = registry.get("adapter", spec.adapter.type) if spec.adapter else None
-        job = TrainJob(
-            spec,
-            resolved,
-            model,
-            train_data,
-            val_data,
-            run_dir,
-            tok_path,
-            tokenizer_hash,
-            ckpt_dir if resume else None,
-            stop_at,
-            adapter,
-            dist,
+
+
+def _train_stage(ctx: RunContext, resume_from: Path | None) -> bool:
+    """Build the model, map the data, train. False when training stopped before train.steps (--stop-at)."""
+    spec, registry, dist, echo, tokenizer = ctx.spec, ctx.registry, ctx.dist, ctx.echo, ctx.tokenizer
+    torch.manual_seed(spec.seed)  # the same seed gives the same initial weights, on every rank
+
+    def build() -> Transformer:
+        return build_model(spec, registry, tokenizer.vocab_size, init_weights=not ctx.resume, source=ctx.source)
+
+    model = ctx.trainer.build_model(spec.train.trainer, spec, dist, build)
+    if dist.rank:  # dropout masks differ between ranks
+        torch.manual_seed(spec.seed + dist.rank)
+    if spec.model.init_from and not ctx.resume:
+        echo(f"model: weights from {spec.model.init_from}")
+    seq_len = spec.train.seq_len or model.config.block_size
+    if seq_len > model.config.block_size:
+        raise SpecError(
+            f"train.seq_len: {seq_len} is longer than the model's context (block_size {model.config.block_size}). "
+            f"Lower train.seq_len or raise model.block_size."
         )
-        t0 = time.perf_counter()
-        try:
-            trainer.train(spec.train.trainer, job)
-        except KeyboardInterrupt:
-            latest = latest_checkpoint(run_dir)
-            saved = f"the latest checkpoint is {latest}" if latest else "no checkpoint was saved"
-            raise Interrupted(f"training interrupted; {saved}. Continue with `{again} --resume`.") from None
-        echo(f"train: done in {time.perf_counter() - t0:.1f}s")
-        if stop_at is not None and stop_at < spec.train.steps:
-            echo(f"stopped after step {stop_at} of {spec.train.steps}; continue with `{again} --resume`")
-            if dist.is_main:
-                _report(run_dir, echo)
-            return run_dir
-        # The trained model goes to the eval and generate stages as it is, not reloaded from disk.
-        trained = Loaded(job.model.eval(), tokenizer, spec, open_checkpoint(run_dir))
+    t0 = time.perf_counter()
 
-    def finish() -> None:
-        if "eval" in stages:
-            _eval_stage(run_dir, spec, registry, echo, trained)
-        if "generate" in stages:
-            _generate_stage(run_dir, spec, registry, echo, trained)
-        if "train" in stages or (run_dir / "metrics.jsonl").is_file():
-            _report(run_dir, echo)
+    def splits(may_encode: bool = True):
+        cache = token_cache_dir(spec.data.cache_dir)
+        read = ReadOptions.of(spec.data)
+        d = spec.data
+        return load_splits(
+            d.train, d.val, d.val_fraction, tokenizer, ctx.tokenizer_hash, cache, seq_len, read, echo, may_encode
+        )
 
-    if dist.is_main:  # the others are done: they do not wait (an eval or generate stage may outlast any timeout)
-        finish()
-    return run_dir
+    built = dist.once(splits, local=True)  # each machine encodes the corpus once; the other ranks then map the cache
+    train_data, val_data = dist.each(lambda: built or splits(may_encode=False))
+    n_train, n_val, took = len(train_data), len(val_data), time.perf_counter() - t0
+    echo(f"data: {n_train:,} training and {n_val:,} validation tokens ({took:.1f}s)")
+    total, trainable = ctx.parameters = model.num_params(), model.num_params(trainable_only=True)
+    adapted = f"; {spec.adapter.type}: {trainable:,} trainable ({100 * trainable / total:.2f}%)" if spec.adapter else ""
+    echo(f"model: {spec.model.type} + {spec.model.positional.type}, {total:,} parameters{adapted}")
+    adapter = registry.get("adapter", spec.adapter.type) if spec.adapter else None
+    job = TrainJob(
+        spec,
+        ctx.resolved,
+        model,
+        train_data,
+        val_data,
+        ctx.run_dir,
+        ctx.tokenizer_path,
+        ctx.tokenizer_hash,
+        resume_from,
+        ctx.stop_at,
+        adapter,
+        dist,
+    )
+    t0 = time.perf_counter()
+    try:
+        ctx.trainer.train(spec.train.trainer, job)
+    except KeyboardInterrupt:
+        latest = latest_checkpoint(ctx.run_dir)
+        saved = f"the latest checkpoint is {latest}" if latest else "no checkpoint was saved"
+        raise Interrupted(f"training interrupted; {saved}. Continue with `{ctx.again} --resume`.") from None
+    echo(f"train: done in {time.perf_counter() - t0:.1f}s")
+    if dist.is_main:
+        ctx.checkpoint = open_checkpoint(ctx.run_dir)  # the one training wrote last
+    if ctx.stop_at is not None and ctx.stop_at < spec.train.steps:
+        echo(f"stopped after step {ctx.stop_at} of {spec.train.steps}; continue with `{ctx.again} --resume`")
+        if dist.is_main:
+            _report(ctx)
+        return False
+    # The trained model goes to the eval and generate stages as it is, not reloaded from disk.
+    ctx.loaded = Loaded(job.model.eval(), tokenizer, spec, ctx.checkpoint)
+    return True
 
 
-def _tokenizer_stage(
-    spec: RunSpec, registry: Registry, tok_path: Path, has_checkpoints: bool, echo: Callable[[str], None]
-) -> None:
-    if has_checkpoints and tok_path.is_file():
+def _tokenizer_stage(ctx: RunContext) -> None:
+    spec, registry, tok_path, echo = ctx.spec, ctx.registry, ctx.tokenizer_path, ctx.echo
+    if ctx.checkpoint is not None and tok_path.is_file():
         echo(f"tokenizer: reusing {tok_path} (the run already has checkpoints)")
     elif spec.model.init_from:
-        src = open_source(Path(spec.model.init_from), registry)
+        src = ctx.source or open_source(Path(spec.model.init_from), registry)
         write_atomic(tok_path, src.tokenizer_path.read_bytes())
         echo(f"tokenizer: {spec.tokenizer.type} from model.init_from ({src.tokenizer_path})")
     else:
@@ -518,7 +566,8 @@ def _tokenizer_stage(
                 raise _tokenizer_write_error(exc, spec, tok_path) from None
             sample = getattr(trained, "training_sample", None)  # what the plugin sampled from the corpus, if it says
             echo(
-                f"tokenizer: trained {spec.tokenizer.type} in {time.perf_counter() - t0:.1f}s on {corpus}{f'; {sample}' if sample else ''} -> {tok_path}"
+                f"tokenizer: trained {spec.tokenizer.type} in {time.perf_counter() - t0:.1f}s on "
+                f"{corpus}{f'; {sample}' if sample else ''} -> {tok_path}"
             )
         else:  # nothing to learn from the corpus; the plugin still writes its file
             plugin.train(spec.tokenizer, [], tok_path)
@@ -548,27 +597,26 @@ def _tokenizer_write_error(exc: OSError, spec: RunSpec, tok_path: Path) -> AicEr
     )
 
 
-def _report(run_dir: Path, echo: Callable[[str], None]) -> None:
+def _report(ctx: RunContext) -> None:
     """summary.json and report.png; the run's work is done, so a report that cannot be made is a warning."""
+    run_dir = ctx.run_dir
     try:
-        write_report(run_dir, echo)
+        write_report(run_dir, ctx.echo, ctx.checkpoint, ctx.parameters)
     except AicError as exc:
         warnings.warn(f"report: not written ({exc}). Try `aic report {run_dir}` after fixing it.", stacklevel=2)
 
 
-def _eval_stage(
-    run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable[[str], None], trained: Loaded | None
-) -> None:
+def _eval_stage(ctx: RunContext) -> None:
     """Evaluate the latest checkpoint with the spec's eval and data sections: the model just trained, or (a stage
     run alone) the checkpoint's, loaded from disk."""
-    loaded = trained or load_checkpoint_model(run_dir, registry, resolve_device("auto"))
+    spec, run_dir, echo = ctx.spec, ctx.run_dir, ctx.echo
+    loaded = ctx.model()
     device = loaded.model.wte.weight.device
     trained = loaded.checkpoint.state["spec"]
     metrics = loaded.checkpoint.state.get("metrics") or {}
-    same = all(trained.get(k) == resolved_dict(spec, registry).get(k) for k in ("eval", "data", "seed"))
-    if (
-        "val_loss" not in metrics or not same
-    ):  # the trainer evaluated its last step as this spec would; else evaluate here
+    same = all(trained.get(k) == ctx.resolved.get(k) for k in ("eval", "data", "seed"))
+    # The trainer evaluated its last step as this spec would (same eval, data and seed); else evaluate here.
+    if "val_loss" not in metrics or not same:
         seq_len = spec.train.seq_len or loaded.model.config.block_size
         tok_hash = loaded.checkpoint.state["tokenizer_hash"]
         _, val = load_splits(
@@ -589,15 +637,15 @@ def _eval_stage(
     result = {"checkpoint": str(loaded.checkpoint.path), "step": loaded.checkpoint.step, **metrics}
     write_json(run_dir / "eval.json", result)
     echo(
-        f"eval: step {result['step']}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  val_bpb {metrics['val_bpb']:.4f}"
+        f"eval: step {result['step']}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  "
+        f"val_bpb {metrics['val_bpb']:.4f}"
     )
 
 
-def _generate_stage(
-    run_dir: Path, spec: RunSpec, registry: Registry, echo: Callable[[str], None], trained: Loaded | None
-) -> None:
+def _generate_stage(ctx: RunContext) -> None:
     """Samples from the latest checkpoint for the spec's generate section (the model just trained, or from disk)."""
-    loaded = trained or load_checkpoint_model(run_dir, registry, resolve_device("auto"))
+    spec, run_dir, echo = ctx.spec, ctx.run_dir, ctx.echo
+    loaded = ctx.model()
     g = spec.generate
     if not g.prompts:
         echo("generate: no prompts in the spec's generate section; skipped")

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -19,6 +20,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from aic_core.errors import AicError, SpecError, did_you_mean
+from aic_core.plugins.kinds import KINDS
 from aic_core.plugins.registry import Registry
 
 
@@ -234,9 +236,7 @@ def _union(variants: list[type[BaseModel]], fallback: type[BaseModel]) -> Any:
 
 
 def _cache_key(registry: Registry) -> tuple:
-    return tuple(
-        (kind, tuple(registry.names(kind))) for kind in ("model", "positional", "adapter", "tokenizer", "trainer")
-    )
+    return tuple((kind, tuple(registry.names(kind))) for kind in KINDS)
 
 
 _models: dict[tuple[int, bool], tuple[tuple, type[ModelSpec]]] = {}
@@ -248,10 +248,7 @@ def spec_model(registry: Registry, model_only: bool = False) -> type[RunSpec]:
     cached = _models.get((id(registry), model_only))
     if cached and cached[0] == key:
         return cached[1]
-    kinds = {
-        kind: list(registry.plugins(kind).values())
-        for kind in ("model", "positional", "adapter", "tokenizer", "trainer")
-    }
+    kinds = {kind: list(registry.plugins(kind).values()) for kind in KINDS}
     positional = _union([_variant(PositionalSection, p) for p in kinds["positional"]], PositionalSection)
     model = _union([_variant(ModelSection, p, positional=(positional, ...)) for p in kinds["model"]], ModelSection)
     tokenizer = _union([_variant(TokenizerSection, p) for p in kinds["tokenizer"]], TokenizerSection)
@@ -527,6 +524,26 @@ def check_log_to(spec: Any) -> None:
     """Refuse, before any work, a `train.log_to` sink whose package is missing."""
     if "tensorboard" in spec.train.log_to and importlib.util.find_spec("tensorboard") is None:
         raise SpecError(TENSORBOARD_MISSING)
+
+
+def warn_surprises(spec: Any) -> None:
+    """Warn about a valid spec that would not do what it seems to (`aic validate` and `aic run`, on rank 0)."""
+    if spec.adapter is not None and not spec.model.init_from:
+        warnings.warn(
+            f"adapter: a {spec.adapter.type} adapter on a model without model.init_from: the base model keeps its "
+            "random initial weights, frozen, and only the adapter trains on top of them. Set model.init_from to a "
+            "trained run, checkpoint or Hugging Face folder, or remove the adapter section to train the whole model.",
+            stacklevel=2,
+        )
+    t = spec.train
+    if t.warmup_steps > t.steps:
+        warnings.warn(
+            f"train.warmup_steps: {t.warmup_steps} is more than train.steps ({t.steps}): the learning rate rises for "
+            f"the whole run and reaches only {t.steps / t.warmup_steps:.0%} of train.lr "
+            f"({t.lr * t.steps / t.warmup_steps:.2e} of {t.lr:.2e}), with no decay. Lower train.warmup_steps to at "
+            f"most {t.steps} (a tenth of the steps is usual), or raise train.steps.",
+            stacklevel=2,
+        )
 
 
 def _section_of(spec: RunSpec, path: tuple[str, ...]) -> Any:

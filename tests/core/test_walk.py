@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,36 @@ def test_the_tokenizer_stage_removes_what_a_killed_one_left(tmp_path, corpus):
     spec = write_spec(tmp_path / "spec.json", tiny_spec(corpus, run_dir))
     assert main(["run", str(spec), "--stage", "tokenizer"]) == 0
     assert sorted(p.name for p in run_dir.iterdir()) == [".aic.lock", "spec.resolved.json", "tokenizer.model"]
+
+
+# --- warnings for specs that run but do not do what they seem to -------------------------------------------
+
+
+def _validate_warnings(tmp_path, spec: dict) -> list[str]:
+    path = write_spec(tmp_path / "spec.json", spec)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["validate", str(path)]) == 0
+    return [str(w.message) for w in caught]
+
+
+def test_an_adapter_on_a_fresh_model_is_warned_about(tmp_path, corpus):
+    spec = tiny_spec(corpus, tmp_path / "run", adapter={"type": "lora", "r": 4})
+    [warning] = _validate_warnings(tmp_path, spec)
+    assert warning.startswith("adapter: ") and "model.init_from" in warning and "random" in warning, warning
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path, corpus):
+    spec = tiny_spec(corpus, tmp_path / "run", train={"steps": 8, "warmup_steps": 20, "lr": 1e-3})
+    [warning] = _validate_warnings(tmp_path, spec)
+    assert warning.startswith("train.warmup_steps: 20 is more than train.steps (8)"), warning
+    assert "40% of train.lr (4.00e-04" in warning, warning
+    spec = tiny_spec(corpus, tmp_path / "run", train={"steps": 8, "warmup_steps": 8})
+    assert _validate_warnings(tmp_path, spec) == []  # the last step reaches the peak
+
+
+def test_aic_run_warns_as_validate_does(tmp_path, corpus):
+    spec = tiny_spec(corpus, tmp_path / "run", train={"steps": 1, "warmup_steps": 2})
+    path = write_spec(tmp_path / "spec.json", spec)
+    with pytest.warns(UserWarning, match=r"train\.warmup_steps: 2 is more than train\.steps \(1\)"):
+        assert main(["run", str(path), "--stage", "tokenizer"]) == 0
