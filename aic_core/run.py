@@ -26,6 +26,7 @@ import torch
 
 from aic_core.data.tokens import (
     ReadOptions,
+    check_cache_dir,
     check_data_files,
     file_sha256,
     load_splits,
@@ -298,6 +299,8 @@ def run(
     run_dir = spec.run_dir
     _check_run_dir(run_dir)
     check_data_files(spec.data)  # missing, a folder, unreadable or empty: named as data.train[i] / data.val[i]
+    if "train" in stages:
+        check_cache_dir(token_cache_dir(spec.data.cache_dir))  # a file in its place: said before any work
     if spec.adapter is not None and "train" in stages:
         with torch.device("meta"):  # no memory, no weights: only that the adapter's targets exist in this model
             build_model(spec, registry, 1)

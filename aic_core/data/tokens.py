@@ -12,6 +12,7 @@ exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,7 +29,16 @@ import numpy as np
 import torch
 
 from aic_core.data import encode as data_encode
-from aic_core.data.encode import FileRecord, Progress, Summary, encode_into, refused_message, row_name, rows, tasks
+from aic_core.data.encode import (
+    EncodeProgress,
+    FileRecord,
+    Summary,
+    encode_into,
+    refused_message,
+    row_name,
+    rows,
+    tasks,
+)
 from aic_core.data.inputs import (
     DataFile,
     ReadOptions,
@@ -40,11 +50,13 @@ from aic_core.data.inputs import (
     where_not_utf8,
 )
 from aic_core.errors import DataError
+from aic_core.files import file_sha256
 from aic_core.plugins.kinds import Tokenizer
 
 __all__ = [
     "ReadOptions",
     "TokenData",
+    "check_cache_dir",
     "check_data_files",
     "encode_files",
     "file_sha256",
@@ -79,14 +91,6 @@ class TokenData:
         if torch.device(device).type == "cuda":
             w = w.pin_memory().to(device, non_blocking=True)
         return w[:, :-1], w[:, 1:]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def token_cache_dir(configured: str | None) -> Path:
@@ -267,7 +271,8 @@ def _write_cache(
         bin_path.with_name(f".{bin_path.name}.{tag}.tmp"),
         meta_path.with_name(f".{meta_path.name}.{tag}.tmp"),
     )
-    progress = Progress(sum(r.size for r in records), field)
+    check_cache_dir(bin_path.parent)
+    progress = EncodeProgress(sum(r.size for r in records), field)
     try:
         bin_path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(bin_path.parent)
@@ -293,9 +298,21 @@ def _write_cache(
         ) from None
     finally:
         progress.close()
-        tmp.unlink(missing_ok=True)
-        tmp_meta.unlink(missing_ok=True)
+        for path in (tmp, tmp_meta):
+            with contextlib.suppress(OSError):  # never in place of the error that brought us here
+                path.unlink(missing_ok=True)
     return summary
+
+
+def check_cache_dir(folder: Path) -> None:
+    """The token cache's folder is a folder, or can be made one: no file stands in its place."""
+    blocker = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "is a file, not a folder" if blocker == folder else f"cannot be made: {blocker} is a file"
+        raise DataError(
+            f"data.cache_dir: {folder} {where}. Set data.cache_dir (or $AIC_CACHE_DIR; unset, the cache is "
+            "~/.cache/aic/tokens) to a folder, or move the file away."
+        )
 
 
 def _remove_stale(folder: Path) -> None:
@@ -359,6 +376,14 @@ def tokenizer_corpus(entries: list[str], read: ReadOptions, folder: Path) -> Ite
                         summary.n_docs += ends
                         if ends:
                             out.write("\n\n")  # a paragraph break: no training sentence spans two documents
+        if not direct and summary.n_docs == 0:  # said here: the plugin would name a temporary file
+            left_out = f"all {summary.n_bad:,} rows were left out as bad" if summary.n_bad else "every row is empty"
+            raise DataError(
+                f"data.train: no documents to train the tokenizer on: {left_out} (data.bad_rows is "
+                f'"{read.bad_rows}"){": " + "; ".join(summary.bad) if summary.bad else ""}'
+                f"{' ...' if summary.n_bad > len(summary.bad) else ''}. "
+                "Check data.text_field and the files."
+            )
         skipped = f", {summary.n_bad:,} bad rows left out" if summary.n_bad else ""
         yield paths, f"{described}, {summary.n_docs:,} documents as text{skipped}"
 

@@ -4,6 +4,7 @@ silent surprises get a warning, advice is right, and killed runs leave no litter
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import warnings
@@ -183,3 +184,28 @@ def test_aic_run_warns_as_validate_does(tmp_path, corpus):
     path = write_spec(tmp_path / "spec.json", spec)
     with pytest.warns(UserWarning, match=r"train\.warmup_steps: 2 is more than train\.steps \(1\)"):
         assert main(["run", str(path), "--stage", "tokenizer"]) == 0
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+def test_a_cache_dir_that_is_a_file_is_a_clear_error(tmp_path, corpus, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    spec = tiny_spec(corpus, tmp_path / "run", data={"cache_dir": str(taken)})
+    path = write_spec(tmp_path / "spec.json", spec)
+    assert main(["run", str(path), "--stage", "tokenizer,train"]) == 2
+    err = _error(capsys)
+    assert f"data.cache_dir: {taken} is a file, not a folder" in err, err
+    assert taken.read_text() == "keep me" and not (tmp_path / "run").exists()  # said before any work
+
+
+def test_jsonl_whose_every_row_is_bad_says_so_at_the_tokenizer_stage(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"txt": f"row {i}"}) + "\n" for i in range(20)) + "not json\n")
+    spec = tiny_spec(bad, tmp_path / "run", data={"bad_rows": "skip"})
+    path = write_spec(tmp_path / "spec.json", spec)
+    assert main(["run", str(path), "--stage", "tokenizer"]) == 2
+    err = _error(capsys)
+    assert "data.train: no documents to train the tokenizer on: all 21 rows were left out as bad" in err, err
+    assert ".tokenizer-text-" not in err
