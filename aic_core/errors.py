@@ -42,6 +42,13 @@ class GenerationError(AicError):
     """A generation request cannot be served (prompt too long, bad sampler value)."""
 
 
+def describe(exc: BaseException) -> str:
+    """An exception of someone else's code (a plugin, a library) in one line of a message: its type and its text,
+    white space folded, at most 600 characters."""
+    text = " ".join(str(exc).split())[:600]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest candidate, or ''."""
     match = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)

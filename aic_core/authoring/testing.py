@@ -21,10 +21,12 @@ when a subclass is named Test*.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 import random
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
@@ -808,7 +810,8 @@ def check_trainer(
             return check_trainer(cls, options, tmp, resume)
     import numpy as np
 
-    from aic_core.data.tokens import TokenData, file_sha256
+    from aic_core.data.tokens import TokenData
+    from aic_core.files import file_sha256
     from aic_core.plugins.kinds import TrainJob
     from aic_core.train.checkpoint import list_checkpoints, open_checkpoint
 
@@ -906,20 +909,13 @@ def check_trainer(
 def check_plugin(
     cls: type, options: dict[str, Any] | None = None, tmp_dir: Path | str | None = None, **kind_args: Any
 ) -> None:
-    """Every contract check for the plugin's kind: options, registration, behaviour."""
+    """Every contract check for the plugin's kind: options, registration, behaviour (`check_KIND`)."""
     check_options(cls, options)
     check_registration(cls)
-    kind = cls.kind
-    if kind == "positional":
-        check_positional(cls, options, **kind_args)
-    elif kind == "model":
-        check_model(cls, options, **kind_args)
-    elif kind == "tokenizer":
-        check_tokenizer(cls, options, tmp_dir, **kind_args)
-    elif kind == "adapter":
-        check_adapter(cls, options, **kind_args)
-    else:
-        check_trainer(cls, options, tmp_dir, **kind_args)
+    check = KIND_CHECKS[cls.kind]
+    if "tmp_dir" in inspect.signature(check).parameters:  # the kinds whose checks write files
+        kind_args["tmp_dir"] = tmp_dir
+    check(cls, options, **kind_args)
 
 
 # --- pytest-style contract classes ------------------------------------------------------------------------
@@ -977,13 +973,10 @@ class TrainerContract(PluginContract):
         check_trainer(self._plugin(), self.options, tmp_path, self.resume)
 
 
-CONTRACTS: dict[str, type[PluginContract]] = {
-    "model": ModelContract,
-    "positional": PositionalContract,
-    "tokenizer": TokenizerContract,
-    "adapter": AdapterContract,
-    "trainer": TrainerContract,
-}
+# Each kind's behaviour check and contract class, named after the kind (check_model, ModelContract, ...): a kind
+# added to aic_core.plugins.KINDS without them fails here, at import.
+KIND_CHECKS: dict[str, Callable[..., None]] = {kind: globals()[f"check_{kind}"] for kind in KINDS}
+CONTRACTS: dict[str, type[PluginContract]] = {kind: globals()[f"{kind.capitalize()}Contract"] for kind in KINDS}
 
 __all__ = [
     "CONTRACTS",

@@ -41,6 +41,7 @@ import numpy as np
 
 from aic_core.data.inputs import DataFile, ReadOptions, text_column, where_not_utf8
 from aic_core.errors import DataError
+from aic_core.files import format_bytes
 
 TASK_BYTES = 1 << 20  # input bytes per task: what the parent holds per task in flight
 WINDOW = 4  # tasks in flight per worker: enough to keep every worker busy while the parent writes
@@ -470,21 +471,9 @@ def refused_message(label: str, field: str, summary: Summary, read: int) -> str:
     where = "; ".join(summary.bad) + (" ..." if summary.n_bad > len(summary.bad) else "")
     return (
         f'{field}: bad rows, so {label} was not encoded (data.bad_rows is "refuse"): {summary.n_bad:,} in the first '
-        f"{_size(read)} read, where it stopped: {where}. Fix or remove these rows, "
+        f"{format_bytes(read)} read, where it stopped: {where}. Fix or remove these rows, "
         'or set data.bad_rows to "skip" to leave '
         "such rows out (they are then counted and reported)."
-    )
-
-
-def _size(n: int) -> str:
-    return (
-        f"{n / 1e9:,.2f} GB"
-        if n >= 1e9
-        else f"{n / 1e6:,.1f} MB"
-        if n >= 1e6
-        else f"{n / 1e3:,.1f} KB"
-        if n >= 1e3
-        else f"{n} bytes"
     )
 
 
@@ -559,8 +548,9 @@ def _in_workers(
         pool.shutdown(wait=done, cancel_futures=True)  # stopped early (an error, Ctrl-C): do not wait for the workers
 
 
-class Progress:
-    """tqdm's bar in MB/s and tokens/s on a terminal; nothing elsewhere (the run log gets one line at the end)."""
+class EncodeProgress:
+    """The encoding's bar: tqdm in MB/s and tokens/s on a terminal; nothing elsewhere (the run log gets one line at
+    the end). Not the training bar (aic_core.train.common.Progress, in steps)."""
 
     def __init__(self, total: int, label: str) -> None:
         self.bar = None

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from aic_core.data.tokens import file_sha256
 from aic_core.errors import CheckpointError, PluginError
+from aic_core.files import file_sha256
 from aic_core.model.loading import (
     HF_CONFIG,
     build_from_section,

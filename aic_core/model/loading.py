@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from aic_core.data.tokens import file_sha256
 from aic_core.errors import CheckpointError, PluginError, SpecError
+from aic_core.files import file_sha256
 from aic_core.model.nn.transformer import Transformer, TransformerConfig
 from aic_core.plugins.kinds import ModelPlugin, Tokenizer, TokenizerPlugin
 from aic_core.plugins.registry import Registry, get_registry

@@ -746,14 +746,13 @@ def _trainer_settings(spec: Any, device: str | torch.device | None) -> tuple[str
 
 def _device_name(spec: Any, device: str | torch.device | None) -> str:
     """The device a run of `spec` trains on here: `device` if given, else train.trainer.device ("auto": CUDA if any)."""
+    from aic_core.devices import resolve_device
+
     name = str(getattr(spec.train.trainer, "device", "auto") if device is None else device)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(name)
-    except RuntimeError:
+        return str(resolve_device(name))
+    except ValueError:
         raise SpecError(f"aic plan: device {name!r}: plan for cpu or cuda (cuda:N).") from None
-    return name
 
 
 # --- the plan ---------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import pluggy
 
+from aic_core.plugins import KIND_HOOKS
+
 PROJECT = "aic"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -47,10 +49,4 @@ def aic_register_trainers(register: Register) -> None:
     """Register trainer plugin classes (subclasses of aic_core.plugins.kinds.TrainerPlugin)."""
 
 
-HOOK_FOR_KIND = {
-    "model": "aic_register_models",
-    "positional": "aic_register_positional_encodings",
-    "adapter": "aic_register_adapters",
-    "tokenizer": "aic_register_tokenizers",
-    "trainer": "aic_register_trainers",
-}
+HOOK_FOR_KIND = KIND_HOOKS  # {kind: the hook above that registers it}

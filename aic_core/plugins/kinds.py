@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from aic_core.errors import PluginError
+from aic_core.plugins import KINDS
 
 if TYPE_CHECKING:
     import torch
@@ -52,9 +53,6 @@ def _new_dist() -> Dist:
     from aic_core.train.distributed import Dist
 
     return Dist()
-
-
-KINDS = ("model", "positional", "adapter", "tokenizer", "trainer")
 
 
 class PluginOptions(BaseModel):
@@ -324,9 +322,9 @@ class TrainerPlugin(Plugin):
     def device(self, options: PluginOptions, local_rank: int) -> torch.device:
         """The device this process trains on; under a launcher, LOCAL_RANK picks the GPU. The core starts the
         process group for it (NCCL for CUDA, gloo for the CPU) before `train`."""
-        import torch
+        from aic_core.devices import resolve_device
 
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        return resolve_device("auto", local_rank)
 
     def build_model(
         self, options: PluginOptions, spec: RunSpec, dist: Dist, build: Callable[[], Transformer]
@@ -341,10 +339,6 @@ class TrainerPlugin(Plugin):
         """Train, evaluating and checkpointing into `job.run_dir` as the spec says."""
 
 
-BASES: dict[str, type[Plugin]] = {
-    "model": ModelPlugin,
-    "positional": PositionalPlugin,
-    "adapter": AdapterPlugin,
-    "tokenizer": TokenizerPlugin,
-    "trainer": TrainerPlugin,
-}
+# {kind: its base class}, keyed and ordered by KINDS (aic_core.plugins holds the one list of kinds).
+_BASES = {base.kind: base for base in (ModelPlugin, PositionalPlugin, AdapterPlugin, TokenizerPlugin, TrainerPlugin)}
+BASES: dict[str, type[Plugin]] = {kind: _BASES[kind] for kind in KINDS}

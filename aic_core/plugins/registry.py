@@ -20,7 +20,7 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel
 
-from aic_core.errors import PluginError, did_you_mean
+from aic_core.errors import PluginError, describe, did_you_mean
 from aic_core.plugins import hookspecs
 from aic_core.plugins.kinds import BASES, KINDS, Plugin
 
@@ -60,10 +60,6 @@ def _pinned_from_env() -> set[str] | None:
 
 def _normalise(dist: str) -> str:
     return re.sub(r"[-_.]+", "-", dist.strip()).lower()
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 class Registry:
@@ -122,7 +118,7 @@ class Registry:
         try:
             module = ep.load()
         except (Exception, SystemExit) as exc:  # a broken plugin must not take aic down, not even with sys.exit()
-            record("error", f"import failed: {_describe(exc)}")
+            record("error", f"import failed: {describe(exc)}")
             return
 
         pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -130,7 +126,7 @@ class Registry:
         try:
             pm.register(module, name=ep.name)
         except Exception as exc:
-            record("error", f"invalid hook implementation: {_describe(exc)}")
+            record("error", f"invalid hook implementation: {describe(exc)}")
             return
 
         registered = 0
@@ -140,7 +136,7 @@ class Registry:
                 try:
                     impl.function(register=classes.append)
                 except Exception as exc:
-                    record("error", f"hook {hook_name} raised {_describe(exc)}")
+                    record("error", f"hook {hook_name} raised {describe(exc)}")
                     continue
                 for cls in classes:
                     registered += 1
@@ -173,7 +169,7 @@ class Registry:
         try:
             instance = cls()
         except Exception as exc:
-            record("error", f"could not be created: {_describe(exc)}")
+            record("error", f"could not be created: {describe(exc)}")
             return
         self._plugins[kind][name] = instance
         record("ok")
@@ -199,7 +195,7 @@ class Registry:
         try:
             options.model_json_schema()
         except Exception as exc:
-            return f"{cls.__name__}.Options is not a valid Pydantic model: {_describe(exc)}"
+            return f"{cls.__name__}.Options is not a valid Pydantic model: {describe(exc)}"
         if inspect.isabstract(cls):
             missing = ", ".join(sorted(cls.__abstractmethods__))
             return f"class {cls.__name__} does not implement: {missing}"

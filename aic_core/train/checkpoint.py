@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from aic_core.errors import CheckpointError
+from aic_core.files import file_sha256, format_bytes
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -77,18 +78,11 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
-
-
 def disk_full_error(folder: Path, what: str, kept: str, then: str = "run the same command again") -> CheckpointError:
     """The one message for a write that ran out of space: where, how much is free, what was kept, what to do."""
     folder = Path(folder)
     try:
-        free = f"{_size(shutil.disk_usage(folder if folder.exists() else folder.parent).free)} free"
+        free = f"{format_bytes(shutil.disk_usage(folder if folder.exists() else folder.parent).free)} free"
     except OSError:
         free = "free space unknown"
     return CheckpointError(
@@ -142,14 +136,6 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
         model.load_state_dict(weights)
     except RuntimeError as exc:
         raise CheckpointError(f"{source}: tensors have the wrong shapes for {what}: {exc}") from None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_file(path: Path, files: dict[str, str] | None) -> None:
@@ -450,8 +436,6 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep: Iterable[Path] = ()) 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """A hash of named tensors (names, dtypes, shapes and bytes, in name order): which base an adapter belongs to,
     whatever file format the base came in."""
-    import hashlib
-
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from aic_core.data.tokens import TokenData
+from aic_core.devices import resolve_device  # noqa: F401 - trainers import it from here (aic_core.training)
 from aic_core.spec import RunSpec, TrainSpec
 from aic_core.train.checkpoint import disk_full_error, is_disk_full
 from aic_core.train.distributed import Dist
@@ -169,16 +170,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """A trainer's `device` option for this process: "auto" is the GPU of LOCAL_RANK when there is CUDA, else the
-    CPU; "cuda" is the GPU of LOCAL_RANK; "cpu" and "cuda:N" are themselves."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(name)
 
 
 class NoLog:

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from aic_core.errors import SpecError
+from aic_core.errors import SpecError, describe
 from aic_core.hookspecs import hookimpl
 from aic_core.kinds import PluginOptions, TrainerPlugin, TrainJob
 from aic_core.spec import RunSpec
@@ -245,7 +245,7 @@ class DeepSpeedTrainer(TrainerPlugin):
             with _quiet_deepspeed():
                 DeepSpeedConfig(probe)
         except Exception as exc:  # noqa: BLE001 - DeepSpeed raises pydantic errors, ValueError, AssertionError...
-            raise SpecError(f"train.trainer.config: DeepSpeed rejects the config: {_describe(exc)}") from None
+            raise SpecError(f"train.trainer.config: DeepSpeed rejects the config: {describe(exc)}") from None
 
     def device(self, options: DeepSpeedTrainerOptions, local_rank: int) -> torch.device:
         return resolve_device(options.device, local_rank)
@@ -637,11 +637,6 @@ def _clean_staging(ckpts: Path) -> None:
     if ckpts.is_dir():
         for d in ckpts.glob(".ds-step-*"):
             shutil.rmtree(d, ignore_errors=True)
-
-
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:600] or type(exc).__name__
 
 
 def _free_port() -> int:

@@ -256,7 +256,7 @@ def test_bad_rows_are_refused_with_file_and_line(bpe, docs, tmp_path):
     assert f"{jsonl}:8" not in msg  # only the first few
     assert not list((tmp_path / "cache").glob("*")) or not list((tmp_path / "cache").glob("*.json"))
     with pytest.raises(
-        DataError, match=rf"1 in the first .* (KB|bytes) read, where it stopped: {parquet} row 1: 'text' is null\. Fix"
+        DataError, match=rf"1 in the first .* (kB|bytes) read, where it stopped: {parquet} row 1: 'text' is null\. Fix"
     ):
         encode_files([str(parquet)], "data.train", tok, tok_hash, tmp_path / "cache")
 

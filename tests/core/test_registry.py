@@ -345,3 +345,16 @@ def test_a_plugin_whose_constructor_raises_is_recorded():
     reg = Registry([ep("fussy", cls), ep("good", model_class("alpha"))], strict=False)
     assert "could not be created: ValueError: needs a GPU driver" in record(reg, "fussy").error
     assert reg.names("model") == ["alpha"]
+
+
+def test_the_plugin_kinds_are_one_list():
+    """aic_core.plugins.KINDS is the list; the bases, the hooks, the contracts and the CLI take theirs from it."""
+    from aic_core import kinds as public_kinds
+    from aic_core.authoring import testing
+    from aic_core.plugins import KIND_HOOKS, KINDS, hookspecs, kinds
+
+    assert KINDS == ("model", "positional", "adapter", "tokenizer", "trainer")
+    assert public_kinds.KINDS is KINDS and kinds.KINDS is KINDS and hookspecs.HOOK_FOR_KIND is KIND_HOOKS
+    assert tuple(kinds.BASES) == KINDS and all(base.kind == kind for kind, base in kinds.BASES.items())
+    assert all(hasattr(getattr(hookspecs, hook), "aic_spec") for hook in KIND_HOOKS.values())  # each is a hookspec
+    assert tuple(testing.CONTRACTS) == tuple(testing.KIND_CHECKS) == KINDS
