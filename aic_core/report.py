@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aic_core.errors import AicError, CheckpointError
-from aic_core.train.checkpoint import latest_checkpoint, open_checkpoint, write_atomic, write_json
+from aic_core.train.checkpoint import Checkpoint, latest_checkpoint, open_checkpoint, write_atomic, write_json
 
 METRICS, SUMMARY, PNG, EVAL, RESOLVED = "metrics.jsonl", "summary.json", "report.png", "eval.json", "spec.resolved.json"
 MATPLOTLIB_HINT = 'report.png needs matplotlib: pip install "aic[report]"'
@@ -114,12 +114,16 @@ def _host() -> dict[str, Any]:
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "gpus": gpus}
 
 
-def summarize(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The summary of a run directory, and the metrics records it came from."""
+def summarize(
+    run_dir: Path, checkpoint: Checkpoint | None = None, parameters: tuple[int, int] | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The summary of a run directory, and the metrics records it came from. `aic run` passes the latest
+    `checkpoint` and the model's (total, trainable) `parameters` it already has; else they are read here."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
-    ckpt_dir = latest_checkpoint(run_dir)
-    ckpt = open_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    ckpt = checkpoint
+    if ckpt is None and (ckpt_dir := latest_checkpoint(run_dir)) is not None:
+        ckpt = open_checkpoint(ckpt_dir)
     resolved_path = run_dir / RESOLVED
     resolved = json.loads(resolved_path.read_text()) if resolved_path.is_file() else {}
     spec = ckpt.state["spec"] if ckpt is not None else resolved  # what trained the final weights
@@ -149,7 +153,7 @@ def summarize(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         val = {"step": ckpt.step, **ckpt.state["metrics"]}
     if "val_loss" not in val:
         val = next((r for r in reversed(records) if "val_loss" in r), {})
-    total, trainable = _parameters(ckpt) if ckpt is not None else (None, None)
+    total, trainable = parameters or (_parameters(ckpt) if ckpt is not None else (None, None))
 
     summary = {
         "run": spec.get("name", run_dir.name),
@@ -249,10 +253,15 @@ def _table(s: dict[str, Any]) -> list[str]:
     return [f"  {name:<11} {value}" for name, value in rows]
 
 
-def write_report(run_dir: Path, echo: Callable[[str], None] = print) -> dict[str, Any]:
+def write_report(
+    run_dir: Path,
+    echo: Callable[[str], None] = print,
+    checkpoint: Checkpoint | None = None,
+    parameters: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """Write run_dir/summary.json and (with matplotlib) run_dir/report.png; echo a short table. Returns the summary."""
     run_dir = Path(run_dir)
-    summary, records = summarize(run_dir)
+    summary, records = summarize(run_dir, checkpoint, parameters)
     write_json(run_dir / SUMMARY, summary)
     echo(f"report: {run_dir / SUMMARY}")
     for line in _table(summary):

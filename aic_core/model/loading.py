@@ -206,9 +206,12 @@ def open_source(path: Path, registry: Registry | None = None) -> ModelSource:
 # --- building models ----------------------------------------------------------------------------------
 
 
-def build_model(spec: ModelSpec, registry: Registry, vocab_size: int, init_weights: bool = False) -> Transformer:
+def build_model(
+    spec: ModelSpec, registry: Registry, vocab_size: int, init_weights: bool = False, source: ModelSource | None = None
+) -> Transformer:
     """Model plugin + positional plugin (+ adapter) -> Transformer, weights freshly initialised or, with
-    `init_weights` and a `model.init_from`, the source's (loaded before an adapter wraps the model)."""
+    `init_weights` and a `model.init_from`, the source's (loaded before an adapter wraps the model). `source` is
+    that `model.init_from` source when the caller has opened it already (`load_spec_with_source`)."""
     model_plugin = registry.get("model", spec.model.type)
     positional_plugin = registry.get("positional", spec.model.positional.type)
     config = model_plugin.config(spec.model, vocab_size)
@@ -220,7 +223,7 @@ def build_model(spec: ModelSpec, registry: Registry, vocab_size: int, init_weigh
     positional = positional_plugin.build(spec.model.positional, config)
     model = model_plugin.build(spec.model, config, positional)
     if init_weights and spec.model.init_from:
-        src = open_source(Path(spec.model.init_from), registry)
+        src = source or open_source(Path(spec.model.init_from), registry)
         load_weights(
             model,
             src.weights(config),
@@ -244,13 +247,15 @@ class Loaded:
     checkpoint: Checkpoint | None  # None for a Hugging Face folder
 
 
-def load_checkpoint_model(path: Path, registry: Registry | None = None, device: torch.device | str = "cpu") -> Loaded:
+def load_checkpoint_model(
+    path: Path, registry: Registry | None = None, device: torch.device | str = "cpu", checkpoint: Checkpoint | None = None
+) -> Loaded:
     """A run directory (its latest checkpoint), a checkpoint folder or a Hugging Face model folder -> model,
-    tokenizer and spec."""
+    tokenizer and spec. `checkpoint` is the checkpoint of `path` when the caller has opened it already."""
     registry = registry or get_registry()
-    if is_hf_folder(Path(path)):
+    if checkpoint is None and is_hf_folder(Path(path)):
         return _load_hf_folder(Path(path), registry, device)
-    ckpt = open_checkpoint(Path(path))
+    ckpt = checkpoint or open_checkpoint(Path(path))
     spec = spec_from_resolved(ckpt.state["spec"], registry, source=str(ckpt.path / "state.json"))
     if not ckpt.has_tokenizer or spec.tokenizer is None:
         raise CheckpointError(
@@ -365,4 +370,17 @@ def load_adapter(model: Transformer, folder: Path, registry: Registry | None = N
 
 def load_spec(path: str | Path, registry: Registry) -> RunSpec:
     """A spec file, validated, with a `model.init_from` source's model and tokenizer sections filled in."""
-    return load_spec_file(path, registry, open_source=open_source)
+    return load_spec_with_source(path, registry)[0]
+
+
+def load_spec_with_source(path: str | Path, registry: Registry) -> tuple[RunSpec, ModelSource | None]:
+    """`load_spec`, and the `model.init_from` source it opened (None without one), so that a run reads the
+    source once: its sections here, its weights when the model is built, its tokenizer in the tokenizer stage."""
+    opened: list[ModelSource] = []
+
+    def opener(source: Path, reg: Registry) -> ModelSource:
+        opened.append(open_source(source, reg))
+        return opened[-1]
+
+    spec = load_spec_file(path, registry, open_source=opener)
+    return spec, (opened[-1] if opened else None)
