@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import json
 import os
 import pickle
 import re
@@ -154,6 +155,43 @@ def _merge(base: dict[str, Any], extra: dict[str, Any], path: str = "") -> dict[
     return out
 
 
+def _default_values() -> dict[str, Any]:
+    """Top-level config keys and DeepSpeed's default for each (its `NAME` and `NAME_DEFAULT` constants)."""
+    from deepspeed.runtime import constants
+
+    found: dict[str, list[Any]] = {}
+    names = vars(constants)
+    for name, key in names.items():
+        default = names.get(f"{name}_DEFAULT")
+        if name.isupper() and isinstance(key, str) and default is not None:
+            found.setdefault(key, []).append(default)
+    # A key name that several sections share ('enabled') has no one default: left to DeepSpeed.
+    return {key: values[0] for key, values in found.items() if len({type(v) for v in values}) == 1}
+
+
+def _check_types(extra: dict[str, Any], base: dict[str, Any], path: str = "", defaults: dict | None = None) -> None:
+    """Raw config values of the kind the key's value has in aic's config or DeepSpeed's default: DeepSpeed's parser
+    lets e.g. "steps_per_print": "x" through, and the first training step fails on it."""
+    defaults = _default_values() if defaults is None else defaults
+    for key, value in extra.items():
+        name, like = f"{path}{key}", base[key] if key in base else defaults.get(key)
+        if isinstance(value, dict) and (like is None or isinstance(like, dict)):
+            _check_types(value, like or {}, f"{name}.", defaults)
+            continue
+        kinds = {bool: "true or false", int: "a number", float: "a number", dict: "an object"}  # strings vary
+        expected = kinds.get(type(like))
+        if expected is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {"true or false": isinstance(value, bool), "a number": number}.get(expected, isinstance(value, type(like)))
+        if not ok:
+            raise SpecError(
+                f"train.trainer.config.{name}: {json.dumps(value)} is not {expected}, which DeepSpeed expects here "
+                f"(its value otherwise: {json.dumps(like)}); DeepSpeed would fail on it at the first step. "
+                f"Give {expected}, or remove '{name}'."
+            )
+
+
 def _precision(options: DeepSpeedTrainerOptions, device: torch.device) -> str:
     return ("bf16" if device.type == "cuda" else "fp32") if options.precision == "auto" else options.precision
 
@@ -234,6 +272,7 @@ class DeepSpeedTrainer(TrainerPlugin):
             raise SpecError(
                 f"train.trainer.config.{unknown[0]}: not a DeepSpeed config key{hint}; DeepSpeed would ignore it silently."
             )
+        _check_types(options.config, build_config(options.model_copy(update={"config": {}}), spec, world, device))
         # DeepSpeed's own parser, before any process group: here it sees a world of 1, so give it one rank's share.
         from deepspeed.runtime.config import DeepSpeedConfig
 

@@ -209,3 +209,34 @@ def test_jsonl_whose_every_row_is_bad_says_so_at_the_tokenizer_stage(tmp_path, c
     err = _error(capsys)
     assert "data.train: no documents to train the tokenizer on: all 21 rows were left out as bad" in err, err
     assert ".tokenizer-text-" not in err
+
+
+# --- DeepSpeed's raw config --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config, field, expected",
+    [
+        ({"steps_per_print": "x"}, "steps_per_print", "a number"),
+        ({"wall_clock_breakdown": "yes"}, "wall_clock_breakdown", "true or false"),
+        ({"fp16": {"loss_scale_window": "1000"}}, "fp16.loss_scale_window", "a number"),
+        ({"prescale_gradients": 1}, "prescale_gradients", "true or false"),
+    ],
+)
+def test_a_raw_deepspeed_value_of_the_wrong_type_is_refused_before_training(
+    tmp_path, corpus, capsys, config, field, expected
+):
+    pytest.importorskip("deepspeed")
+    trainer = {"type": "deepspeed", "stage": 0, "config": config}
+    path = write_spec(tmp_path / "spec.json", tiny_spec(corpus, tmp_path / "run", train={"trainer": trainer}))
+    assert main(["validate", str(path)]) == 2
+    err = _error(capsys)
+    assert f"train.trainer.config.{field}: " in err and expected in err, err
+
+
+def test_raw_deepspeed_values_of_the_right_type_pass(tmp_path, corpus, capsys):
+    pytest.importorskip("deepspeed")
+    config = {"steps_per_print": 100, "gradient_predivide_factor": 2, "fp16": {"loss_scale_window": 500}}
+    trainer = {"type": "deepspeed", "stage": 0, "config": config}
+    path = write_spec(tmp_path / "spec.json", tiny_spec(corpus, tmp_path / "run", train={"trainer": trainer}))
+    assert main(["validate", str(path)]) == 0, _error(capsys)
