@@ -156,7 +156,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any], path: str = "") -> dict[
 
 
 def _default_values() -> dict[str, Any]:
-    """Top-level config keys and DeepSpeed's default for each (its `NAME` and `NAME_DEFAULT` constants)."""
+    """Config key names and DeepSpeed's default for each (its `NAME` and `NAME_DEFAULT` constants)."""
     from deepspeed.runtime import constants
 
     found: dict[str, list[Any]] = {}
