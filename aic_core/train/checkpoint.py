@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,16 +86,26 @@ def disk_full_error(folder: Path, what: str, kept: str, then: str = "run the sam
         free = f"{format_bytes(shutil.disk_usage(folder if folder.exists() else folder.parent).free)} free"
     except OSError:
         free = "free space unknown"
+    if "--resume" in then:  # the run goes on from its checkpoints, here: a new output_dir would hold none
+        room = (
+            "delete what this run no longer needs, such as older checkpoints/step-N folders (train.keep_last cannot "
+            "make this room: it deletes old checkpoints only after the next one is written), or move the whole run "
+            "directory to a larger disk and pass --output-dir with its new place"
+        )
+    else:
+        room = "or point output_dir at a larger disk, or set train.keep_last to keep fewer checkpoints"
     return CheckpointError(
         f"{folder}: the disk is full (no space left on the device, or the disk quota is used up) while writing {what}; "
-        f"{free} on that file system. {kept} Free some space there (or point output_dir at a larger disk, or set "
-        f"train.keep_last to keep fewer checkpoints), then {then}."
+        f"{free} on that file system. {kept} Free some space there ({room}), then {then}."
     )
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
+def write_atomic(
+    path: Path, data: bytes | str, kept: str | None = None, then: str = "run the same command again"
+) -> None:
     """Write a file under a temporary name in its folder, fsync, then rename over `path`. On failure the
-    temporary file is removed and `path` is left as it was."""
+    temporary file is removed and `path` is left as it was; a full disk or a folder this user cannot write is a
+    CheckpointError (`kept`: what was left as it was, `then`: what to do after freeing space)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -108,8 +119,13 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(exc, Exception) and is_disk_full(exc):
-            raise disk_full_error(
-                path.parent, path.name, f"The partial file was removed; {path.name} was left as it was."
+            kept = kept or f"The partial file was removed; {path.name} was left as it was."
+            raise disk_full_error(path.parent, path.name, kept, then) from None
+        if isinstance(exc, OSError):  # e.g. a read-only folder (PermissionError)
+            raise CheckpointError(
+                f"{path}: cannot be written ({exc.strerror or exc}). {kept or f'{path.name} was left as it was.'} "
+                f"Make {path.parent} writable by this user "
+                f"(or run as the user who owns it), then {then}."
             ) from None
         raise
 
@@ -361,7 +377,12 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
     _fsync(root)
-    write_atomic(root / LATEST, final.name + "\n")
+    kept = f"Checkpoint {final.name} is complete, " + (
+        f"but `latest` still names {previous.name}, which --resume continues from."
+        if previous is not None
+        else "and --resume continues from it."
+    )
+    write_atomic(root / LATEST, final.name + "\n", kept, "continue the run: `aic run` with the same spec and --resume")
     return final
 
 
@@ -478,11 +499,19 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     root = Path(run_dir) / CHECKPOINTS
     pointer = root / LATEST
+    named = None
     if pointer.is_file():
-        d = root / pointer.read_text().strip()
-        if (d / STATE).is_file():
-            return d
+        named = pointer.read_text().strip()
+        if (root / named / STATE).is_file():
+            return root / named
     found = list_checkpoints(run_dir)
+    if named is not None:
+        instead = f"using {found[-1].name}, the newest complete checkpoint" if found else "there is no other checkpoint"
+        warnings.warn(
+            f"{pointer} names {named}, which is missing or incomplete (no {STATE}); {instead}. "
+            f"Write the step to use into {pointer}, or delete it to use the newest.",
+            stacklevel=2,
+        )
     return found[-1] if found else None
 
 

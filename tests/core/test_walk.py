@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from aic_core.cli import main
 from aic_core.plugins.registry import get_registry
@@ -240,3 +241,86 @@ def test_raw_deepspeed_values_of_the_right_type_pass(tmp_path, corpus, capsys):
     trainer = {"type": "deepspeed", "stage": 0, "config": config}
     path = write_spec(tmp_path / "spec.json", tiny_spec(corpus, tmp_path / "run", train={"trainer": trainer}))
     assert main(["validate", str(path)]) == 0, _error(capsys)
+
+
+# --- checkpoints: a full disk, a damaged `latest` ------------------------------------------------------------
+
+
+def _save(run_dir: Path, step: int) -> Path:
+    from aic_core.train.checkpoint import save_checkpoint
+
+    tokenizer = run_dir.parent / "tokenizer.model"
+    tokenizer.write_bytes(b"a tokenizer")
+    return save_checkpoint(run_dir, step, {"w": torch.zeros(2)}, None, {}, tokenizer)
+
+
+def _full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_full_disk_while_writing_latest_says_to_resume(tmp_path, monkeypatch, earlier):
+    import builtins
+
+    from aic_core.errors import CheckpointError
+
+    if earlier:
+        _save(tmp_path / "run", 1)
+    real_open = builtins.open
+
+    def open_(file, *args, **kwargs):
+        return _full() if Path(file).name.startswith(".latest.") else real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    with pytest.raises(CheckpointError) as info:
+        _save(tmp_path / "run", 2)
+    message = str(info.value)
+    assert "while writing latest" in message and "--resume" in message, message
+    assert "run the same command again" not in message, message
+    assert (tmp_path / "run" / "checkpoints" / "step-2" / "state.json").is_file()  # written, and --resume finds it
+
+
+def test_a_full_disk_at_resume_gives_advice_that_can_help(tmp_path, monkeypatch):
+    from aic_core.errors import CheckpointError
+    from aic_core.train import checkpoint
+
+    _save(tmp_path / "run", 1)
+    monkeypatch.setattr(checkpoint, "save_file", _full)
+    with pytest.raises(CheckpointError) as info:
+        _save(tmp_path / "run", 2)
+    message = str(info.value)
+    assert "the disk is full" in message and "--resume" in message, message
+    # keep_last deletes only after the next checkpoint is written, and a new output_dir holds no checkpoint
+    assert "set train.keep_last to keep fewer checkpoints" not in message, message
+    assert "point output_dir at a larger disk" not in message, message
+    assert "keep_last cannot make this room" in message, message
+
+
+def test_a_latest_pointer_naming_a_missing_step_says_so(tmp_path):
+    from aic_core.train.checkpoint import latest_checkpoint
+
+    run_dir = tmp_path / "run"
+    _save(run_dir, 1)
+    (run_dir / "checkpoints" / "latest").write_text("step-99\n")
+    with pytest.warns(UserWarning, match=r"checkpoints/latest names step-99, which is missing.*using step-1"):
+        assert latest_checkpoint(run_dir) == run_dir / "checkpoints" / "step-1"
+
+
+def test_report_on_a_read_only_run_directory_is_a_clear_error(trained, capsys, monkeypatch):
+    import builtins
+
+    run_dir, _ = trained
+    before = _snapshot(run_dir)
+    real_open = builtins.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        if "w" in mode and Path(file).parent == run_dir:  # as root every folder is writable: say no here
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    assert main(["report", str(run_dir)]) == 2
+    err = _error(capsys)
+    assert f"{run_dir / 'summary.json'}: cannot be written (Permission denied)" in err, err
+    assert f"Make {run_dir} writable" in err, err
+    assert _snapshot(run_dir) == before
