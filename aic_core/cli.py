@@ -153,22 +153,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"{where}: that step runs in a CUDA graph, but the model is on {device.type}. "
             "Pass --decode-step eager (or auto), or --device cuda on a machine with a GPU."
         )
+    options = dict(stop=stop, seed=seed, use_cache=not args.no_cache, decode_step=decode_step)
+    # stream() refuses a bad request when called (a prompt too long...): every prompt, before any is printed.
+    stream(loaded.model, loaded.tokenizer, prompts, max_new, sampler, **options)
     for i, prompt in enumerate(prompts):
         if len(prompts) > 1:
             print(f"=== sample {i + 1} ===")
         sys.stdout.write(prompt)
         sys.stdout.flush()
-        for deltas in stream(
-            loaded.model,
-            loaded.tokenizer,
-            [prompt],
-            max_new,
-            sampler,
-            stop=stop,
-            seed=seed,
-            use_cache=not args.no_cache,
-            decode_step=decode_step,
-        ):
+        for deltas in stream(loaded.model, loaded.tokenizer, [prompt], max_new, sampler, **options):
             if deltas[0]:
                 sys.stdout.write(deltas[0])
                 sys.stdout.flush()

@@ -324,3 +324,17 @@ def test_report_on_a_read_only_run_directory_is_a_clear_error(trained, capsys, m
     assert f"{run_dir / 'summary.json'}: cannot be written (Permission denied)" in err, err
     assert f"Make {run_dir} writable" in err, err
     assert _snapshot(run_dir) == before
+
+
+# --- aic generate --------------------------------------------------------------------------------------------
+
+
+def test_a_prompt_too_long_is_refused_before_anything_is_printed(trained, capsys):
+    run_dir, _ = trained
+    prompts = ["Anne", "Anne Elliot was " * 40]  # the second is far longer than block_size 32
+    assert (
+        main(["generate", str(run_dir), "--max-new-tokens", "2", *(a for p in prompts for a in ("--prompt", p))]) == 2
+    )
+    out, err = capsys.readouterr()
+    assert "Prompt 1 is" in err and "more than the model's context of 32 tokens" in err, err
+    assert out == ""
