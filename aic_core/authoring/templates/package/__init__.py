@@ -1,0 +1,3 @@
+"""The NAME KIND plugin for aic."""
+
+__version__ = "0.1.0"
