@@ -6,7 +6,8 @@ one instance of each class and calls its methods with validated options.
 
 This module does not import torch itself: a tokenizer plugin subclasses these bases without torch, so the
 data stage's worker processes, which unpickle the tokenizer, start in a fraction of the time and memory.
-`Positional`, `Transformer` and `TransformerConfig` are importable from here all the same (loaded on first use).
+`Positional`, `Transformer`, `TransformerConfig`, `TrainSteps` and `MicroBatches` are importable from here all
+the same (loaded on first use).
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ if TYPE_CHECKING:
     from aic_core.model.nn.transformer import Transformer, TransformerConfig
     from aic_core.spec import RunSpec
     from aic_core.train.distributed import Dist
+    from aic_core.train.loop import TrainSteps
 
 # Names of the torch side, imported when first asked for (`from aic_core.plugins.kinds import Positional` works as before).
 _LAZY = {
     "Positional": "aic_core.model.nn.positional",
     "Transformer": "aic_core.model.nn.transformer",
     "TransformerConfig": "aic_core.model.nn.transformer",
+    "TrainSteps": "aic_core.train.loop",
+    "MicroBatches": "aic_core.train.loop",
 }
 
 
@@ -69,6 +73,12 @@ class Plugin(ABC):
 
     def check(self, options: PluginOptions, spec: RunSpec) -> None:
         """Refuse, with a SpecError or PluginError, a spec this plugin cannot serve. Called before any work."""
+
+    @classmethod
+    def unimplemented(cls) -> str | None:
+        """What the class still lacks beyond its abstract methods, where a kind asks for one of several methods
+        (a trainer: `steps` or `train`); None when it is complete. The registry refuses an incomplete class."""
+        return None
 
 
 # --- positional encodings ---------------------------------------------------------------------
@@ -248,8 +258,7 @@ class TrainJob:
     # micro-batches (training.train_batch picks which). After `train` returns, `model` holds the final weights
     # on every rank (a trainer that shards them gathers them back), for the eval and generate stages.
     dist: Dist = field(default_factory=_new_dist)
-    _base_sha256: str | None = None
-    _cleaned: bool = False
+    _writer: Any = field(default=None, repr=False)  # a train.checkpoint.CheckpointWriter, made at the first save
 
     def save_checkpoint(
         self,
@@ -258,60 +267,32 @@ class TrainJob:
         trainer_state: dict[str, Any] | None,
         metrics: dict[str, float] | None = None,
     ) -> Path | None:
-        """Write checkpoints/step-N atomically, with the spec, tokenizer and its hash (the one layout every trainer uses).
-        The first call removes what killed runs left behind; with train.keep_last, older checkpoints beyond the newest
-        keep_last are deleted after each save (never `latest` nor the checkpoint this run resumed from).
+        """Write checkpoints/step-N atomically, with the spec, tokenizer and its hash (the one layout every trainer
+        uses; `aic_core.train.checkpoint.CheckpointWriter`). The first call removes what killed runs left behind;
+        with train.keep_last, older checkpoints beyond the newest keep_last are deleted after each save (never
+        `latest` nor the checkpoint this run resumed from).
 
         With several processes every rank calls it (ranks other than 0 may pass weights None and a trainer state
-        holding only their "rng"): each rank's "rng" is gathered into "rng_ranks", and rank 0 writes."""
+        holding only their "rng"): each rank's "rng" is collected into "rng_ranks", and rank 0 writes."""
+        if self._writer is None:
+            from aic_core.train.checkpoint import CheckpointWriter
+
+            self._writer = CheckpointWriter(
+                self.run_dir,
+                self.resolved_spec,
+                self.tokenizer_path,
+                self.tokenizer_hash,
+                self.model,
+                self.adapter,
+                keep_last=self.spec.train.keep_last,
+                keep=[self.resume_from] if self.resume_from else [],
+            )
         if self.dist.active:
             rngs = self.dist.gather((trainer_state or {}).get("rng"))
             if self.dist.is_main and trainer_state is not None:
                 trainer_state = {**trainer_state, "rng_ranks": rngs}
-            return self.dist.once(lambda: self._write(step, weights, trainer_state, metrics))
-        return self._write(step, weights, trainer_state, metrics)
-
-    def _write(
-        self,
-        step: int,
-        weights: dict[str, torch.Tensor],
-        trainer_state: dict[str, Any] | None,
-        metrics: dict[str, float] | None,
-    ) -> Path:
-        from aic_core.train.checkpoint import (
-            adapter_files,
-            clean_stale,
-            prune_checkpoints,
-            save_checkpoint,
-            tensors_sha256,
-        )
-
-        if not self._cleaned:
-            clean_stale(self.run_dir)
-            self._cleaned = True
-
-        state = {
-            "spec": self.resolved_spec,
-            "tokenizer_hash": self.tokenizer_hash,
-            "model_config": self.model.config.to_dict(),
-            "metrics": metrics or {},
-        }
-        extra = None
-        if self.adapter is not None:
-            # The names from the model, the values from `weights`: a trainer that shards the model (ZeRO-3) passes
-            # the gathered weights, while its modules hold only shards.
-            tensors = {k: weights[k] for k in self.adapter.adapter_state(self.model)}
-            if self._base_sha256 is None:  # the base is frozen: hash it once
-                self._base_sha256 = tensors_sha256({k: v for k, v in weights.items() if k not in tensors})
-            extra = adapter_files(
-                tensors, self.resolved_spec["adapter"], self._base_sha256, self.resolved_spec["model"].get("init_from")
-            )
-        path = save_checkpoint(self.run_dir, step, weights, trainer_state, state, self.tokenizer_path, extra)
-        if self.spec.train.keep_last is not None:
-            prune_checkpoints(
-                self.run_dir, self.spec.train.keep_last, keep=[self.resume_from] if self.resume_from else []
-            )
-        return path
+            return self.dist.once(lambda: self._writer.write(step, weights, trainer_state, metrics))
+        return self._writer.write(step, weights, trainer_state, metrics)
 
 
 class TrainerPlugin(Plugin):
@@ -334,9 +315,27 @@ class TrainerPlugin(Plugin):
         calls it inside its own context; the default just calls it."""
         return build()
 
-    @abstractmethod
+    def steps(self, options: PluginOptions, job: TrainJob) -> TrainSteps:
+        """Set up training (the model on its device, the optimizer and schedule, and on `job.resume_from` their
+        saved state) and return what the core's training loop needs from this trainer: how to take one step over
+        this rank's micro-batches, how to save at a step, which module to evaluate (`TrainSteps`, in
+        aic_core.train.loop). The loop does the rest: logging, evaluation and checkpoint cadence, Ctrl-C, the
+        final evaluation and save. A trainer implements this, or `train` with a loop of its own."""
+        raise NotImplementedError(f"trainer '{self.name}' implements neither steps() nor train()")
+
     def train(self, options: PluginOptions, job: TrainJob) -> None:
-        """Train, evaluating and checkpointing into `job.run_dir` as the spec says."""
+        """Train, evaluating and checkpointing into `job.run_dir` as the spec says. Default: the core's loop
+        (`aic_core.train.loop.train_loop`) over `steps`. A trainer may override this to wrap it (DeepSpeed starts
+        a process group around it) or to run a loop of its own."""
+        from aic_core.train.loop import train_loop
+
+        train_loop(job, self.steps(options, job))
+
+    @classmethod
+    def unimplemented(cls) -> str | None:
+        if cls.steps is TrainerPlugin.steps and cls.train is TrainerPlugin.train:
+            return "steps() (the core's training loop runs the steps it returns) or train() (a loop of its own)"
+        return None
 
 
 # {kind: its base class}, keyed and ordered by KINDS (aic_core.plugins holds the one list of kinds).

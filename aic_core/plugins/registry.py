@@ -199,6 +199,9 @@ class Registry:
         if inspect.isabstract(cls):
             missing = ", ".join(sorted(cls.__abstractmethods__))
             return f"class {cls.__name__} does not implement: {missing}"
+        missing = cls.unimplemented()
+        if missing:
+            return f"class {cls.__name__} does not implement: {missing}"
         return None
 
     # --- lookup -------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Checkpoints: safetensors weights, trainer state (safetensors + JSON), JSON metadata; written atomically.
 
-    run_dir/checkpoints/step-N/{model.safetensors, trainer_state.safetensors, trainer_state.json, state.json, tokenizer.model}
+    run_dir/checkpoints/step-N/{model.safetensors, trainer_state.safetensors, trainer_state.json, state.json,
+                               tokenizer.model}
     run_dir/checkpoints/latest      -> "step-N"
 
 A checkpoint is written under a temporary name in the same folder (`.step-N.PID.tmp`), every file fsynced,
@@ -164,9 +165,10 @@ def verify_file(path: Path, files: dict[str, str] | None) -> None:
     actual = file_sha256(path)
     if actual != expected:
         raise CheckpointError(
-            f"{path}: damaged after it was written (corrupt): its SHA-256 is {actual[:12]}..., but {STATE} recorded {expected[:12]}... "
-            f"when the checkpoint was saved, so its bytes are no longer the ones training wrote (a disk, copy or transfer "
-            f"error, or an edit). Do not use it: use an earlier checkpoint of this run (checkpoints/step-N), or retrain."
+            f"{path}: damaged after it was written (corrupt): its SHA-256 is {actual[:12]}..., but {STATE} recorded "
+            f"{expected[:12]}... when the checkpoint was saved, so its bytes are no longer the ones training wrote "
+            "(a disk, copy or transfer error, or an edit). Do not use it: use an earlier checkpoint of this run "
+            "(checkpoints/step-N), or retrain."
         )
 
 
@@ -208,7 +210,8 @@ def _encode(obj: Any, path: list[str], tensors: dict[str, torch.Tensor], seen: d
     if isinstance(obj, np.ndarray):  # numpy's RNG state: a uint32 array, kept as a list
         if obj.dtype.kind not in "biuf":
             raise CheckpointError(
-                f"trainer state: the numpy array at '{'/'.join(path)}' has dtype {obj.dtype}; only numbers can be saved."
+                f"trainer state: the numpy array at '{'/'.join(path)}' has dtype {obj.dtype}; only numbers can be "
+                "saved."
             )
         return {_NDARRAY: obj.dtype.str, "shape": list(obj.shape), "data": obj.reshape(-1).tolist()}
     if isinstance(obj, np.generic):
@@ -240,7 +243,8 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], source: Path) -> Any:
     if _TENSOR in obj:
         if obj[_TENSOR] not in tensors:
             raise CheckpointError(
-                f"{source}: names a tensor '{obj[_TENSOR]}' that {TRAINER_STATE} does not hold; the trainer state is damaged. Resume from an earlier checkpoint."
+                f"{source}: names a tensor '{obj[_TENSOR]}' that {TRAINER_STATE} does not hold; the trainer state is "
+                "damaged. Resume from an earlier checkpoint."
             )
         return tensors[obj[_TENSOR]]
     if _NDARRAY in obj:
@@ -276,7 +280,8 @@ def load_trainer_state(folder: Path, files: dict[str, str] | None = None) -> dic
     for path in (tensors_path, meta_path):
         if not path.is_file():
             raise CheckpointError(
-                f"{path}: missing, so training cannot resume from this checkpoint exactly. Resume from an earlier checkpoint or start a new run."
+                f"{path}: missing, so training cannot resume from this checkpoint exactly. Resume from an earlier "
+                "checkpoint or start a new run."
             )
         verify_file(path, files)
     try:
@@ -286,7 +291,8 @@ def load_trainer_state(folder: Path, files: dict[str, str] | None = None) -> dic
         raise CheckpointError(f"{folder}: corrupt trainer state ({exc}). Resume from an earlier checkpoint.") from None
     if not isinstance(meta, dict) or meta.get("format") != "aic-trainer-state/1" or "state" not in meta:
         raise CheckpointError(
-            f"{meta_path}: not an aic trainer state (no format 'aic-trainer-state/1'). Resume from an earlier checkpoint."
+            f"{meta_path}: not an aic trainer state (no format 'aic-trainer-state/1'). Resume from an earlier "
+            "checkpoint."
         )
     try:
         return _decode(meta["state"], tensors, meta_path)
@@ -468,7 +474,8 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 def adapter_files(
     tensors: dict[str, torch.Tensor], options: dict[str, Any], base_sha256: str, base_path: str | None
 ) -> dict[str, bytes]:
-    """adapter.safetensors (the adapter's tensors only) and adapter.json (its options and the base it was trained on)."""
+    """adapter.safetensors (the adapter's tensors only) and adapter.json (its options and the base it was trained
+    on)."""
     from safetensors.torch import save
 
     meta = {
@@ -482,6 +489,62 @@ def adapter_files(
         ADAPTER_WEIGHTS: save(tensors, metadata={"format": "pt"}),
         ADAPTER_META: (json.dumps(meta, indent=2) + "\n").encode(),
     }
+
+
+class CheckpointWriter:
+    """A run's checkpoints, as every trainer writes them (`TrainJob.save_checkpoint`): checkpoints/step-N with
+    the weights, the trainer state, the tokenizer and state.json (the resolved spec, the tokenizer's hash, the
+    model's config, the validation metrics of that step), and with an adapter its own files (adapter_files).
+    The first write removes what killed runs left behind (clean_stale); with `keep_last`, the checkpoints beyond
+    the newest keep_last are deleted after each write (prune_checkpoints: never `latest`, nor those in `keep`)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        resolved_spec: dict[str, Any],
+        tokenizer_path: Path,
+        tokenizer_hash: str,
+        model: torch.nn.Module,
+        adapter: Any = None,
+        keep_last: int | None = None,
+        keep: Iterable[Path] = (),
+    ) -> None:
+        self.run_dir, self.resolved_spec, self.model, self.adapter = run_dir, resolved_spec, model, adapter
+        self.tokenizer_path, self.tokenizer_hash = tokenizer_path, tokenizer_hash
+        self.keep_last, self.keep = keep_last, list(keep)
+        self._base_sha256: str | None = None
+        self._cleaned = False
+
+    def write(
+        self,
+        step: int,
+        weights: dict[str, torch.Tensor],
+        trainer_state: dict[str, Any] | None,
+        metrics: dict[str, float] | None = None,
+    ) -> Path:
+        if not self._cleaned:
+            clean_stale(self.run_dir)
+            self._cleaned = True
+        state = {
+            "spec": self.resolved_spec,
+            "tokenizer_hash": self.tokenizer_hash,
+            "model_config": self.model.config.to_dict(),
+            "metrics": metrics or {},
+        }
+        extra = None
+        if self.adapter is not None:
+            # The names from the model, the values from `weights`: a trainer that shards the model passes the
+            # whole weights, while its modules hold only shards.
+            tensors = {k: weights[k] for k in self.adapter.adapter_state(self.model)}
+            if self._base_sha256 is None:  # the base is frozen: hash it once
+                self._base_sha256 = tensors_sha256({k: v for k, v in weights.items() if k not in tensors})
+            extra = adapter_files(
+                tensors, self.resolved_spec["adapter"], self._base_sha256, self.resolved_spec["model"].get("init_from")
+            )
+        path = save_checkpoint(self.run_dir, step, weights, trainer_state, state, self.tokenizer_path, extra)
+        if self.keep_last is not None:
+            prune_checkpoints(self.run_dir, self.keep_last, keep=self.keep)
+        return path
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -522,7 +585,8 @@ def find_checkpoint(path: Path) -> Path:
         return path
     if not path.exists():
         raise CheckpointError(
-            f"{path}: no such run or checkpoint folder. Pass a run directory (e.g. runs/austen-tiny) or one of its checkpoints/step-N folders."
+            f"{path}: no such run or checkpoint folder. Pass a run directory (e.g. runs/austen-tiny) or one of its "
+            "checkpoints/step-N folders."
         )
     ckpt = latest_checkpoint(path)
     if ckpt is None:

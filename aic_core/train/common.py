@@ -22,7 +22,7 @@ from tqdm import tqdm
 from aic_core.data.tokens import TokenData
 from aic_core.devices import resolve_device  # noqa: F401 - trainers import it from here (aic_core.training)
 from aic_core.spec import RunSpec, TrainSpec
-from aic_core.train.checkpoint import disk_full_error, is_disk_full
+from aic_core.train.checkpoint import Checkpoint, disk_full_error, is_disk_full, open_checkpoint
 from aic_core.train.distributed import Dist
 
 EVAL_STREAM, TRAIN_STREAM = 1, 0
@@ -38,10 +38,13 @@ def lr_at(step: int, train: TrainSpec) -> float:
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (train.lr - min_lr)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices and embeddings; never biases or norm gains (1-D tensors)."""
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, shape: Callable[[torch.nn.Parameter], torch.Size] | None = None
+) -> list[dict[str, Any]]:
+    """Decay matrices and embeddings; never biases or norm gains (1-D tensors). `shape(p)`: a parameter's whole
+    shape (default `p.shape`); a trainer whose parameters hold only a shard of themselves passes its own."""
     params = [p for p in model.parameters() if p.requires_grad]
-    dims = {id(p): len(getattr(p, "ds_shape", p.shape)) for p in params}  # ds_shape: the whole shape of a ZeRO-3 shard
+    dims = {id(p): len(p.shape if shape is None else shape(p)) for p in params}
     return [
         {"params": [p for p in params if dims[id(p)] >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if dims[id(p)] < 2], "weight_decay": 0.0},
@@ -59,6 +62,64 @@ def adamw(
     fused = device.type in ("cuda", "cpu")
     groups = param_groups(model, train.weight_decay) if groups is None else groups
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=fused)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, train: TrainSpec) -> torch.optim.lr_scheduler.LambdaLR:
+    """The spec's warmup + cosine schedule (`lr_at`) over `optimizer`, stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, train) / train.lr)
+
+
+def continue_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """After a resume has loaded the optimizer's and the schedule's state: the learning rate of the step it
+    continues at, from this run's schedule. The loaded state holds the lr the old run's schedule gave that step,
+    which differs when train.steps has grown since the checkpoint was written; with the same spec this is the
+    same number, computed as the schedule computes it at each step."""
+    lrs = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() gives, as LRScheduler.step sets it
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    grad_clip: float,
+) -> float:
+    """The end of a training step, once the gradients are in: clip them to `grad_clip` (0: no clipping), step the
+    optimizer and the schedule, clear the gradients. Returns the learning rate the step used."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
+
+
+def training_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+    """The trainer state a checkpoint keeps for an exact resume (`restore_training` reads it back): the optimizer's
+    and the schedule's state, and this process's random state."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+
+
+def restore_training(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+) -> tuple[Checkpoint, dict[str, Any]]:
+    """--resume from the checkpoint folder `path`: its weights into `model`, its optimizer and schedule state into
+    `optimizer` and `scheduler` (the schedule then continues as this run's: `continue_schedule`). Returns the
+    checkpoint and its trainer state; the caller restores the random state from it (`set_rng_state`, or
+    `restore_rng` with several processes)."""
+    ckpt = open_checkpoint(path)
+    model.load_state_dict(ckpt.weights())
+    state = ckpt.trainer_state()  # on the CPU: RNG states must be CPU tensors; the optimizer moves its own
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    continue_schedule(scheduler)
+    return ckpt, state
 
 
 def train_batch(
@@ -172,6 +233,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_rng(state: dict[str, Any], dist: Dist, seed: int, step: int, per_rank: bool = True) -> None:
+    """This rank's random state from a checkpoint's trainer state: its own stream where the checkpoint holds one
+    per rank of a world this size (and `per_rank`); else rank 0's stream, and the other ranks a fresh seed of
+    their own (seed + rank + step)."""
+    ranks = state.get("rng_ranks")
+    if per_rank and ranks is not None and len(ranks) == dist.world_size:
+        set_rng_state(ranks[dist.rank])
+        return
+    set_rng_state(state["rng"])
+    if dist.rank:
+        torch.manual_seed(seed + dist.rank + step)
+
+
 class NoLog:
     """MetricsLog's stand-in on ranks other than 0."""
 
@@ -268,7 +342,8 @@ class CtrlC:
         self.requested = True
         with contextlib.suppress(Exception):  # a print can collide with one the handler interrupted
             print(
-                "\naic: interrupted: finishing this step to save a checkpoint (Ctrl-C again to stop at once, without one)",
+                "\naic: interrupted: finishing this step to save a checkpoint "
+                "(Ctrl-C again to stop at once, without one)",
                 file=sys.stderr,
                 flush=True,
             )

@@ -40,24 +40,21 @@ from aic_core.kinds import PluginOptions, TrainerPlugin, TrainJob
 from aic_core.spec import RunSpec
 from aic_core.train.checkpoint import model_state, open_checkpoint
 from aic_core.train.common import (
-    CtrlC,
-    MetricsLog,
-    Progress,
-    Throughput,
     adamw,
-    evaluate,
-    lr_at,
+    continue_schedule,
+    lr_schedule,
     param_groups,
     resolve_device,
+    restore_rng,
     rng_state,
-    set_rng_state,
-    train_batch,
 )
 from aic_core.train.distributed import launcher_world
+from aic_core.train.loop import MicroBatches, TrainSteps
 
 INSTALL = (
     "the deepspeed trainer needs DeepSpeed, which is not installed here. Install it with "
-    '`pip install --no-build-isolation "aic[deepspeed]"` (or `pip install --no-cache-dir --no-build-isolation deepspeed`): '
+    '`pip install --no-build-isolation "aic[deepspeed]"` '
+    "(or `pip install --no-cache-dir --no-build-isolation deepspeed`): "
     "--no-build-isolation lets its setup see the torch already installed instead of fetching another. "
     'Or train with the "torch" trainer.'
 )
@@ -91,7 +88,8 @@ class DeepSpeedTrainerOptions(PluginOptions):
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
-        description="auto: bf16 on CUDA, fp32 on the CPU. fp16 (CUDA only) uses DeepSpeed's dynamic loss scaling; tune it with config.fp16.",
+        description="auto: bf16 on CUDA, fp32 on the CPU. fp16 (CUDA only) uses DeepSpeed's dynamic loss scaling; "
+        "tune it with config.fp16.",
     )
     offload_optimizer: bool = Field(False, description="Keep the optimizer states in CPU memory (stages 1-3).")
     offload_params: bool = Field(False, description="Keep the parameters in CPU memory (stage 3 only).")
@@ -237,7 +235,8 @@ class DeepSpeedTrainer(TrainerPlugin):
     def check(self, options: DeepSpeedTrainerOptions, spec: RunSpec) -> None:
         if options.offload_params and options.stage != 3:
             raise SpecError(
-                f"train.trainer.offload_params: parameter offload needs ZeRO stage 3 (stage is {options.stage}); set stage 3 or offload_params false."
+                f"train.trainer.offload_params: parameter offload needs ZeRO stage 3 (stage is {options.stage}); set "
+                "stage 3 or offload_params false."
             )
         if options.offload_optimizer and options.stage == 0:
             raise SpecError(
@@ -245,18 +244,19 @@ class DeepSpeedTrainer(TrainerPlugin):
             )
         if options.compile and options.stage == 3:
             raise SpecError(
-                "train.trainer.compile: DeepSpeed's engine.compile() cannot trace ZeRO-3's sharded parameters (torch.compile "
-                "sees each parameter's empty local shard, and the first step fails). Use compile with stage 0, 1 or 2, or "
-                "stage 3 with compile false."
+                "train.trainer.compile: DeepSpeed's engine.compile() cannot trace ZeRO-3's sharded parameters "
+                "(torch.compile sees each parameter's empty local shard, and the first step fails). Use compile "
+                "with stage 0, 1 or 2, or stage 3 with compile false."
             )
         if options.precision == "fp16" and self.device(options, 0).type != "cuda":
             raise SpecError(
-                "train.trainer.precision: 'fp16' needs a CUDA device (DeepSpeed's fp16 optimizer and loss scaling run there); "
-                "on the CPU train in 'fp32' (or leave it 'auto'), or 'bf16'."
+                "train.trainer.precision: 'fp16' needs a CUDA device (DeepSpeed's fp16 optimizer and loss scaling "
+                "run there); on the CPU train in 'fp32' (or leave it 'auto'), or 'bf16'."
             )
         if options.device.startswith("cuda") and not torch.cuda.is_available():
             raise SpecError(
-                f'train.trainer.device: \'{options.device}\' was asked for, but no CUDA GPU is available here. Use "auto" or "cpu".'
+                f"train.trainer.device: '{options.device}' was asked for, but no CUDA GPU is available here. Use "
+                '"auto" or "cpu".'
             )
         # Raw keys the spec owns, before DeepSpeed is needed: the refusal reads the same with or without it.
         device = self.device(options, 0)
@@ -270,7 +270,8 @@ class DeepSpeedTrainer(TrainerPlugin):
             close = difflib.get_close_matches(unknown[0], sorted(_known_top_level_keys()), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise SpecError(
-                f"train.trainer.config.{unknown[0]}: not a DeepSpeed config key{hint}; DeepSpeed would ignore it silently."
+                f"train.trainer.config.{unknown[0]}: not a DeepSpeed config key{hint}; DeepSpeed would ignore it "
+                "silently."
             )
         _check_types(options.config, build_config(options.model_copy(update={"config": {}}), spec, world, device))
         # DeepSpeed's own parser, before any process group: here it sees a world of 1, so give it one rank's share.
@@ -311,7 +312,8 @@ class DeepSpeedTrainer(TrainerPlugin):
             deepspeed.zero.Init(config_dict_or_path=config, remote_device="cpu" if options.offload_params else None),
         ):
             model = build()
-        model.init_weights(gathered=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+        model.init_weights(writing=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+        model.param_numel = _whole_numel  # the parameter count (`num_params`) of the whole model, not this shard
         return model
 
     def train(self, options: DeepSpeedTrainerOptions, job: TrainJob) -> None:
@@ -340,7 +342,7 @@ class DeepSpeedTrainer(TrainerPlugin):
                 deepspeed.init_distributed(
                     dist_backend="nccl" if device.type == "cuda" else "gloo", dist_init_required=False
                 )
-            self._train(deepspeed, options, job, device)
+            super().train(options, job)  # the core's loop over `steps`
         finally:
             if own_group and torch_dist.is_initialized():
                 torch_dist.destroy_process_group()
@@ -351,25 +353,36 @@ class DeepSpeedTrainer(TrainerPlugin):
                 else:
                     os.environ[key] = value
 
-    def _train(self, deepspeed, options: DeepSpeedTrainerOptions, job: TrainJob, device: torch.device) -> None:
+    def steps(self, options: DeepSpeedTrainerOptions, job: TrainJob) -> TrainSteps:
+        """DeepSpeed's engine over the process group `train` makes sure of (call `train`, not this)."""
+        device = job.dist.device if job.dist.active else self.device(options, 0)
+        return _DeepSpeedSteps(_deepspeed(), options, job, device)
+
+
+class _DeepSpeedSteps(TrainSteps):
+    """DeepSpeed's engine: ZeRO's sharded optimizer, its own accumulation and clipping, its own checkpoints beside
+    aic's (see the module's docstring)."""
+
+    def __init__(self, deepspeed, options: DeepSpeedTrainerOptions, job: TrainJob, device: torch.device) -> None:
         spec, t, dist = job.spec, job.spec.train, job.dist
+        super().__init__(device)  # autocast: none, DeepSpeed casts the model itself under bf16
+        self.options, self.job = options, job
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        built_sharded = _sharded(job.model)  # by zero.Init (build_model), before deepspeed.initialize
-        model = job.model if built_sharded else job.model.to(device)  # zero.Init placed its shards already
+        self.built_sharded = _sharded(job.model)  # by zero.Init (build_model), before deepspeed.initialize
+        model = job.model if self.built_sharded else job.model.to(device)  # zero.Init placed its shards already
         model.activation_checkpointing = t.activation_checkpointing
-        seq_len = t.seq_len or model.config.block_size
         config = build_config(options, spec, dist.world_size, device)
-        ckpts = Path(job.run_dir) / "checkpoints"
+        self.ckpts = ckpts = Path(job.run_dir) / "checkpoints"
 
         # Resume: the consolidated weights always load first (a fresh optimizer starts from them if DeepSpeed's
         # state cannot be used); DeepSpeed's own state then replaces weights and optimizer exactly.
-        start, state, ds_dir = 0, None, None
+        state, ds_dir = None, None
         if job.resume_from is not None:
             ckpt = open_checkpoint(job.resume_from)
             _load_whole(model, ckpt.weights())
             state = ckpt.trainer_state()
-            start = ckpt.step
+            self.start = ckpt.step
             ds_dir = (
                 dist.once(lambda: _find_ds_state(ckpt.path, ckpts)) if dist.active else _find_ds_state(ckpt.path, ckpts)
             )
@@ -383,31 +396,29 @@ class DeepSpeedTrainer(TrainerPlugin):
             if why is not None:
                 ds_dir = None
                 warnings.warn(
-                    f"--resume: {why}: training continues from its consolidated weights (model.safetensors) with the same "
-                    f"schedule and data order, but AdamW's moments restart from zero and the per-rank random streams (dropout) "
-                    f"restart, so the run does not continue bit for bit.",
+                    f"--resume: {why}: training continues from its consolidated weights (model.safetensors) with the "
+                    f"same schedule and data order, but AdamW's moments restart from zero and the per-rank random "
+                    f"streams (dropout) restart, so the run does not continue bit for bit.",
                     stacklevel=2,
                 )
 
         # DeepSpeed's ZeRO optimizers drop empty groups (LoRA trains no 1-D tensor), which the schedule must not count.
-        groups = [g for g in param_groups(model, t.weight_decay) if g["params"]]
+        groups = [g for g in param_groups(model, t.weight_decay, shape=_whole_shape) if g["params"]]
         # The torch trainer's AdamW (fused; offloaded, its states live on the CPU, where the fused kernel runs too).
         optimizer = adamw(model, t, device, groups)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
         with _quiet_deepspeed():
-            engine, _, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, t), config=config
             )
-        scheduler = engine.lr_scheduler
+        self.scheduler = self.engine.lr_scheduler
         if options.compile:
-            engine.compile()
-        autocast = contextlib.nullcontext()  # DeepSpeed casts the model itself under bf16
+            self.engine.compile()
 
         if state is not None:
             if ds_dir is not None:
-                engine.checkpoint_engine.load = _load_without_pickle
+                self.engine.checkpoint_engine.load = _load_without_pickle
                 with _quiet_deepspeed():
-                    path, _ = engine.load_checkpoint(
+                    path, _ = self.engine.load_checkpoint(
                         str(ds_dir), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
                     )
                 if path is None:
@@ -415,126 +426,81 @@ class DeepSpeedTrainer(TrainerPlugin):
                         f"--resume: DeepSpeed could not read its state in {ds_dir}; resume from an earlier checkpoint."
                     )
             else:
-                scheduler.load_state_dict(state["scheduler"])
-            ranks = state.get("rng_ranks")
-            if ds_dir is not None and ranks is not None and len(ranks) == dist.world_size:
-                set_rng_state(ranks[dist.rank])
-            else:
-                set_rng_state(state["rng"])
-                if dist.rank:
-                    torch.manual_seed(spec.seed + dist.rank + start)
-
-        end = min(t.steps, job.stop_at or t.steps)
-        micro_steps = t.grad_accum // dist.world_size
-        tokens_per_step = t.batch_size * t.grad_accum * seq_len
-        saved, metrics_step = None, None
-        metrics: dict[str, float] = {}
-
-        def checkpoint(step: int) -> None:
-            nonlocal saved
-            staging = ckpts / f".ds-step-{step}"
-            dist.once(lambda: (ckpts.mkdir(parents=True, exist_ok=True), shutil.rmtree(staging, ignore_errors=True)))
-            with _quiet_deepspeed():
-                engine.save_checkpoint(str(staging), tag=DS_TAG, client_state={"aic_step": step})
-            dist.barrier()
-            weights = consolidated(engine, options.stage, dist.is_main)
-            trainer_state = {"rng": rng_state()}
-            if dist.is_main:
-                trainer_state.update(
-                    scheduler=scheduler.state_dict(),
-                    deepspeed={
-                        "stage": options.stage,
-                        "world_size": dist.world_size,
-                        "precision": _precision(options, device),
-                    },
-                )
-            final = job.save_checkpoint(step, weights, trainer_state, metrics if metrics_step == step else None)
-            dist.once(lambda: _move_in(staging, final))
-            saved = step
-
-        log = MetricsLog.for_run(job.run_dir, t, enabled=dist.is_main)
-        if start:
-            log.write(event="resume", step=start)
-        if options.stage == 3:
-            # What each process holds of the parameters: its shard (ds_tensor), about 1/N of each sharded tensor;
-            # parameters below stage3_param_persistence_threshold stay whole on every process.
-            held = sum(
-                p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters()
-            )
-            total = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-            shares = dist.gather(held) if dist.active else [held]
-            log.write(event="zero", stage=3, params=total, params_held=shares, built_sharded=built_sharded)
-            if dist.is_main:
-                print(
-                    f"zero-3: each of {len(shares)} process(es) holds {max(shares) / total:.1%} of the {total:,} parameters at most",
-                    file=sys.stderr,
-                )
+                self.scheduler.load_state_dict(state["scheduler"])
+            continue_schedule(self.scheduler)
+            restore_rng(state, dist, spec.seed, self.start, per_rank=ds_dir is not None)
         dist.once(lambda: _clean_staging(ckpts))
-        bar = Progress(end, start, enabled=dist.is_main)
-        engine.train()
-        meter = Throughput(tokens_per_step, start)
-        done = start
-        ctrl_c = CtrlC()
-        try:
-            ctrl_c.__enter__()
-            for step in range(start, end):
-                loss_sum = torch.zeros((), device=device)
-                for micro in range(micro_steps):
-                    x, y = train_batch(job.train_data, spec, step, micro, seq_len, device, dist.rank, dist.world_size)
-                    loss = engine(x, y)
-                    engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps and averages over ranks
-                    loss_sum += loss.detach().float()
-                    lr = scheduler.get_last_lr()[0]
-                    engine.step()  # steps the optimizer and the schedule on the step's last micro-batch only
-                done = step + 1
-                if done % t.log_every == 0 or done == end:
-                    loss_value = dist.mean(loss_sum).item() / micro_steps
-                    tok_s = meter.rate(done)
-                    log.write(step=done, loss=loss_value, lr=lr, tokens_per_s=round(tok_s, 1))
-                    bar.log(done, loss_value, lr, tok_s)
-                bar.update()
-                if spec.eval.every and done % spec.eval.every == 0 and done < t.steps:
-                    with meter.paused():
-                        metrics, metrics_step = (
-                            evaluate(engine.module, job.val_data, spec, seq_len, device, autocast, dist),
-                            done,
-                        )
-                    log.write(step=done, **metrics)
-                    bar.write(f"step {done}: val_loss {metrics['val_loss']:.4f}  val_bpb {metrics['val_bpb']:.4f}")
-                if t.checkpoint_every and done % t.checkpoint_every == 0 and done < end:
-                    with meter.paused():
-                        checkpoint(done)
-                if ctrl_c.agreed(dist) and done < end:
-                    break
-            if ctrl_c.requested and done < end:
-                if done > start and saved != done:
-                    checkpoint(done)
-                if saved is not None:
-                    bar.write(f"interrupted after step {done}: saved checkpoint step-{saved}", file=sys.stderr)
-                raise KeyboardInterrupt
-            if end == t.steps:
-                # Under ZeRO-3 the module's forward gathers each layer's parameters, so this is the full model.
-                metrics, metrics_step = (
-                    evaluate(engine.module, job.val_data, spec, seq_len, device, autocast, dist),
-                    end,
-                )
-                log.write(step=end, **metrics)
-                bar.write(
-                    f"step {end}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  val_bpb {metrics['val_bpb']:.4f}"
-                )
-            if end > start or job.resume_from is None:
-                checkpoint(end)
-            if ctrl_c.requested:
-                raise KeyboardInterrupt
-        finally:
-            ctrl_c.__exit__()
-            bar.close()
-            log.close()
+        self.engine.train()
+
+    def begin(self, log) -> None:
+        if self.options.stage != 3:
+            return
+        dist, params = self.job.dist, list(self.engine.module.parameters())
+        # What each process holds of the parameters: its shard (ds_tensor), about 1/N of each sharded tensor;
+        # parameters below stage3_param_persistence_threshold stay whole on every process.
+        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        total = sum(_whole_numel(p) for p in params)
+        shares = dist.gather(held) if dist.active else [held]
+        log.write(event="zero", stage=3, params=total, params_held=shares, built_sharded=self.built_sharded)
+        if dist.is_main:
+            print(
+                f"zero-3: each of {len(shares)} process(es) holds {max(shares) / total:.1%} of the {total:,} "
+                f"parameters at most",
+                file=sys.stderr,
+            )
+
+    def step(self, step: int, batches: MicroBatches) -> tuple[torch.Tensor, float]:
+        engine = self.engine
+        loss_sum = torch.zeros((), device=self.device)
+        lr = self.scheduler.get_last_lr()[0]  # the schedule steps on the step's last micro-batch only
+        for x, y in batches:
+            loss = engine(x, y)
+            engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps and averages over ranks
+            loss_sum += loss.detach().float()
+            engine.step()  # steps the optimizer and the schedule on the step's last micro-batch only
+        return loss_sum, lr
+
+    def save(self, step: int, metrics: dict[str, float] | None) -> None:
+        dist, ckpts, options = self.job.dist, self.ckpts, self.options
+        staging = ckpts / f".ds-step-{step}"
+        dist.once(lambda: (ckpts.mkdir(parents=True, exist_ok=True), shutil.rmtree(staging, ignore_errors=True)))
+        with _quiet_deepspeed():
+            self.engine.save_checkpoint(str(staging), tag=DS_TAG, client_state={"aic_step": step})
+        dist.barrier()
+        weights = consolidated(self.engine, options.stage, dist.is_main)
+        trainer_state = {"rng": rng_state()}
+        if dist.is_main:
+            trainer_state.update(
+                scheduler=self.scheduler.state_dict(),
+                deepspeed={
+                    "stage": options.stage,
+                    "world_size": dist.world_size,
+                    "precision": _precision(options, self.device),
+                },
+            )
+        final = self.job.save_checkpoint(step, weights, trainer_state, metrics)
+        dist.once(lambda: _move_in(staging, final))
+
+    def eval_model(self) -> torch.nn.Module:
+        # Under ZeRO-3 the module's forward gathers each layer's parameters, so this evaluates the full model.
+        return self.engine.module
+
+    def finish(self) -> None:
         # The eval and generate stages (rank 0 only) use job.model as a plain module: give it back whole, in fp32.
-        full = consolidated(engine, options.stage, dist.is_main)
-        engine.destroy()
+        full = consolidated(self.engine, self.options.stage, self.job.dist.is_main)
+        self.engine.destroy()
         if full is not None:
-            _restore(job.model, full, device)
+            _restore(self.job.model, full, self.device)
+
+
+def _whole_shape(p: torch.nn.Parameter) -> torch.Size:
+    """A parameter's whole shape: under ZeRO-3 `p.shape` is that of the shard (ds_shape is the whole)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
+def _whole_numel(p: torch.nn.Parameter) -> int:
+    """A parameter's whole size: under ZeRO-3 `p.numel()` is that of the shard (ds_numel is the whole)."""
+    return getattr(p, "ds_numel", p.numel())
 
 
 def consolidated(engine, stage: int, keep: bool) -> dict[str, torch.Tensor] | None:
@@ -591,8 +557,8 @@ def _load_without_pickle(path: str, map_location=None):
         what = found.group(1) if found else "objects other than tensors"
         raise SpecError(
             f"--resume: {path} holds {what}, which aic does not unpickle (it could run code). DeepSpeed writes no such "
-            f"object, so the file was changed after it was written. Resume from an earlier checkpoint, or start a new run "
-            f"with model.init_from set to this checkpoint folder (its model.safetensors holds no code)."
+            "object, so the file was changed after it was written. Resume from an earlier checkpoint, or start a "
+            "new run with model.init_from set to this checkpoint folder (its model.safetensors holds no code)."
         ) from None
 
 
@@ -610,7 +576,8 @@ def _load_whole(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Non
     missing = set(model.state_dict()) - set(weights)
     if missing:
         raise SpecError(
-            f"--resume: the checkpoint's weights lack {', '.join(sorted(missing)[:5])}; it was written for another model."
+            f"--resume: the checkpoint's weights lack {', '.join(sorted(missing)[:5])}; it was written for another "
+            "model."
         )
     for prefix, sub in model.named_modules():
         own = dict(sub.named_parameters(recurse=False))

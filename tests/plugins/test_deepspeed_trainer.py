@@ -56,7 +56,8 @@ def run_two(tmp_path, spec: dict, *args: str):
 # The tests that launch processes need DeepSpeed; the import and refusal tests below do not.
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
-    reason='DeepSpeed is not installed: pip install --no-cache-dir --no-build-isolation "aic[deepspeed]" (CI installs it)',
+    reason="DeepSpeed is not installed: "
+    'pip install --no-cache-dir --no-build-isolation "aic[deepspeed]" (CI installs it)',
 )
 
 
