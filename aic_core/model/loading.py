@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from aic_core.errors import CheckpointError, PluginError, SpecError
 from aic_core.files import file_sha256
 from aic_core.model.nn.transformer import Transformer, TransformerConfig
-from aic_core.plugins.kinds import ModelPlugin, Tokenizer, TokenizerPlugin
+from aic_core.plugins.kinds import ModelPlugin, Plugin, PluginOptions, Tokenizer, TokenizerPlugin
 from aic_core.plugins.registry import Registry, get_registry
 from aic_core.spec import ModelSpec, RunSpec, load_spec_file, parse_spec, spec_from_resolved
 from aic_core.train.checkpoint import (
@@ -103,24 +103,23 @@ def hf_model_plugin(config: dict[str, Any], registry: Registry, where: str) -> M
     )
 
 
+def _hf_options(plugin: Plugin, fields: dict[str, Any], what: str) -> PluginOptions:
+    """A plugin's options from the fields an HF config maps to; `what` leads the error when they do not validate."""
+    try:
+        return plugin.Options(**fields)
+    except ValidationError as exc:
+        raise CheckpointError(
+            f"{what} cannot be represented by aic's '{plugin.name}': {exc.errors()[0]['msg']}"
+        ) from None
+
+
 def hf_model_section(config: dict[str, Any], registry: Registry, where: str) -> tuple[ModelPlugin, dict[str, Any]]:
     """The spec's model section (with positional) for an HF config.json, validated by the plugins."""
     plugin = hf_model_plugin(config, registry, where)
-    fields = plugin.options_from_hf_config(config)
-    try:
-        options = plugin.Options(**fields)
-    except ValidationError as exc:
-        raise CheckpointError(
-            f"{where}: cannot be represented by aic's '{plugin.name}': {exc.errors()[0]['msg']}"
-        ) from None
+    options = _hf_options(plugin, plugin.options_from_hf_config(config), f"{where}:")
     positional = dict(plugin.positional_from_hf_config(config))
     positional_plugin = registry.get("positional", positional.pop("type"))
-    try:
-        positional_options = positional_plugin.Options(**positional)
-    except ValidationError as exc:
-        raise CheckpointError(
-            f"{where}: positional settings cannot be represented by aic's '{positional_plugin.name}': {exc.errors()[0]['msg']}"
-        ) from None
+    positional_options = _hf_options(positional_plugin, positional, f"{where}: positional settings")
     section = {
         "type": plugin.name,
         **options.model_dump(),
