@@ -154,7 +154,8 @@ def _installed(kind: str, name: str) -> type[Plugin]:
     plugin = get_registry().plugins(kind).get(name)
     if plugin is None:
         raise ContractError(
-            f"the {kind} plugin '{name}' that this check needs is not installed; pass the plugin class itself instead of its name."
+            f"the {kind} plugin '{name}' that this check needs is not installed; pass the plugin class itself "
+            "instead of its name."
         )
     return type(plugin)
 
@@ -178,7 +179,8 @@ def _validate(registry: Registry, raw: dict[str, Any], model_only: bool, cls: ty
     except ValidationError as exc:
         _fail(
             cls,
-            f"the options' JSON form does not validate again ({exc.errors()[0]['msg']}); a resolved spec could not be reloaded.",
+            f"the options' JSON form does not validate again ({exc.errors()[0]['msg']}); a resolved spec could not "
+            "be reloaded.",
             "Make every field serialise to JSON that the field itself accepts.",
         )
     if again != dumped:
@@ -222,7 +224,8 @@ def check_options(cls: type, options: dict[str, Any] | None = None) -> None:
     options = options or {}
     if getattr(cls, "kind", None) not in KINDS or not (isinstance(cls, type) and issubclass(cls, BASES[cls.kind])):
         raise ContractError(
-            f"{cls!r} is not a subclass of one of aic_core.plugins.kinds' plugin bases ({', '.join(b.__name__ for b in BASES.values())})."
+            f"{cls!r} is not a subclass of one of aic_core.plugins.kinds' plugin bases "
+            f"({', '.join(b.__name__ for b in BASES.values())})."
         )
     problem = Registry._invalid(cls.kind, cls)
     if problem:
@@ -291,7 +294,8 @@ def check_entry_point(cls: type, module: str | None = None) -> None:
         _fail(
             cls,
             f"no installed entry point of group '{ENTRY_POINT_GROUP}' names module '{module}'.",
-            f'Add `{cls.name} = "{module}"` under [project.entry-points.{ENTRY_POINT_GROUP}] in pyproject.toml and reinstall (pip install -e .).',
+            f'Add `{cls.name} = "{module}"` under [project.entry-points.{ENTRY_POINT_GROUP}] in pyproject.toml and '
+            "reinstall (pip install -e .).",
         )
     try:
         registry = Registry(eps[:1], strict=True, pinned=[eps[0].dist.metadata["Name"]] if eps[0].dist else None)
@@ -412,7 +416,8 @@ def _check_state_dict(cls: type, model: Transformer, rebuild: Any, what: str) ->
     except Exception as exc:  # noqa: BLE001
         _fail(
             cls,
-            f"{what}: the state dict cannot be saved as safetensors ({type(exc).__name__}: {' '.join(str(exc).split())}).",
+            f"{what}: the state dict cannot be saved as safetensors ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())}).",
             "Do not share one tensor between two state-dict entries (tie weights by reusing them in forward instead).",
         )
     torch.manual_seed(1)
@@ -432,7 +437,8 @@ def _check_state_dict(cls: type, model: Transformer, rebuild: Any, what: str) ->
         _fail(
             cls,
             f"{what}: after loading the state dict, a freshly built model's logits differ by {diff:.2e}.",
-            "Every tensor the forward depends on must be a parameter or a persistent buffer, or be rebuilt from the options.",
+            "Every tensor the forward depends on must be a parameter or a persistent buffer, or be rebuilt from the "
+            "options.",
         )
 
 
@@ -497,7 +503,8 @@ def check_positional(cls: type, options: dict[str, Any] | None = None) -> None:
     if limit is not None and (not isinstance(limit, int) or limit < config.block_size):
         _fail(
             cls,
-            f"max_positions is {limit!r}; it must be None (no limit) or an int of at least block_size ({config.block_size}).",
+            f"max_positions is {limit!r}; it must be None (no limit) or an int of at least block_size "
+            f"({config.block_size}).",
         )
     if cls.extrapolates and limit is not None:
         _fail(
@@ -530,7 +537,8 @@ def check_positional(cls: type, options: dict[str, Any] | None = None) -> None:
         ):
             _fail(
                 cls,
-                f"attn_bias returned shape {tuple(bias.shape)}; expected (B or 1, n_head or 1, Tq, Tk) = ({B}, {H}, {T}, {Tk}).",
+                f"attn_bias returned shape {tuple(bias.shape)}; expected (B or 1, n_head or 1, Tq, Tk) = ({B}, {H}, "
+                f"{T}, {Tk}).",
             )
         causal = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None].expand(bias.shape[0], bias.shape[1], T, Tk)
         if not torch.isfinite(bias[causal]).all():
@@ -582,8 +590,10 @@ def check_model(
     if config.block_size < MIN_BLOCK_SIZE:
         _fail(
             cls,
-            f"the options give block_size {config.block_size}; the checks decode sequences of up to {MIN_BLOCK_SIZE} tokens.",
-            f"Pass options with a block_size of at least {MIN_BLOCK_SIZE} (and a small width, so the check takes seconds).",
+            f"the options give block_size {config.block_size}; the checks decode sequences of up to {MIN_BLOCK_SIZE} "
+            "tokens.",
+            f"Pass options with a block_size of at least {MIN_BLOCK_SIZE} (and a small width, so the check takes "
+            "seconds).",
         )
 
     def build() -> Transformer:
@@ -591,9 +601,11 @@ def check_model(
         if not isinstance(model, Transformer):
             _fail(
                 cls,
-                f"build() returned {type(model).__name__}, not an aic_core.model.nn.transformer.Transformer (or subclass).",
+                f"build() returned {type(model).__name__}, not an aic_core.model.nn.transformer.Transformer (or "
+                "subclass).",
                 "Build the core Transformer and change its modules, or subclass it: generation, checkpoints and "
-                "trainers use its forward(idx, targets, positions, attention_mask, cache, last_only), new_cache() and wte.",
+                "trainers use its forward(idx, targets, positions, attention_mask, cache, last_only), new_cache() "
+                "and wte.",
             )
         return model
 
@@ -662,7 +674,8 @@ def check_tokenizer(
         if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids):
             _fail(
                 cls,
-                f"{how}: encode() must return a non-empty list of ints in [0, vocab_size) for non-empty text; got {str(ids)[:120]}.",
+                f"{how}: encode() must return a non-empty list of ints in [0, vocab_size) for non-empty text; got "
+                f"{str(ids)[:120]}.",
             )
         if tok.decode(ids) != sample:
             _fail(
@@ -760,7 +773,8 @@ def check_adapter(cls: type, options: dict[str, Any] | None = None) -> None:
     if diff > TOLERANCE:
         _fail(
             cls,
-            f"after merge() the logits differ from the adapted model's by {diff:.2e}; merging must not change the function.",
+            f"after merge() the logits differ from the adapted model's by {diff:.2e}; merging must not change the "
+            "function.",
         )
     plugin.unmerge(model)
     with torch.no_grad():
@@ -880,7 +894,8 @@ def check_trainer(
     if steps != ["step-2", "step-4"]:
         _fail(
             cls,
-            f"with train.steps=4 and checkpoint_every=2 the run holds checkpoints {steps}; expected ['step-2', 'step-4'].",
+            f"with train.steps=4 and checkpoint_every=2 the run holds checkpoints {steps}; expected ['step-2', "
+            "'step-4'].",
             "Save with job.save_checkpoint(step, ...) every checkpoint_every steps and at the end.",
         )
     if not resume:
