@@ -89,15 +89,15 @@ def disk_full_error(folder: Path, what: str, kept: str, then: str = "run the sam
         free = "free space unknown"
     if "--resume" in then:  # the run goes on from its checkpoints, here: a new output_dir would hold none
         room = (
-            "delete what this run no longer needs, such as older checkpoints/step-N folders (train.keep_last cannot "
-            "make this room: it deletes old checkpoints only after the next one is written), or move the whole run "
-            "directory to a larger disk and pass --output-dir with its new place"
+            ": delete what this run no longer needs, such as older checkpoints/step-N folders (train.keep_last "
+            "cannot make this room: it deletes old checkpoints only after the next one is written), or move the "
+            "whole run directory to a larger disk and pass --output-dir with its new place;"
         )
     else:
-        room = "or point output_dir at a larger disk, or set train.keep_last to keep fewer checkpoints"
+        room = " (or point output_dir at a larger disk, or set train.keep_last to keep fewer checkpoints),"
     return CheckpointError(
         f"{folder}: the disk is full (no space left on the device, or the disk quota is used up) while writing {what}; "
-        f"{free} on that file system. {kept} Free some space there ({room}), then {then}."
+        f"{free} on that file system. {kept} Free some space there{room} then {then}."
     )
 
 
