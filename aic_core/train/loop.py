@@ -90,8 +90,9 @@ class TrainSteps(ABC):
 
 def train_loop(job: TrainJob, steps: TrainSteps) -> None:
     """Train from `steps.start` to train.steps (or `job.stop_at`), logging, evaluating and checkpointing into
-    `job.run_dir` as the spec says."""
+    `job.run_dir` as the spec says. The model recomputes activations as train.activation_checkpointing says."""
     spec, t, dist = job.spec, job.spec.train, job.dist
+    job.model.activation_checkpointing = t.activation_checkpointing  # per-block recompute (the Transformer's)
     seq_len = t.seq_len or job.model.config.block_size
     start, device = steps.start, steps.device
     end = min(t.steps, job.stop_at or t.steps)

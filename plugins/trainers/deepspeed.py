@@ -371,7 +371,6 @@ class _DeepSpeedSteps(TrainSteps):
             torch.cuda.set_device(device)
         self.built_sharded = _sharded(job.model)  # by zero.Init (build_model), before deepspeed.initialize
         model = job.model if self.built_sharded else job.model.to(device)  # zero.Init placed its shards already
-        model.activation_checkpointing = t.activation_checkpointing
         config = build_config(options, spec, dist.world_size, device)
         self.ckpts = ckpts = Path(job.run_dir) / "checkpoints"
 

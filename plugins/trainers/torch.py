@@ -77,7 +77,6 @@ class _TorchSteps(TrainSteps):
 
         self.job, self.t = job, t
         self.model = model = job.model.to(device)
-        model.activation_checkpointing = t.activation_checkpointing  # per-block recompute (aic_core.nn.transformer)
         self.optimizer = adamw(model, t, device)
         self.scheduler = lr_schedule(self.optimizer, t)
         if job.resume_from is not None:

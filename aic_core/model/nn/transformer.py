@@ -66,7 +66,7 @@ class Transformer(nn.Module):
     dropout masks are the same and gradients equal a run without it). It trades about one more forward
     pass per step for activation memory of one block instead of all of them. Only the training forward
     checkpoints (training mode, gradients enabled, no KV cache), never evaluation or generation.
-    Trainers set it from `train.activation_checkpointing` (`model.activation_checkpointing = ...`).
+    The training loop sets it from `train.activation_checkpointing` (aic_core.train.loop).
     """
 
     def __init__(self, config: TransformerConfig, positional: Positional) -> None:
