@@ -43,7 +43,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not any(_is_train(r) for r in records):
         raise CheckpointError(
             f"{path}: {'holds no training loss' if path.is_file() else 'not found'}, so there is nothing to report. "
-            f"Pass the directory of a run that trained (`aic run SPEC` writes metrics.jsonl there), e.g. runs/austen-tiny."
+            "Pass the directory of a run that trained (`aic run SPEC` writes metrics.jsonl there), "
+            "e.g. runs/austen-tiny."
         )
     return records
 
@@ -129,7 +130,8 @@ def summarize(
     spec = ckpt.state["spec"] if ckpt is not None else resolved  # what trained the final weights
     if "train" not in spec:
         raise CheckpointError(
-            f"{run_dir}: has neither a checkpoint nor {RESOLVED}, so its training settings are unknown. Pass a run directory that `aic run` wrote."
+            f"{run_dir}: has neither a checkpoint nor {RESOLVED}, so its training settings are unknown. "
+            "Pass a run directory that `aic run` wrote."
         )
     train = spec["train"]
     block_size = ckpt.state["model_config"]["block_size"] if ckpt is not None else spec["model"].get("block_size")

@@ -239,7 +239,7 @@ def check_options(cls: type, options: dict[str, Any] | None = None) -> None:
         _fail(
             cls,
             "Options accepted an unknown key.",
-            "Subclass aic_core.plugins.kinds.PluginOptions (extra='forbid'): a typo in a spec must be an error.",
+            "Subclass aic_core.kinds.PluginOptions (extra='forbid'): a typo in a spec must be an error.",
         )
     try:
         json.dumps(Options.model_json_schema())
@@ -490,7 +490,7 @@ def check_positional(cls: type, options: dict[str, Any] | None = None) -> None:
         if not isinstance(positional, Positional):
             _fail(
                 cls,
-                f"build() returned {type(positional).__name__}, not an aic_core.plugins.kinds.Positional.",
+                f"build() returned {type(positional).__name__}, not an aic_core.kinds.Positional.",
                 "Subclass Positional (an nn.Module).",
             )
         return positional
@@ -579,7 +579,7 @@ def check_model(
     config = plugin.config(spec.model, vocab)
     if not isinstance(config, Config):
         _fail(
-            cls, f"config() returned {type(config).__name__}, not an aic_core.model.nn.transformer.TransformerConfig."
+            cls, f"config() returned {type(config).__name__}, not an aic_core.nn.transformer.TransformerConfig."
         )
     if config.vocab_size < vocab:
         _fail(
@@ -601,7 +601,7 @@ def check_model(
         if not isinstance(model, Transformer):
             _fail(
                 cls,
-                f"build() returned {type(model).__name__}, not an aic_core.model.nn.transformer.Transformer (or "
+                f"build() returned {type(model).__name__}, not an aic_core.nn.transformer.Transformer (or "
                 "subclass).",
                 "Build the core Transformer and change its modules, or subclass it: generation, checkpoints and "
                 "trainers use its forward(idx, targets, positions, attention_mask, cache, last_only), new_cache() "
@@ -663,7 +663,7 @@ def check_tokenizer(
     loaded = plugin.load(section, path)
     for tok, how in ((trained, "the tokenizer train() returned"), (loaded, "the tokenizer load() returned")):
         if not isinstance(tok, Tokenizer):
-            _fail(cls, f"{how} is a {type(tok).__name__}, not an aic_core.plugins.kinds.Tokenizer.")
+            _fail(cls, f"{how} is a {type(tok).__name__}, not an aic_core.kinds.Tokenizer.")
         if not isinstance(tok.vocab_size, int) or tok.vocab_size <= 0:
             _fail(cls, f"{how} has vocab_size {tok.vocab_size!r}; it must be a positive int.")
         for special in ("bos_id", "eos_id"):

@@ -150,7 +150,8 @@ def encode_files(
         return data
     if not may_encode:
         raise DataError(
-            f"{field}: the token cache {bin_path} is missing, though another process was to write it. Check that data.cache_dir is one folder all processes of a machine share."
+            f"{field}: the token cache {bin_path} is missing, though another process was to write it. "
+            "Check that data.cache_dir is one folder all processes of a machine share."
         )
     workers = read.workers or available_cpus()
     started_ns = time.time_ns()
@@ -159,8 +160,9 @@ def encode_files(
     if echo:
         rate = summary.input_bytes / max(summary.seconds, 1e-9)
         echo(
-            f"{field}: encoded {len(inputs):,} file{'s' if len(inputs) != 1 else ''} ({summary.input_bytes / 1e6:,.1f} MB, {summary.n_docs:,} documents) "
-            f"into {summary.n_tokens:,} tokens in {summary.seconds:.1f}s ({rate / 1e6:.1f} MB/s, {summary.n_tokens / max(summary.seconds, 1e-9):,.0f} tokens/s, "
+            f"{field}: encoded {len(inputs):,} file{'s' if len(inputs) != 1 else ''} ({summary.input_bytes / 1e6:,.1f} "
+            f"MB, {summary.n_docs:,} documents) into {summary.n_tokens:,} tokens in {summary.seconds:.1f}s "
+            f"({rate / 1e6:.1f} MB/s, {summary.n_tokens / max(summary.seconds, 1e-9):,.0f} tokens/s, "
             f"{summary.workers} worker{'s' if summary.workers != 1 else ''})"
         )
     return TokenData(np.memmap(bin_path, dtype=_dtype(tokenizer), mode="r", shape=(summary.n_tokens,)), summary.n_bytes)
@@ -192,8 +194,10 @@ def _report_bad_rows(field: str, inputs: list[DataFile], meta: dict, read: ReadO
         summary = Summary(n_bad=n_bad, bad=meta["bad"])
         raise DataError(refused_message(field, inputs[0].field, summary, sum(r["size"] for r in meta["files"])))
     warnings.warn(
-        f'{field}: left out {n_bad:,} bad row{"s" if n_bad != 1 else ""} (data.bad_rows is "skip"), kept {meta["n_docs"]:,} documents: '
-        f"{'; '.join(meta['bad'])}{' ...' if n_bad > len(meta['bad']) else ''}"
+        f'{field}: left out {n_bad:,} bad row{"s" if n_bad != 1 else ""} (data.bad_rows is "skip"), '
+        f"kept {meta['n_docs']:,} documents: "
+        f"{'; '.join(meta['bad'])}{' ...' if n_bad > len(meta['bad']) else ''}",
+        stacklevel=2,
     )
 
 
@@ -222,18 +226,22 @@ def _open_cache(bin_path: Path, meta_path: Path) -> tuple[TokenData, dict] | Non
     else:
         size, expected = bin_path.stat().st_size, n_tokens * dtype.itemsize
         if size != expected:
-            problem = f"{bin_path} is {size:,} bytes, but {meta_path.name} describes {n_tokens:,} {dtype.name} tokens ({expected:,} bytes): it is truncated or damaged"
+            problem = (
+                f"{bin_path} is {size:,} bytes, but {meta_path.name} describes {n_tokens:,} {dtype.name} tokens "
+                f"({expected:,} bytes): it is truncated or damaged"
+            )
         else:
             problem = _changed_since(meta)
     if problem is None:
         return TokenData(np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)), n_bytes), meta
-    warnings.warn(f"token cache: {problem}; deleting it and encoding the corpus again.")
+    warnings.warn(f"token cache: {problem}; deleting it and encoding the corpus again.", stacklevel=2)
     try:
         meta_path.unlink(missing_ok=True)  # the metadata first: a reader never sees it without its array
         bin_path.unlink(missing_ok=True)
     except OSError as exc:
         raise DataError(
-            f"data.cache_dir: cannot delete the damaged token cache {bin_path} ({exc.strerror or exc}). Delete it by hand, or set data.cache_dir to a writable folder."
+            f"data.cache_dir: cannot delete the damaged token cache {bin_path} ({exc.strerror or exc}). "
+            "Delete it by hand, or set data.cache_dir to a writable folder."
         ) from None
     return None
 
@@ -283,7 +291,8 @@ def _write_cache(
         if summary.n_tokens == 0:
             skipped = f" ({summary.n_bad:,} bad rows were left out)" if summary.n_bad else ""
             raise DataError(
-                f"{field}: no documents to encode{skipped}: every row is empty or bad. Check data.text_field and the files."
+                f"{field}: no documents to encode{skipped}: every row is empty or bad. "
+                "Check data.text_field and the files."
             )
         os.replace(tmp, bin_path)
         with open(tmp_meta, "w") as f:
@@ -362,7 +371,8 @@ def tokenizer_corpus(entries: list[str], read: ReadOptions, folder: Path) -> Ite
                     for text, _, ends, k, problem in rows(task, read.text_field):
                         if k == -1:
                             raise DataError(
-                                f"{f.where} is not UTF-8 text: {where_not_utf8(f.path)}. Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or remove it from the list."
+                                f"{f.where} is not UTF-8 text: {where_not_utf8(f.path)}. Convert it to UTF-8 (e.g. "
+                                "`iconv -f latin1 -t utf-8`) or remove it from the list."
                             )
                         if problem is not None:
                             summary.n_bad += 1
@@ -413,19 +423,22 @@ def load_splits(
     else:
         if len(train) < 2 * need:
             raise DataError(
-                f"data.train: the corpus is too small for a training context of {seq_len} tokens: {_names(train_files)} "
-                f"{'holds' if len(train_files) == 1 else 'hold'} {train.n_bytes:,} bytes, {len(train):,} tokens. A training or validation "
-                f"window is train.seq_len + 1 = {seq_len + 1} tokens and each split needs at least {need}, so {2 * need} in all when "
-                f"the validation split is cut from data.train. Add more text to data.train, lower train.seq_len "
-                f"(default: model.block_size), or give a separate validation file in data.val."
+                f"data.train: the corpus is too small for a training context of {seq_len} tokens: "
+                f"{_names(train_files)} {'holds' if len(train_files) == 1 else 'hold'} {train.n_bytes:,} bytes, "
+                f"{len(train):,} tokens. A training or validation window is train.seq_len + 1 = {seq_len + 1} tokens "
+                f"and each split needs at least {need}, so {2 * need} in all when the validation split is cut from "
+                "data.train. Add more text to data.train, lower train.seq_len (default: model.block_size), "
+                "or give a separate validation file in data.val."
             )
         n_val = max(int(len(train) * val_fraction), need)
         if n_val > len(train) * val_fraction:
             warnings.warn(
-                f"data.val_fraction: the corpus is only {len(train):,} tokens, so the validation split is {n_val:,} tokens, "
-                f"{n_val / len(train):.1%} of it instead of val_fraction {val_fraction:.1%}: one window of train.seq_len + 1 = "
-                f"{seq_len + 1} tokens (and one more) is the least a split can be. Training keeps {len(train) - n_val:,} tokens. "
-                "Add more text, or give a separate validation file in data.val."
+                f"data.val_fraction: the corpus is only {len(train):,} tokens, so the validation split is {n_val:,} "
+                f"tokens, {n_val / len(train):.1%} of it instead of val_fraction {val_fraction:.1%}: "
+                f"one window of train.seq_len + 1 = {seq_len + 1} tokens (and one more) is the least a split can be. "
+                f"Training keeps {len(train) - n_val:,} tokens. Add more text, "
+                "or give a separate validation file in data.val.",
+                stacklevel=2,
             )
         cut = len(train) - n_val
         val_ids = train.ids[cut:]
@@ -435,10 +448,10 @@ def load_splits(
     for data, field, files in ((train, "data.train", train_files), (val, "data.val", val_files)):
         if len(data) < need:  # only with data.val given: a split cut from data.train was sized above
             raise DataError(
-                f"{field}: too little text for a training context of {seq_len} tokens: {_names(files)} "
-                f"{'holds' if len(files) == 1 else 'hold'} {data.n_bytes:,} bytes, {len(data):,} tokens, but a window is "
-                f"train.seq_len + 1 = {seq_len + 1} tokens and {field} needs at least {need}. Add more text to {field}, "
-                f"or lower train.seq_len (default: model.block_size)."
+                f"{field}: too little text for a training context of {seq_len} tokens: "
+                f"{_names(files)} {'holds' if len(files) == 1 else 'hold'} {data.n_bytes:,} bytes, "
+                f"{len(data):,} tokens, but a window is train.seq_len + 1 = {seq_len + 1} tokens and {field} needs at "
+                f"least {need}. Add more text to {field}, or lower train.seq_len (default: model.block_size)."
             )
     return train, val
 

@@ -55,11 +55,13 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
     config_path = folder / HF_CONFIG
     if not folder.exists():
         raise CheckpointError(
-            f"{folder}: no such folder. Pass a Hugging Face model folder (config.json + model.safetensors), e.g. one written by save_pretrained."
+            f"{folder}: no such folder. Pass a Hugging Face model folder (config.json + model.safetensors), e.g. "
+            "one written by save_pretrained."
         )
     if not folder.is_dir():
         raise CheckpointError(
-            f"{folder}: is a file, not a folder. Pass the Hugging Face model folder that holds config.json and model.safetensors."
+            f"{folder}: is a file, not a folder. Pass the Hugging Face model folder that holds config.json "
+            "and model.safetensors."
         )
     if not config_path.is_file():
         raise CheckpointError(
@@ -187,8 +189,9 @@ def open_source(path: Path, registry: Registry | None = None) -> ModelSource:
     spec = ckpt.state["spec"]
     if spec.get("adapter"):
         raise CheckpointError(
-            f"{ckpt.path}: holds a model with a '{spec['adapter']['type']}' adapter. Merge it into its base first "
-            f"(`aic merge {path} OUT`) and use OUT; or export the adapter alone with `aic export {path} --format peft OUT`."
+            f"{ckpt.path}: holds a model with a '{spec['adapter']['type']}' adapter. "
+            f"Merge it into its base first (`aic merge {path} OUT`) and use OUT; "
+            f"or export the adapter alone with `aic export {path} --format peft OUT`."
         )
     has_tok = ckpt.tokenizer_path.is_file()
     return ModelSource(
@@ -227,7 +230,8 @@ def build_model(
             model,
             src.weights(config),
             str(src.path),
-            "the spec's model (model.init_from: keys set in the spec's model section override the source's, and shapes must match its weights)",
+            "the spec's model (model.init_from: keys set in the spec's model section override the source's, "
+            "and shapes must match its weights)",
         )
     if spec.adapter is not None:  # wraps target modules in place and freezes the base
         registry.get("adapter", spec.adapter.type).apply(model, spec.adapter)
@@ -247,7 +251,10 @@ class Loaded:
 
 
 def load_checkpoint_model(
-    path: Path, registry: Registry | None = None, device: torch.device | str = "cpu", checkpoint: Checkpoint | None = None
+    path: Path,
+    registry: Registry | None = None,
+    device: torch.device | str = "cpu",
+    checkpoint: Checkpoint | None = None,
 ) -> Loaded:
     """A run directory (its latest checkpoint), a checkpoint folder or a Hugging Face model folder -> model,
     tokenizer and spec. `checkpoint` is the checkpoint of `path` when the caller has opened it already."""
@@ -258,14 +265,16 @@ def load_checkpoint_model(
     spec = spec_from_resolved(ckpt.state["spec"], registry, source=str(ckpt.path / "state.json"))
     if not ckpt.has_tokenizer or spec.tokenizer is None:
         raise CheckpointError(
-            f"{ckpt.path}: holds no tokenizer (it was imported from a folder without one), so it cannot turn text into tokens. "
-            f"Put the model's tokenizer file (for sentencepiece: tokenizer.model) in the Hugging Face folder and import it again."
+            f"{ckpt.path}: holds no tokenizer (it was imported from a folder without one), "
+            "so it cannot turn text into tokens. Put the model's tokenizer file (for sentencepiece: tokenizer.model) "
+            "in the Hugging Face folder and import it again."
         )
     actual = file_sha256(ckpt.tokenizer_path)
     if actual != ckpt.state["tokenizer_hash"]:
         raise CheckpointError(
             f"{ckpt.tokenizer_path}: this tokenizer (sha256 {actual[:12]}) is not the one the model was trained with "
-            f"(sha256 {ckpt.state['tokenizer_hash'][:12]}); token ids would mean different things. Restore the checkpoint's own tokenizer.model."
+            f"(sha256 {ckpt.state['tokenizer_hash'][:12]}); token ids would mean different things. "
+            "Restore the checkpoint's own tokenizer.model."
         )
     tokenizer = load_tokenizer(spec, registry, ckpt.tokenizer_path)
     model = build_model(spec, registry, tokenizer.vocab_size)
@@ -279,8 +288,8 @@ def _load_hf_folder(folder: Path, registry: Registry, device: torch.device | str
     if tok is None:
         files = ", ".join(sorted({n for p in registry.plugins("tokenizer").values() for n in p.hf_files})) or "none"
         raise CheckpointError(
-            f"{folder}: a Hugging Face model folder without a tokenizer file aic can read (looked for: {files}), so text "
-            f"cannot be turned into tokens. Put the model's tokenizer file in the folder."
+            f"{folder}: a Hugging Face model folder without a tokenizer file aic can read (looked for: {files}), "
+            "so text cannot be turned into tokens. Put the model's tokenizer file in the folder."
         )
     imported = import_hf(folder, registry)
     spec = model_spec(imported.options, registry, str(folder / "config.json"), {"type": tok[0].name})
@@ -288,7 +297,8 @@ def _load_hf_folder(folder: Path, registry: Registry, device: torch.device | str
     if tokenizer.vocab_size > imported.model.config.vocab_size:
         raise CheckpointError(
             f"{tok[1]}: this tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
-            f"({imported.model.config.vocab_size}); it is not the model's tokenizer. Put the model's own tokenizer file in {folder}."
+            f"({imported.model.config.vocab_size}); it is not the model's tokenizer. "
+            f"Put the model's own tokenizer file in {folder}."
         )
     return Loaded(imported.model.to(device).eval(), tokenizer, spec, None)
 
@@ -347,9 +357,10 @@ def load_adapter(model: Transformer, folder: Path, registry: Registry | None = N
     base_hash = tensors_sha256(model.state_dict())
     if base_hash != meta.get("base_sha256"):
         raise CheckpointError(
-            f"{folder}: this adapter was trained on another base model (base sha256 {str(meta.get('base_sha256'))[:12]}, "
-            f"trained from {meta.get('base') or 'an unrecorded source'}); the model given has sha256 {base_hash[:12]}. "
-            f"An adapter only fits the exact weights it was trained on: load it onto its own base."
+            f"{folder}: this adapter was trained on another base model (base sha256 "
+            f"{str(meta.get('base_sha256'))[:12]}, trained from {meta.get('base') or 'an unrecorded source'}); "
+            f"the model given has sha256 {base_hash[:12]}. An adapter only fits the exact weights it was trained on: "
+            "load it onto its own base."
         )
     options = dict(meta["adapter"])
     plugin = registry.get("adapter", options.pop("type"))
@@ -357,8 +368,9 @@ def load_adapter(model: Transformer, folder: Path, registry: Registry | None = N
     expected = set(plugin.adapter_state(model))
     if expected != set(tensors):
         raise CheckpointError(
-            f"{folder / ADAPTER_WEIGHTS}: its tensors do not match the adapter in {ADAPTER_META} "
-            f"(missing: {', '.join(sorted(expected - set(tensors))[:6]) or 'none'}; unexpected: {', '.join(sorted(set(tensors) - expected)[:6]) or 'none'})."
+            f"{folder / ADAPTER_WEIGHTS}: its tensors do not match the adapter in {ADAPTER_META} (missing: "
+            f"{', '.join(sorted(expected - set(tensors))[:6]) or 'none'}; unexpected: "
+            f"{', '.join(sorted(set(tensors) - expected)[:6]) or 'none'})."
         )
     model.load_state_dict(tensors, strict=False)
     return sorted(expected)

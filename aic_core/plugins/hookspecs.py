@@ -26,27 +26,27 @@ Register = Callable[[type], None]
 
 @hookspec
 def aic_register_models(register: Register) -> None:
-    """Register model plugin classes (subclasses of aic_core.plugins.kinds.ModelPlugin)."""
+    """Register model plugin classes (subclasses of aic_core.kinds.ModelPlugin)."""
 
 
 @hookspec
 def aic_register_positional_encodings(register: Register) -> None:
-    """Register positional-encoding plugin classes (subclasses of aic_core.plugins.kinds.PositionalPlugin)."""
+    """Register positional-encoding plugin classes (subclasses of aic_core.kinds.PositionalPlugin)."""
 
 
 @hookspec
 def aic_register_adapters(register: Register) -> None:
-    """Register adapter plugin classes (subclasses of aic_core.plugins.kinds.AdapterPlugin)."""
+    """Register adapter plugin classes (subclasses of aic_core.kinds.AdapterPlugin)."""
 
 
 @hookspec
 def aic_register_tokenizers(register: Register) -> None:
-    """Register tokenizer plugin classes (subclasses of aic_core.plugins.kinds.TokenizerPlugin)."""
+    """Register tokenizer plugin classes (subclasses of aic_core.kinds.TokenizerPlugin)."""
 
 
 @hookspec
 def aic_register_trainers(register: Register) -> None:
-    """Register trainer plugin classes (subclasses of aic_core.plugins.kinds.TrainerPlugin)."""
+    """Register trainer plugin classes (subclasses of aic_core.kinds.TrainerPlugin)."""
 
 
 HOOK_FOR_KIND = KIND_HOOKS  # {kind: the hook above that registers it}

@@ -27,7 +27,7 @@ from aic_core.plugins.kinds import BASES, KINDS, Plugin
 ENTRY_POINT_GROUP = "aic"
 BUILTIN_DISTRIBUTION = "aic"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")
-# Keys a plugin section holds besides the plugin's options (aic_core.spec.ModelSection): an option of the same name would clash.
+# Keys a plugin section holds besides the plugin's options (aic_core.spec.ModelSection): options may not reuse them.
 SECTION_KEYS = {"model": ("positional", "init_from")}
 
 
@@ -178,20 +178,27 @@ class Registry:
     def _invalid(kind: str, cls: Any) -> str | None:
         base = BASES[kind]
         if not (inspect.isclass(cls) and issubclass(cls, base)):
-            return f"registered {cls!r}, which is not a subclass of aic_core.plugins.kinds.{base.__name__}"
+            return f"registered {cls!r}, which is not a subclass of aic_core.kinds.{base.__name__}"
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not _NAME_RE.match(name):
             return f"class {cls.__name__} needs a `name` of lower-case letters, digits, '_', '-', '.' (got {name!r})"
         options = getattr(cls, "Options", None)
         if not (inspect.isclass(options) and issubclass(options, BaseModel)):
-            return f"{cls.__name__}.Options must be a Pydantic model (subclass aic_core.plugins.kinds.PluginOptions); got {options!r}"
+            return (
+                f"{cls.__name__}.Options must be a Pydantic model (subclass aic_core.kinds.PluginOptions); "
+                f"got {options!r}"
+            )
         if options.model_config.get("extra") != "forbid":
-            return f"{cls.__name__}.Options must forbid unknown keys (model_config extra='forbid'; subclass aic_core.plugins.kinds.PluginOptions)"
+            return (
+                f"{cls.__name__}.Options must forbid unknown keys "
+                f"(model_config extra='forbid'; subclass aic_core.kinds.PluginOptions)"
+            )
         if "type" in options.model_fields:
             return f"{cls.__name__}.Options must not define a field named 'type': the spec uses it to pick the plugin"
         taken = [f for f in SECTION_KEYS.get(kind, ()) if f in options.model_fields]
         if taken:
-            return f"{cls.__name__}.Options must not define {', '.join(repr(f) for f in taken)}: the spec's {kind} section uses these keys itself"
+            names = ", ".join(repr(f) for f in taken)
+            return f"{cls.__name__}.Options must not define {names}: the spec's {kind} section uses these keys itself"
         try:
             options.model_json_schema()
         except Exception as exc:
@@ -218,8 +225,8 @@ class Registry:
             installed = ", ".join(f"'{n}'" for n in self.names(kind)) or "none"
             at = f"{where}: " if where else ""
             raise PluginError(
-                f"{at}unknown {kind} plugin '{name}'{did_you_mean(name, self.names(kind))}. "
-                f"Installed {kind} plugins: {installed}. Run `aic plugins` to see all plugins and any that failed to load."
+                f"{at}unknown {kind} plugin '{name}'{did_you_mean(name, self.names(kind))}. Installed {kind} plugins: "
+                f"{installed}. Run `aic plugins` to see all plugins and any that failed to load."
             )
         return plugin
 

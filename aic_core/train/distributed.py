@@ -122,7 +122,8 @@ def launcher_world() -> tuple[int, int, int, int]:
             return int(value)
         except ValueError:
             raise SpecError(
-                f"{name}={value!r} in the environment is not a number; it is set by torchrun or deepspeed. Unset it to run as one process."
+                f"{name}={value!r} in the environment is not a number; it is set by torchrun or deepspeed. "
+                "Unset it to run as one process."
             ) from None
 
     world = read("WORLD_SIZE", 1)
@@ -131,7 +132,8 @@ def launcher_world() -> tuple[int, int, int, int]:
     local_world = read("LOCAL_WORLD_SIZE", world)
     if world < 1 or not 0 <= rank < world:
         raise SpecError(
-            f"RANK={rank}, WORLD_SIZE={world} in the environment do not describe a process of a group; launch with torchrun or deepspeed, or unset them."
+            f"RANK={rank}, WORLD_SIZE={world} in the environment do not describe a process of a group; "
+            "launch with torchrun or deepspeed, or unset them."
         )
     return rank, world, local_rank, local_world
 

@@ -77,7 +77,7 @@ def loss_and_grads(
 
 
 class CountCheckpoint:
-    """Wraps aic_core.model.nn.transformer.checkpoint, counting the blocks it runs."""
+    """Wraps aic_core.nn.transformer.checkpoint, counting the blocks it runs."""
 
     def __init__(self, monkeypatch) -> None:
         self.calls = 0

@@ -52,7 +52,7 @@ def shorten(spec_path: Path) -> dict:
 
 
 def test_every_example_spec_reads_data_inside_the_repository():
-    """A clean clone has nothing beside it: every data file an example names is in the repository, and not ignored by git."""
+    """A clean clone has nothing beside it: every data file an example names is in the repository, not ignored."""
     specs = spec_files()
     assert {p.name for p in specs} >= {"austen-tiny.json", "tinyllama-tiny.json", "austen-lora.json"}
     repo = REPO.resolve()

@@ -81,7 +81,8 @@ def test_the_cycle_finder_finds_cycles_through_function_level_imports(tmp_path):
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     source = tmp_path / "m.py"
     source.write_text(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import aic_core.x\ndef f():\n    from aic_core.y import z\n"
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import aic_core.x\ndef f():\n    from "
+        "aic_core.y import z\n"
     )
     assert imports(source, {"aic_core.x", "aic_core.y"}) == {"aic_core.y"}
 

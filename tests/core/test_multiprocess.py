@@ -76,10 +76,11 @@ def test_two_processes_train_exactly_as_one(tmp_path, corpus):
     assert double == pytest.approx(single, rel=1e-5)
     val = [r["val_loss"] for r in records(tmp_path / "one") if "val_loss" in r]
     assert [r["val_loss"] for r in records(tmp_path / "two") if "val_loss" in r] == pytest.approx(val, rel=1e-5)
+
     # Rank 0 writes every file; a 2-process run leaves what a 1-process run leaves.
-    names = lambda d: sorted(
-        str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and "tensorboard" not in p.parts
-    )  # noqa: E731
+    def names(d: Path) -> list[str]:
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and "tensorboard" not in p.parts)
+
     assert names(tmp_path / "two") == names(tmp_path / "one")
     assert result.stdout.count("train: done") == 1  # one voice: rank 0's
 

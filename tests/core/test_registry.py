@@ -162,7 +162,7 @@ def test_class_of_the_wrong_kind_is_refused():
     reg = Registry([ep("wrong", Tok), ep("good", model_class("alpha"))], strict=False)
     rec = record(reg, "tok")
     assert rec.status == "error" and rec.kind == "model"
-    assert "not a subclass of aic_core.plugins.kinds.ModelPlugin" in rec.error
+    assert "not a subclass of aic_core.kinds.ModelPlugin" in rec.error
     assert reg.names("model") == ["alpha"]
 
 
