@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
     from aic_core.model.nn.positional import Positional
     from aic_core.model.nn.transformer import Transformer, TransformerConfig
+    from aic_core.plan.columns import MemoryInputs, Strategy
+    from aic_core.plan.shape import AdapterLayer
     from aic_core.spec import RunSpec
     from aic_core.train.distributed import Dist
     from aic_core.train.loop import TrainSteps
@@ -94,6 +96,12 @@ class PositionalPlugin(Plugin):
 
     @abstractmethod
     def build(self, options: PluginOptions, config: TransformerConfig) -> Positional: ...
+
+    def plan_cache_bytes(self, options: PluginOptions, config: TransformerConfig, batch_size: int, seq_len: int) -> int:
+        """For `aic plan`: the bytes of what this encoding computes once per forward of a (batch_size, seq_len)
+        micro-batch and every layer's backward pass keeps (RoPE: its float32 cos and sin tables). Its parameters
+        and registered buffers are counted with the model's; default 0."""
+        return 0
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -223,6 +231,15 @@ class AdapterPlugin(Plugin):
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The adapter's own tensors (CPU), named as in the model's state dict."""
 
+    def plan_layers(self, options: PluginOptions, linears: dict[str, tuple[int, int]]) -> dict[str, AdapterLayer]:
+        """For `aic plan`, which counts the model without building it: `linears` maps each linear layer of the
+        model ("blocks.3.attn.qkv", "lm_head") to its (in_features, out_features); return, for each one `apply`
+        would wrap, what it adds (`aic_core.plan.shape.AdapterLayer`: its trainable tensors, what its branch saves
+        for the backward pass, the autocast copies it keeps), and raise as `apply` would for targets that match
+        nothing. The plan takes the base as frozen, as `apply` leaves it. Default: {} (the plan then counts the
+        frozen base alone, and says so)."""
+        return {}
+
     def to_peft(
         self,
         model: nn.Module,
@@ -299,6 +316,25 @@ class TrainerPlugin(Plugin):
     kind = "trainer"
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16")
+
+    def plan_memory(self, options: PluginOptions | None, inputs: MemoryInputs) -> list[Strategy]:
+        """For `aic plan`: what this trainer keeps per device (weights, gradients, optimizer state, its buffers)
+        at `inputs.world_size`, one column (`aic_core.plan.columns.Strategy`) per way it trains; `aic plan` shows
+        every installed trainer's columns. `inputs` (`aic_core.plan.columns.MemoryInputs`) is what the core counted:
+        the model's elements, the micro-batch, device, precision; `inputs.column(...)` adds the activations, the
+        loss buffer and the CUDA workspaces to the states given and finds the peak. `options`: the spec's, when the
+        spec trains with this plugin, else None. A column with `fallback=True` is not shown: the fit advice offers
+        it (by its `advice` text) when no shown column fits. Default: the core's column, plain PyTorch on one
+        process and DDP on several (the torch trainer's)."""
+        from aic_core.plan.columns import data_parallel_column
+
+        return [data_parallel_column(inputs)]
+
+    def plan_column(self, options: PluginOptions, world_size: int) -> str | None:
+        """For `aic plan`: the name of the column a run with these options trains with (one of `plan_memory`'s,
+        or the core's "torch" / "ddp", `aic_core.plan.columns.data_parallel_name(world_size)`); default None: the
+        first `plan_memory` returns."""
+        return None
 
     def device(self, options: PluginOptions, local_rank: int) -> torch.device:
         """The device this process trains on; under a launcher, LOCAL_RANK picks the GPU. The core starts the

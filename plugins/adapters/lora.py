@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,13 +28,15 @@ from torch import nn
 from aic_core.errors import PluginError
 from aic_core.hookspecs import hookimpl
 from aic_core.kinds import AdapterPlugin, PluginOptions
+from aic_core.plan.shape import AdapterLayer, LayerInput
 
 ALL_LINEAR = "all-linear"
 OUTPUT_HEAD = "lm_head"
 
 
 class LoRALinear(nn.Linear):
-    """nn.Linear plus a low-rank update; `merge` folds the update into `weight` in place, `unmerge` undoes it exactly."""
+    """nn.Linear plus a low-rank update; `merge` folds the update into `weight` in place, `unmerge` undoes it
+    exactly."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
         nn.Module.__init__(self)
@@ -116,8 +120,51 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 
+def _regex(patterns: list[str]) -> re.Pattern:
+    """`any(_matches(name, p) for p in patterns)` as one regex: `aic plan` asks about every linear layer of models
+    that may be 100,000 blocks deep."""
+    every = rf"(?!(?:.*\.)?{re.escape(OUTPUT_HEAD)}\Z).*\Z"  # all-linear: any name but the head's
+    parts = [every if p == ALL_LINEAR else fnmatch.translate(g) for p in patterns for g in (p, "*." + p)]
+    return re.compile("|".join(f"(?:{part})" for part in parts), re.DOTALL)
+
+
 def linear_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _unmatched(options: LoRAOptions, layers: list[str]) -> None:
+    unmatched = [p for p in options.targets if not any(_matches(n, p) for n in layers)]
+    if unmatched:
+        raise PluginError(
+            f"adapter.targets: {', '.join(repr(p) for p in unmatched)} matches no linear layer of this model. "
+            f"Its linear layers are: {_layer_kinds(layers)} (in every block: blocks.N.<name>). "
+            f"Use one of those, a pattern such as 'mlp.*', or 'all-linear'."
+        )
+
+
+@dataclass(frozen=True)
+class LoRALayerPlan(AdapterLayer):
+    """What LoRA adds to a wrapped linear layer, for `aic plan`: A (r, in) and B (out, r), trainable; the branch
+    saves its input (dropped, with the mask, under dropout; a bf16 copy under autocast) and x A^T (r wide, for B's
+    gradient). The backward pass keeps the autocast copy of B always, of A when the input needs a gradient."""
+
+    r: int = 0
+    dropout: float = 0.0
+
+    def saved(self, x: LayerInput) -> int:
+        element = x.compute_bytes if x.cast else x.bytes
+        saved = 0
+        if self.dropout > 0:
+            if x.requires_grad:
+                saved += x.mask_bytes * x.features  # the mask
+            saved += element * x.features  # the dropped input, or its bf16 copy
+        elif x.cast or not x.saved:
+            saved += element * x.features
+        return saved + x.compute_bytes * self.r  # x @ A^T, saved by B's matmul
+
+    def weight_copies(self, requires_grad: bool) -> int:
+        a, b = self.tensors
+        return (a if requires_grad else 0) + b
 
 
 def _layer_kinds(names: list[str]) -> str:
@@ -137,13 +184,7 @@ class LoRA(AdapterPlugin):
 
     def apply(self, model: nn.Module, options: LoRAOptions) -> list[str]:
         layers = linear_layers(model)
-        unmatched = [p for p in options.targets if not any(_matches(n, p) for n in layers)]
-        if unmatched:
-            raise PluginError(
-                f"adapter.targets: {', '.join(repr(p) for p in unmatched)} matches no linear layer of this model. "
-                f"Its linear layers are: {_layer_kinds(layers)} (in every block: blocks.N.<name>). "
-                f"Use one of those, a pattern such as 'mlp.*', or 'all-linear'."
-            )
+        _unmatched(options, layers)
         chosen = [n for n in layers if any(_matches(n, p) for p in options.targets)]
         for p in model.parameters():
             p.requires_grad_(False)
@@ -156,6 +197,15 @@ class LoRA(AdapterPlugin):
                 LoRALinear(getattr(parent, child), options.r, options.alpha, options.dropout, options.use_rslora),
             )
         return chosen
+
+    def plan_layers(self, options: LoRAOptions, linears: dict[str, tuple[int, int]]) -> dict[str, AdapterLayer]:
+        if not all(any(map(_regex([p]).match, linears)) for p in options.targets):
+            _unmatched(options, list(linears))  # a pattern matches nothing: say which, as apply does
+        match = _regex(options.targets).match
+        r, plans = options.r, {}
+        for fan_in, fan_out in set(linears.values()):  # one plan per layer shape
+            plans[fan_in, fan_out] = LoRALayerPlan(tensors=(r * fan_in, fan_out * r), r=r, dropout=options.dropout)
+        return {n: plans[shape] for n, shape in linears.items() if match(n)}
 
     def wrapped(self, model: nn.Module) -> dict[str, LoRALinear]:
         return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}

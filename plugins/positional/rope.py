@@ -34,12 +34,14 @@ class RopeOptions(PluginOptions):
         1.0,
         gt=0,
         le=1,
-        description="Fraction of each head's dims that rotate (GPT-NeoX 0.25, Phi 0.4): the first int(head_dim * fraction), which must be even.",
+        description="Fraction of each head's dims that rotate (GPT-NeoX 0.25, Phi 0.4): "
+        "the first int(head_dim * fraction), which must be even.",
     )
     scaling_factor: float = Field(
         1.0,
         ge=1,
-        description="Linear position scaling (position interpolation): positions are divided by this, to stretch the trained context.",
+        description="Linear position scaling (position interpolation): positions are divided by this, "
+        "to stretch the trained context.",
     )
 
 
@@ -50,7 +52,8 @@ class RotaryPositions(Positional):
         super().__init__()
         self.head_dim, self.rotary_dim = head_dim, rotary_dim
         self.theta, self.scaling_factor = theta, scaling_factor
-        # inv_freq exactly as transformers computes it (float32 pow, then / factor for "linear"), so the angles match bit for bit.
+        # inv_freq exactly as transformers computes it (float32 pow, then / factor for "linear"), so the angles
+        # match bit for bit.
         exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
         self.inv_freq = 1.0 / (theta**exponents) / scaling_factor  # (rotary_dim/2,)
         self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
@@ -85,7 +88,10 @@ class RotaryPositions(Positional):
         return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, theta={self.theta}, scaling_factor={self.scaling_factor}"
+        return (
+            f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, theta={self.theta}, "
+            f"scaling_factor={self.scaling_factor}"
+        )
 
 
 def rotary_dim(n_embd: int, n_head: int, fraction: float) -> int:
@@ -143,6 +149,10 @@ class Rope(PositionalPlugin):
     def build(self, options: RopeOptions, config: TransformerConfig) -> Positional:
         r = rotary_dim(config.n_embd, config.n_head, options.rotary_fraction)
         return RotaryPositions(config.head_dim, r, options.theta, options.scaling_factor)
+
+    def plan_cache_bytes(self, options: RopeOptions, config: TransformerConfig, batch_size: int, seq_len: int) -> int:
+        """cos and sin, (B, 1, T, rotary_dim/2) float32 each: computed once per forward, kept by every layer."""
+        return 2 * (rotary_dim(config.n_embd, config.n_head, options.rotary_fraction) // 2) * 4 * batch_size * seq_len
 
 
 @hookimpl

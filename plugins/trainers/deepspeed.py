@@ -50,6 +50,7 @@ from aic_core.train.common import (
 )
 from aic_core.train.distributed import launcher_world
 from aic_core.train.loop import MicroBatches, TrainSteps
+from aic_plugins.trainers.deepspeed_plan import ZeroPlan
 
 INSTALL = (
     "the deepspeed trainer needs DeepSpeed, which is not installed here. Install it with "
@@ -228,7 +229,7 @@ def build_config(options: DeepSpeedTrainerOptions, spec: RunSpec, world: int, de
     return _merge(config, options.config)
 
 
-class DeepSpeedTrainer(TrainerPlugin):
+class DeepSpeedTrainer(ZeroPlan, TrainerPlugin):
     name = "deepspeed"
     Options = DeepSpeedTrainerOptions
 
