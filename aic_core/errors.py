@@ -9,6 +9,13 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+# What a missing optional extra is refused with, wherever it is found missing (the spec's check, the metrics log).
+TENSORBOARD_MISSING = (
+    "train.log_to: 'tensorboard' asks for TensorBoard logging, but the tensorboard package is not installed here. "
+    'Install it with `pip install "aic[tensorboard]"`, or remove "tensorboard" from train.log_to (metrics.jsonl is '
+    "always written)."
+)
+
 
 class AicError(Exception):
     """Base class: a problem the user can fix. `str(err)` is the whole message."""

@@ -53,7 +53,8 @@ from aic_core.model.loading import (
 )
 from aic_core.model.nn.transformer import Transformer
 from aic_core.plan.memory import check_fits
-from aic_core.plugins.kinds import Tokenizer, TrainerPlugin, TrainJob
+from aic_core.plan.shape import count_model
+from aic_core.plugins.kinds import AdapterPlugin, Tokenizer, TrainerPlugin, TrainJob
 from aic_core.plugins.registry import Registry, get_registry
 from aic_core.report import write_report
 from aic_core.spec import RunSpec, resolved_dict, warn_surprises
@@ -301,9 +302,6 @@ def run(
     check_data_files(spec.data)  # missing, a folder, unreadable or empty: named as data.train[i] / data.val[i]
     if "train" in stages:
         check_cache_dir(token_cache_dir(spec.data.cache_dir))  # a file in its place: said before any work
-    if spec.adapter is not None and "train" in stages:
-        with torch.device("meta"):  # no memory, no weights: only that the adapter's targets exist in this model
-            build_model(spec, registry, 1)
     if stop_at is not None and "train" not in stages:
         raise SpecError(f"--stop-at: only applies to the train stage, which is not among --stage {','.join(stages)}.")
     _check_stop_at(stop_at, spec, None)
@@ -311,7 +309,9 @@ def run(
     device = trainer.device(spec.train.trainer, world[2])
     _check_world(spec, stages, world, device)
     if "train" in stages:
-        check_fits(spec, registry, world_size=world[1], device=device)  # the analytic plan; allocates nothing
+        planned = check_fits(spec, registry, world_size=world[1], device=device)  # the analytic plan; allocates nothing
+        if spec.adapter is not None:
+            _check_adapter_targets(spec, registry, planned is not None)
     resolved = resolved_dict(spec, registry)
     dist = setup(device, world)
     lock = RunLock(run_dir)
@@ -333,6 +333,20 @@ def run(
         return _pipeline(ctx)
     finally:
         lock.__exit__()
+
+
+def _check_adapter_targets(spec: RunSpec, registry: Registry, planned: bool) -> None:
+    """The adapter's targets exist in this model, before any work. An adapter that tells the plan which layers it
+    wraps (AdapterPlugin.plan_layers) has been checked by the plan, counted from one block, or is checked that way
+    here when the plan could not be made yet (the vocabulary comes with the tokenizer); another adapter is applied
+    to the model built on the meta device (no memory, no weights)."""
+    adapter = registry.get("adapter", spec.adapter.type)
+    if type(adapter).plan_layers is not AdapterPlugin.plan_layers:
+        if not planned:
+            count_model(spec, registry, vocab_size=1)
+        return
+    with torch.device("meta"):
+        build_model(spec, registry, 1)
 
 
 def _again(spec_path: str | Path, output_dir: str | Path | None) -> str:

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from aic_core.errors import AicError, SpecError, did_you_mean
+from aic_core.errors import TENSORBOARD_MISSING, AicError, SpecError, did_you_mean
 from aic_core.plugins.kinds import KINDS
 from aic_core.plugins.registry import Registry
 
@@ -511,13 +511,6 @@ def _check_positional(spec: RunSpec, registry: Registry, source: str) -> None:
             f"Lower generate.max_new_tokens below {block_size} (minus the prompt's length), or use an extrapolating "
             f"positional encoding such as rope or alibi."
         )
-
-
-TENSORBOARD_MISSING = (
-    "train.log_to: 'tensorboard' asks for TensorBoard logging, but the tensorboard package is not installed here. "
-    'Install it with `pip install "aic[tensorboard]"`, or remove "tensorboard" from train.log_to (metrics.jsonl is '
-    "always written)."
-)
 
 
 def check_log_to(spec: Any) -> None:

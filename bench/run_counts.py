@@ -1,11 +1,11 @@
 """How often one `aic run` opens or rebuilds things: state.json reads, model builds, `model.init_from` opens,
-resolved-spec computations, trainer look-ups, latest-checkpoint scans.
+resolved-spec computations, checkpoint openings, latest-checkpoint scans.
 
-    python bench/run_counts.py            # a tiny spec shaped like examples/austen-tiny.json, then a LoRA run on it
-    python bench/run_counts.py --stages eval,generate
+    python bench/run_counts.py         # the example's shape: a run, its eval and generate stages, a LoRA run on it
+    python bench/run_counts.py --json
 
 It runs the pipeline in this process under cProfile, counting calls by function name, and counts every read of a
-file named state.json (writes aside). The runs are small (a few steps) so that the counts, not the training, take the time.
+file named state.json (writes aside). The runs are a few steps long: the counts, not the training, take the time.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "data" / "persuasion.txt"
-COUNTED = {
-    "Transformer.__init__": ("transformer.py", "__init__", "Transformer"),
-    "open_source": ("loading.py", "open_source", None),
-    "resolved_dict": ("spec.py", "resolved_dict", None),
-    "latest_checkpoint": ("checkpoint.py", "latest_checkpoint", None),
-    "open_checkpoint": ("checkpoint.py", "open_checkpoint", None),
+COUNTED = {  # label: (file name, function name)
+    "Transformer.__init__": ("transformer.py", "__init__"),
+    "open_source": ("loading.py", "open_source"),
+    "resolved_dict": ("spec.py", "resolved_dict"),
+    "latest_checkpoint": ("checkpoint.py", "latest_checkpoint"),
+    "open_checkpoint": ("checkpoint.py", "open_checkpoint"),
 }
 
 
@@ -64,12 +64,11 @@ class StateReads:
         builtins.open = io.open = self._open
 
 
-def calls(profile: cProfile.Profile, trainer_module: str = "trainers") -> dict[str, int]:
+def calls(profile: cProfile.Profile) -> dict[str, int]:
     stats = pstats.Stats(profile)
     out = dict.fromkeys(COUNTED, 0)
-    out["registry.get('trainer', ...)"] = 0
     for (file, _line, name), (_cc, nc, *_rest) in stats.stats.items():
-        for label, (fname, fn, _cls) in COUNTED.items():
+        for label, (fname, fn) in COUNTED.items():
             if file.endswith(fname) and name == fn:
                 out[label] += nc
     return out
@@ -92,7 +91,6 @@ def measure(spec: dict, folder: Path, stages: list[str] | None, resume: bool = F
     out = {"state.json reads": reads.count, **calls(profile)}
     if init_from:
         out["init_from state.json reads"] = reads.under[str(init_from)]
-    out.pop("registry.get('trainer', ...)")
     return out
 
 

@@ -578,9 +578,7 @@ def check_model(
     vocab = CONTRACT_CONFIG.vocab_size
     config = plugin.config(spec.model, vocab)
     if not isinstance(config, Config):
-        _fail(
-            cls, f"config() returned {type(config).__name__}, not an aic_core.nn.transformer.TransformerConfig."
-        )
+        _fail(cls, f"config() returned {type(config).__name__}, not an aic_core.nn.transformer.TransformerConfig.")
     if config.vocab_size < vocab:
         _fail(
             cls,
@@ -601,8 +599,7 @@ def check_model(
         if not isinstance(model, Transformer):
             _fail(
                 cls,
-                f"build() returned {type(model).__name__}, not an aic_core.nn.transformer.Transformer (or "
-                "subclass).",
+                f"build() returned {type(model).__name__}, not an aic_core.nn.transformer.Transformer (or subclass).",
                 "Build the core Transformer and change its modules, or subclass it: generation, checkpoints and "
                 "trainers use its forward(idx, targets, positions, attention_mask, cache, last_only), new_cache() "
                 "and wte.",

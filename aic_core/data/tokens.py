@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -51,7 +52,9 @@ from aic_core.data.inputs import (
 )
 from aic_core.errors import DataError
 from aic_core.files import file_sha256
-from aic_core.plugins.kinds import Tokenizer
+
+if TYPE_CHECKING:  # annotations only: the kinds import the training loop, which reads token data
+    from aic_core.plugins.kinds import Tokenizer
 
 __all__ = [
     "ReadOptions",

@@ -192,8 +192,6 @@ def _probe(positional: nn.Module, c: TransformerConfig) -> tuple[bool, bool]:
 
 def count_model(spec: Any, registry: Any, vocab_size: int | None = None) -> ModelShape:
     """The spec's model counted from its config: one block on the meta device, times n_layer."""
-    from aic_core.plugins.kinds import AdapterPlugin
-
     model_plugin = registry.get("model", spec.model.type)
     positional_plugin = registry.get("positional", spec.model.positional.type)
     with torch.device("meta"):
@@ -229,8 +227,9 @@ def count_model(spec: Any, registry: Any, vocab_size: int | None = None) -> Mode
             prefix + n: shape for i in range(L) for prefix in (f"blocks.{i}.",) for n, shape in shapes_of[template(i)]
         }
         names.update({n: (m.in_features, m.out_features) for n, m in outside_linears.items()})
-        wrapped = dict(adapter.plan_layers(adapter_spec, names))
-        if type(adapter).plan_layers is AdapterPlugin.plan_layers:
+        told = adapter.plan_layers(adapter_spec, names)
+        wrapped = dict(told or {})
+        if told is None:
             notes.append(
                 f"adapter '{adapter_spec.type}' does not tell the plan what it adds (AdapterPlugin.plan_layers): "
                 "planned as the frozen base alone."

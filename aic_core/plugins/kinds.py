@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from aic_core.train.distributed import Dist
     from aic_core.train.loop import TrainSteps
 
-# Names of the torch side, imported when first asked for (`from aic_core.plugins.kinds import Positional` works as before).
+# Names of the torch side, imported when first asked for (`from aic_core.kinds import Positional` works as before).
 _LAZY = {
     "Positional": "aic_core.model.nn.positional",
     "Transformer": "aic_core.model.nn.transformer",
@@ -73,7 +73,7 @@ class Plugin(ABC):
     name: ClassVar[str]
     Options: ClassVar[type[PluginOptions]] = PluginOptions
 
-    def check(self, options: PluginOptions, spec: RunSpec) -> None:
+    def check(self, options: PluginOptions, spec: RunSpec) -> None:  # noqa: B027 - optional, empty by default
         """Refuse, with a SpecError or PluginError, a spec this plugin cannot serve. Called before any work."""
 
     @classmethod
@@ -231,14 +231,16 @@ class AdapterPlugin(Plugin):
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The adapter's own tensors (CPU), named as in the model's state dict."""
 
-    def plan_layers(self, options: PluginOptions, linears: dict[str, tuple[int, int]]) -> dict[str, AdapterLayer]:
+    def plan_layers(
+        self, options: PluginOptions, linears: dict[str, tuple[int, int]]
+    ) -> dict[str, AdapterLayer] | None:
         """For `aic plan`, which counts the model without building it: `linears` maps each linear layer of the
         model ("blocks.3.attn.qkv", "lm_head") to its (in_features, out_features); return, for each one `apply`
         would wrap, what it adds (`aic_core.plan.shape.AdapterLayer`: its trainable tensors, what its branch saves
         for the backward pass, the autocast copies it keeps), and raise as `apply` would for targets that match
-        nothing. The plan takes the base as frozen, as `apply` leaves it. Default: {} (the plan then counts the
-        frozen base alone, and says so)."""
-        return {}
+        nothing. The plan takes the base as frozen, as `apply` leaves it. Default: None, the adapter does not say (the
+        plan then counts the frozen base alone, and says so)."""
+        return None
 
     def to_peft(
         self,

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,9 +21,11 @@ from tqdm import tqdm
 
 from aic_core.data.tokens import TokenData
 from aic_core.devices import resolve_device  # noqa: F401 - trainers import it from here (aic_core.training)
-from aic_core.spec import RunSpec, TrainSpec
 from aic_core.train.checkpoint import Checkpoint, disk_full_error, is_disk_full, open_checkpoint
 from aic_core.train.distributed import Dist
+
+if TYPE_CHECKING:  # annotations only: the spec imports the plugin kinds, whose trainers run this
+    from aic_core.spec import RunSpec, TrainSpec
 
 EVAL_STREAM, TRAIN_STREAM = 1, 0
 
@@ -167,8 +169,7 @@ class MetricsLog:
             try:
                 import torch.utils.tensorboard  # noqa: F401
             except ImportError:
-                from aic_core.errors import SpecError
-                from aic_core.spec import TENSORBOARD_MISSING
+                from aic_core.errors import TENSORBOARD_MISSING, SpecError
 
                 raise SpecError(TENSORBOARD_MISSING) from None
         self._file = open(self.path, "a", encoding="utf-8")

@@ -233,7 +233,7 @@ def test_damaged_trainer_state_refuses_resume(trained, tmp_path, capsys):
 
 
 def test_folders_written_by_write_checkpoint_dir_carry_hashes_and_adapters_are_checked(tmp_path):
-    """`aic import hf` and `aic merge` write through write_checkpoint_dir; an adapter's file is checked with `verified`."""
+    """`aic import hf` and `aic merge` write through write_checkpoint_dir; adapter files are checked with `verified`."""
     from safetensors.torch import save
 
     folder = tmp_path / "imported"

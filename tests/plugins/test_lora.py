@@ -218,7 +218,8 @@ def test_lora_trains_on_cuda_in_bf16_and_merges_on_cpu(bases, tmp_path, corpus):
 
 
 def test_lora_from_an_hf_folder_fits_the_same_base_in_aic_format(bases, tmp_path, corpus):
-    """The base hash is over the tensors, not the file: an adapter trained from the HF export of a base loads onto the aic base."""
+    """The base hash is over the tensors, not the file: an adapter trained from the HF export of a base loads onto
+    the aic base."""
     export_hf(bases["gpt2"], tmp_path / "base-hf")
     run = lora(tmp_path, corpus, tmp_path / "base-hf", targets=["mlp.*"])
     assert json.loads((list_checkpoints(run)[-1] / "adapter.json").read_text())["base"] == str(
