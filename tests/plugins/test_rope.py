@@ -15,8 +15,8 @@ from aic_core.spec import parse_spec
 from tests.conftest import tiny_spec
 
 transformers = pytest.importorskip("transformers")
-from transformers.models.gpt_neox import modeling_gpt_neox as neox
-from transformers.models.llama.modeling_llama import (
+from transformers.models.gpt_neox import modeling_gpt_neox as neox  # noqa: E402 - after importorskip
+from transformers.models.llama.modeling_llama import (  # noqa: E402
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
 )
