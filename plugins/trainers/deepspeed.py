@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import enum
 import importlib
 import json
 import os
@@ -544,11 +545,21 @@ def _load_without_pickle(path: str, map_location=None):
     """DeepSpeed reads its checkpoint files with torch.load(weights_only=False), which runs whatever code a crafted
     file holds. Resuming, aic reads them instead with weights_only=True and an allow-list of DeepSpeed's record
     types, so a file that holds anything else is refused, not run."""
-    allowed = []
+    allowed: list = []
     for name in DS_SAFE_GLOBALS:
         module, _, attr = name.rpartition(".")
         with contextlib.suppress(ImportError, AttributeError):
             allowed.append(getattr(importlib.import_module(module), attr))
+    enums = tuple(c for c in allowed if isinstance(c, type) and issubclass(c, enum.Enum))
+
+    def enum_member(cls, name: str):
+        """What `builtins.getattr` may do in these files: Python 3.11.0-3.11.4 pickle an enum member (ZeroStageEnum)
+        as getattr(EnumClass, "name"). Only a member of an allowed enum is given; anything else is refused."""
+        if cls in enums and isinstance(name, str) and name in cls.__members__:
+            return cls[name]
+        raise pickle.UnpicklingError(f"GLOBAL builtins.getattr on {cls!r}, {name!r}")
+
+    allowed.append((enum_member, "builtins.getattr"))
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)

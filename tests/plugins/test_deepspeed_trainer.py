@@ -360,3 +360,30 @@ def test_resume_is_exact_for_each_stage(tmp_path, corpus, stage):
     assert main(["run", str(path), "--stage", "tokenizer,train", "--stop-at", "2"]) == 0
     assert main(["run", str(path), "--stage", "tokenizer,train", "--resume"]) == 0
     assert losses(resumed) == losses(straight) and list(losses(straight)) == [1, 2, 3, 4]
+
+
+class _ByName:
+    """Pickles as getattr(cls, name): how Python 3.11.0-3.11.4 pickle an enum member (Debian 12's python3 is 3.11.2)."""
+
+    def __init__(self, cls, name: str) -> None:
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return getattr, (self.cls, self.name)
+
+
+@needs_deepspeed
+def test_an_enum_member_pickled_by_name_resumes_and_nothing_else_does(tmp_path):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from aic_core.errors import SpecError
+    from aic_plugins.trainers.deepspeed import _load_without_pickle
+
+    good = tmp_path / "states.pt"
+    torch.save({"zero_stage": _ByName(ZeroStageEnum, "optimizer_states"), "x": torch.ones(2)}, good)
+    loaded = _load_without_pickle(str(good))
+    assert loaded["zero_stage"] is ZeroStageEnum.optimizer_states and torch.equal(loaded["x"], torch.ones(2))
+    bad = tmp_path / "crafted.pt"
+    torch.save({"f": _ByName(ZeroStageEnum, "__class__")}, bad)  # an attribute, not a member: refused
+    with pytest.raises(SpecError, match="aic does not unpickle"):
+        _load_without_pickle(str(bad))
