@@ -80,5 +80,7 @@ def test_an_init_from_source_is_opened_once(counts, base_run, tmp_path):
     spec.pop("tokenizer")
     run(write_spec(tmp_path / "lora.json", spec), echo=lambda _: None)
     assert counts["open_source"] == 1  # its sections, its weights and its tokenizer, from one opening
+    # The plan's one-block count (which checks the adapter's targets too) and the model trained.
+    assert counts["builds"] == 2
     # The base's state.json once (by that opening), the run's own checkpoint once.
     assert counts["state.json reads"] == 2
