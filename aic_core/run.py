@@ -28,7 +28,6 @@ from aic_core.data.tokens import (
     ReadOptions,
     check_cache_dir,
     check_data_files,
-    file_sha256,
     load_splits,
     token_cache_dir,
     tokenizer_corpus,
@@ -41,6 +40,7 @@ from aic_core.errors import (
     SpecError,
     did_you_mean,
 )
+from aic_core.files import file_sha256
 from aic_core.generate import generate
 from aic_core.model.loading import (
     Loaded,

@@ -121,7 +121,8 @@ class WorkerWatch(threading.Thread):
 
 
 def run_encode(folder: Path, form: str, workers: int) -> dict:
-    from aic_core.data.tokens import ReadOptions, encode_files, file_sha256
+    from aic_core.data.tokens import ReadOptions, encode_files
+    from aic_core.files import file_sha256
     from aic_plugins.tokenizers.sentencepiece import SentencePiece
 
     tok_path = tokenizer(folder)

@@ -62,7 +62,6 @@ __all__ = [
     "check_cache_dir",
     "check_data_files",
     "encode_files",
-    "file_sha256",
     "load_splits",
     "token_cache_dir",
     "tokenizer_corpus",

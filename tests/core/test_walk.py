@@ -16,21 +16,7 @@ import torch
 from aic_core.cli import main
 from aic_core.plugins.registry import get_registry
 from tests.conftest import tiny_spec, write_spec
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under a folder (the lock file aside) and its bytes."""
-    return {
-        str(p.relative_to(folder)): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != ".aic.lock"
-    }
-
-
-def _error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
+from tests.core.test_hardening import _error, _snapshot
 
 
 def _deny_write(monkeypatch, *paths: Path) -> None:
