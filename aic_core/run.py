@@ -542,6 +542,7 @@ def _train_stage(ctx: RunContext, resume_from: Path | None) -> bool:
         ctx.stop_at,
         adapter,
         dist,
+        tokens=tokenizer.roles(),
     )
     t0 = time.perf_counter()
     try:

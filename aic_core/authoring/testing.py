@@ -697,6 +697,22 @@ def check_tokenizer(
             tok.decode(tok.encode(head) + [tok.eos_id] + tok.encode(tail)), str
         ):
             _fail(cls, f"{how}: decode() fails on ids that contain eos_id (the core puts it between documents).")
+        specials = getattr(tok, "special_ids", {})
+        if not isinstance(specials, dict) or not all(
+            isinstance(t, str) and t and isinstance(i, int) and 0 <= i < tok.vocab_size for t, i in specials.items()
+        ):
+            _fail(cls, f"{how} has special_ids {str(specials)[:120]}; it must map non-empty strings to ids.")
+        for token, token_id in specials.items():
+            typed = f"{head}{token}{tail}"
+            if token_id in tok.encode(typed):
+                _fail(
+                    cls,
+                    f"{how}: encode() gives the id of special token {token!r} for its characters typed in a text.",
+                    "encode reads text as text; only encode_with_special gives special tokens' ids (tiktoken's "
+                    "allowed_special), so a document or prompt cannot forge a chat template's tokens.",
+                )
+            if token_id not in tok.encode_with_special(typed):
+                _fail(cls, f"{how}: encode_with_special() does not give the id of special token {token!r}.")
     if trained.vocab_size != loaded.vocab_size or trained.encode(sample) != loaded.encode(sample):
         _fail(cls, "the loaded tokenizer differs from the one train() returned (vocab_size or ids of the sample).")
 

@@ -459,17 +459,24 @@ def load_splits(
 
 
 def decoded_bytes(tokenizer: Tokenizer, ids: np.ndarray, group: int = 1 << 20) -> int:
-    """UTF-8 bytes of decode(ids), decoded a group of about `group` tokens at a time so that memory stays bounded.
-    Groups end just after an end-of-text token, where no character's bytes (byte-fallback pieces) are split."""
-    if tokenizer.eos_id is None or len(ids) <= group:
-        return len(tokenizer.decode([int(i) for i in ids]).encode("utf-8"))
+    """UTF-8 bytes of the text of `ids`: decode(ids) without the end-of-text tokens between documents (they are no
+    text, whatever a tokenizer's decode writes for them), a group of about `group` tokens at a time so that memory
+    stays bounded. Groups end just after an end-of-text token, where no character's bytes (byte-fallback pieces) are
+    split."""
+    eos = tokenizer.eos_id
+
+    def text_bytes(part: np.ndarray) -> int:
+        return len(tokenizer.decode(part[part != eos].tolist() if eos is not None else part.tolist()).encode("utf-8"))
+
+    if eos is None or len(ids) <= group:
+        return text_bytes(np.asarray(ids))
     total, start = 0, 0
     while start < len(ids):
         end = min(start + group, len(ids))
         if end < len(ids):
-            ends = np.flatnonzero(ids[start:end] == tokenizer.eos_id)
-            end = start + int(ends[-1]) + 1 if len(ends) else _next_eos(ids, end, tokenizer.eos_id)
-        total += len(tokenizer.decode(ids[start:end].tolist()).encode("utf-8"))
+            ends = np.flatnonzero(ids[start:end] == eos)
+            end = start + int(ends[-1]) + 1 if len(ends) else _next_eos(ids, end, eos)
+        total += text_bytes(ids[start:end])
         start = end
     return total
 

@@ -27,7 +27,9 @@ from aic_core.errors import CheckpointError, PluginError
 from aic_core.files import file_sha256
 from aic_core.model.loading import (
     HF_CONFIG,
+    TOKENIZER_PROBES,
     build_from_section,
+    check_tokenizer_fits,
     hf_tokenizer,
     import_hf,
     is_hf_folder,
@@ -142,15 +144,19 @@ def import_hf_folder(folder: Path, out: Path, registry: Registry | None = None) 
     vs_hf = _check(f"import of {folder}", reference, transformers_logits(folder, ids), str(out))
     tok = hf_tokenizer(folder, registry)
     raw: dict[str, Any] = {"name": _run_name(out.name), "model": imported.options}
+    tokenizer = None
     if tok is not None:
-        raw["tokenizer"] = {"type": tok[0].name}
+        raw["tokenizer"] = tok.section
+        tokenizer = tok.load()
+        check_tokenizer_fits(tokenizer, imported.model.config.vocab_size, folder, tok)
     spec = parse_spec(raw, registry, source=str(folder / HF_CONFIG), model_only=True)
     tmp = _prepare_out(out)
     try:
         state = {
             "step": 0,
             "spec": resolved_dict(spec, registry),
-            "tokenizer_hash": file_sha256(tok[1]) if tok else None,
+            "tokenizer_hash": file_sha256(tok.path) if tok else None,
+            "tokens": tokenizer.roles() if tokenizer else None,
             "model_config": imported.model.config.to_dict(),
             "metrics": {},
             "imported_from": {
@@ -159,7 +165,7 @@ def import_hf_folder(folder: Path, out: Path, registry: Registry | None = None) 
                 "architectures": read_hf_config(folder).get("architectures"),
             },
         }
-        write_checkpoint_dir(tmp, model_state(imported.model), None, state, tok[1] if tok else None)
+        write_checkpoint_dir(tmp, model_state(imported.model), None, state, tok.path if tok else None)
         reloaded = open_source(tmp, registry)
         model = build_from_section(reloaded.model_section, registry, reloaded.vocab_size, str(tmp))
         load_weights(model, reloaded.weights(model.config), str(tmp), "the imported model")
@@ -167,7 +173,8 @@ def import_hf_folder(folder: Path, out: Path, registry: Registry | None = None) 
         _finish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ConversionReport(out, imported.model.num_params(), vs_hf, vs_reload, tok[1].name if tok else None)
+    tok_files = ", ".join(tok.files) if tok else None
+    return ConversionReport(out, imported.model.num_params(), vs_hf, vs_reload, tok_files)
 
 
 def _run_name(name: str) -> str:
@@ -200,8 +207,9 @@ def export_hf(source: Path, out: Path, registry: Registry | None = None) -> Conv
     if src.tokenizer_path is not None and spec.tokenizer is not None:
         tok_plugin = registry.get("tokenizer", spec.tokenizer.type)
         tokenizer = (tok_plugin, tok_plugin.load(spec.tokenizer, src.tokenizer_path))
-        hf_config.setdefault("bos_token_id", tokenizer[1].bos_id)
-        hf_config.setdefault("eos_token_id", tokenizer[1].eos_id)
+        for role in ("bos", "eos", "pad"):
+            if getattr(tokenizer[1], f"{role}_id") is not None or role != "pad":
+                hf_config.setdefault(f"{role}_token_id", getattr(tokenizer[1], f"{role}_id"))
     hf_state = plugin.state_dict_to_hf(model_state(model), model.config)
     ids = probe_ids(model.config.vocab_size, model.config.block_size)
     reference = aic_logits(model, ids)
@@ -236,19 +244,11 @@ def export_hf(source: Path, out: Path, registry: Registry | None = None) -> Conv
     return ConversionReport(out, model.num_params(), vs_hf, vs_reload, ", ".join(tok_names) or None, vs_tok, notes)
 
 
-# Texts on which an exported tokenizer must give aic's ids and text in transformers.AutoTokenizer: runs of
-# spaces, tabs and newlines, leading and trailing spaces, CRLF, characters outside a small vocabulary, a "▁".
-TOKENIZER_PROBES = (
-    'Anne Elliot had been walking for an hour; "Captain Wentworth," she said, "is come."\n\n',
-    "  two leading spaces, three   inside,\ttabs\t\tand one trailing \n\n\nafter blank lines\r\nCRLF",
-    "é—… naïve “quoted” Straße 日本語 🦙 0123456789",
-    "a literal ▁, ▁▁ twice, and at the end ▁",
-)
-
-
 def transformers_tokenizer_check(folder: Path, tokenizer: Tokenizer, what: str, where: str) -> int | None:
     """Load `transformers.AutoTokenizer` from `folder` and compare its ids and decoded text with aic's tokenizer on
-    TOKENIZER_PROBES: the number of texts compared, or None without transformers."""
+    TOKENIZER_PROBES and on a text that holds every special token: the number of texts compared, or None without
+    transformers. transformers matches special tokens in a text unless asked not to (`split_special_tokens=True`): its
+    default is aic's `encode_with_special`, and split_special_tokens is aic's `encode`, which reads them as text."""
     try:
         import transformers
     except ImportError:
@@ -261,15 +261,29 @@ def transformers_tokenizer_check(folder: Path, tokenizer: Tokenizer, what: str, 
             f"{what}: transformers {transformers.__version__} could not load the exported tokenizer "
             f"({type(exc).__name__}: {exc}); {where} was not written. Please report this with the tokenizer file."
         ) from None
-    for text in TOKENIZER_PROBES:
-        ours, theirs = tokenizer.encode(text), list(hf(text)["input_ids"])
+    specials = " and ".join(sorted(tokenizer.special_ids))
+    cases = [(text, tokenizer.encode, True) for text in TOKENIZER_PROBES]
+    if specials:
+        text = f"{specials}, typed:\n{specials}"
+        cases += [(text, tokenizer.encode, True), (text, tokenizer.encode_with_special, False)]
+    for text, encode, split in cases:
+        ours = encode(text)
+        theirs = list(hf(text, split_special_tokens=split, add_special_tokens=False)["input_ids"])
         if theirs != ours or hf.decode(theirs) != tokenizer.decode(ours):
+            how = "as text (split_special_tokens)" if split and specials else "with its special tokens"
             raise CheckpointError(
                 f"{what}: transformers {transformers.__version__} AutoTokenizer gives other ids or text than aic's "
-                f"tokenizer for {text!r} (aic: {ours[:16]}, transformers: {theirs[:16]}), so {where} was not written. "
-                "Please report this with the tokenizer file."
+                f"tokenizer for {text!r} read {how} (aic: {ours[:16]}, transformers: {theirs[:16]}), so {where} was "
+                "not written. Please report this with the tokenizer file."
             )
-    return len(TOKENIZER_PROBES)
+    for role in ("bos", "eos", "pad"):
+        ours = getattr(tokenizer, f"{role}_id")
+        if ours is not None and getattr(hf, f"{role}_token_id") != ours:
+            raise CheckpointError(
+                f"{what}: transformers' {role}_token_id is {getattr(hf, f'{role}_token_id')}, aic's {role} id is "
+                f"{ours}, so {where} was not written. Please report this with the tokenizer file."
+            )
+    return len(cases)
 
 
 # --- adapters: merge, load onto a base, PEFT export --------------------------------------------------------

@@ -130,13 +130,89 @@ def hf_model_section(config: dict[str, Any], registry: Registry, where: str) -> 
     return plugin, section
 
 
-def hf_tokenizer(folder: Path, registry: Registry) -> tuple[TokenizerPlugin, Path] | None:
-    """The tokenizer plugin and file an HF folder carries (by the plugins' `hf_files`), if any."""
+# Texts on which two readings of one tokenizer must agree (a folder's tokenizer files of two kinds), and on which an
+# exported tokenizer must give aic's ids and text in transformers.AutoTokenizer: runs of spaces, tabs and newlines,
+# leading and trailing spaces, CRLF, characters outside a small vocabulary, a "▁".
+TOKENIZER_PROBES = (
+    'Anne Elliot had been walking for an hour; "Captain Wentworth," she said, "is come."\n\n',
+    "  two leading spaces, three   inside,\ttabs\t\tand one trailing \n\n\nafter blank lines\r\nCRLF",
+    "é—… naïve “quoted” Straße 日本語 🦙 0123456789",
+    "a literal ▁, ▁▁ twice, and at the end ▁",
+)
+
+
+@dataclass
+class HFTokenizer:
+    """The tokenizer of a Hugging Face model folder, as a tokenizer plugin reads it."""
+
+    plugin: TokenizerPlugin
+    section: dict[str, Any]  # the spec's tokenizer section: {"type": ..., options...}
+    path: Path  # its one file: the folder's own, or what the plugin made of the folder's files
+    files: list[str]  # the folder's files it was found by
+
+    def load(self) -> Tokenizer:
+        options = self.plugin.Options(**{k: v for k, v in self.section.items() if k != "type"})
+        return self.plugin.load(options, self.path)
+
+
+_converted: Any = None  # a TemporaryDirectory for tokenizer files made from a folder's files, for this process
+
+
+def _tokenizer_file(folder: Path, names: list[str], data: bytes) -> Path:
+    """The folder's own file when `data` is it, else `data` written to this process's temporary folder."""
+    for name in names:
+        if (folder / name).read_bytes() == data:
+            return folder / name
+    global _converted
+    if _converted is None:
+        import tempfile
+
+        _converted = tempfile.TemporaryDirectory(prefix="aic-hf-tokenizers-")
+    import hashlib
+
+    path = Path(_converted.name) / f"{hashlib.sha256(data).hexdigest()[:16]}.tokenizer"
+    if not path.is_file():
+        path.write_bytes(data)
+    return path
+
+
+def hf_tokenizer(folder: Path, registry: Registry) -> HFTokenizer | None:
+    """The tokenizer an HF folder carries, found by the tokenizer plugins' `hf_files` and read by their
+    `from_hf_folder`; None when it holds none.
+
+    A folder may hold the files of two kinds of tokenizer: Llama's ship tokenizer.model (SentencePiece) and the
+    tokenizer.json transformers made of it, and aic's own exports do the same. Each is then loaded, and where they
+    give the same ids and text on TOKENIZER_PROBES the one that is not tokenizer.json is taken (tokenizer.json is the
+    format every other is converted to, so the other is the original); where they differ, the folder is refused."""
+    folder = Path(folder)
+    found = []
     for plugin in registry.plugins("tokenizer").values():
-        for name in plugin.hf_files:
-            if (Path(folder) / name).is_file():
-                return plugin, Path(folder) / name
-    return None
+        names = [name for name in plugin.hf_files if (folder / name).is_file()]
+        if names:
+            options, data = plugin.from_hf_folder(folder)
+            section = {"type": plugin.name, **options}
+            found.append(HFTokenizer(plugin, section, _tokenizer_file(folder, names, data), names))
+    if len(found) <= 1:
+        return found[0] if found else None
+    found.sort(key=lambda t: "tokenizer.json" in t.files)
+    first, loaded = found[0], found[0].load()
+    for other in found[1:]:
+        theirs = other.load()
+        for text in TOKENIZER_PROBES:
+            ours_ids, their_ids = loaded.encode(text), theirs.encode(text)
+            if (
+                ours_ids != their_ids
+                or loaded.vocab_size != theirs.vocab_size
+                or loaded.decode(ours_ids) != theirs.decode(their_ids)
+            ):
+                raise CheckpointError(
+                    f"{folder}: holds tokenizer files of two kinds that are not the same tokenizer: "
+                    f"{', '.join(first.files)} (read by the {first.plugin.name} plugin, {loaded.vocab_size} tokens) "
+                    f"and {', '.join(other.files)} ({other.plugin.name}, {theirs.vocab_size} tokens) give different "
+                    f"ids for {text[:40]!r}. Remove the files of the tokenizer that is not the model's; nothing was "
+                    "written."
+                )
+    return first
 
 
 def hf_state_dict(plugin: ModelPlugin, folder: Path, config: TransformerConfig) -> dict[str, torch.Tensor]:
@@ -180,8 +256,8 @@ def open_source(path: Path, registry: Registry | None = None) -> ModelSource:
             path,
             "hf",
             section,
-            {"type": tok[0].name} if tok else None,
-            tok[1] if tok else None,
+            tok.section if tok else None,
+            tok.path if tok else None,
             section["vocab_size"],
             load,
         )
@@ -292,15 +368,20 @@ def _load_hf_folder(folder: Path, registry: Registry, device: torch.device | str
             "so text cannot be turned into tokens. Put the model's tokenizer file in the folder."
         )
     imported = import_hf(folder, registry)
-    spec = model_spec(imported.options, registry, str(folder / "config.json"), {"type": tok[0].name})
-    tokenizer = load_tokenizer(spec, registry, tok[1])
-    if tokenizer.vocab_size > imported.model.config.vocab_size:
-        raise CheckpointError(
-            f"{tok[1]}: this tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
-            f"({imported.model.config.vocab_size}); it is not the model's tokenizer. "
-            f"Put the model's own tokenizer file in {folder}."
-        )
+    spec = model_spec(imported.options, registry, str(folder / "config.json"), tok.section)
+    tokenizer = load_tokenizer(spec, registry, tok.path)
+    check_tokenizer_fits(tokenizer, imported.model.config.vocab_size, folder, tok)
     return Loaded(imported.model.to(device).eval(), tokenizer, spec, None)
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, folder: Path, tok: HFTokenizer) -> None:
+    """A folder's tokenizer must not have more tokens than its model's vocabulary."""
+    if tokenizer.vocab_size > vocab_size:
+        raise CheckpointError(
+            f"{folder / tok.files[0]}: this tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+            f"vocabulary ({vocab_size}, config.json's vocab_size); it is not the model's tokenizer. Put the model's "
+            f"own tokenizer files in {folder}; nothing was written."
+        )
 
 
 @dataclass

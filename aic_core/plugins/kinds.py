@@ -12,15 +12,16 @@ the same (loaded on first use).
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from aic_core.errors import PluginError
+from aic_core.errors import PluginError, SpecError
 from aic_core.plugins import KINDS
 
 if TYPE_CHECKING:
@@ -169,9 +170,18 @@ class ModelPlugin(Plugin):
 
 
 class Tokenizer(ABC):
+    """A loaded tokenizer. `encode` reads text as text: the characters of a special token ("<|user|>", the eos's
+    "<|endoftext|>") typed in a document or a prompt are ordinary characters and never give that token's id.
+    `encode_with_special` is how a caller asks for special tokens (tiktoken's `allowed_special`): a chat template's
+    rendering, where aic itself writes them."""
+
     vocab_size: int
     bos_id: int | None = None
     eos_id: int | None = None
+    pad_id: int | None = None
+    # Every token that has a text but that `encode` never produces from it: text -> id (the tokenizer's specials,
+    # and its bos/eos/pad where they have a text). Default: none.
+    special_ids: dict[str, int] = {}  # a read-only class default; plugins set their own
 
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
@@ -179,12 +189,49 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: list[int]) -> str: ...
 
+    def encode_with_special(self, text: str, allowed_special: Collection[str] | str = "all") -> list[int]:
+        """As `encode`, except that where text holds an allowed special token ("all": every one of `special_ids`),
+        it gives that token's id. The longest special wins where two start at the same place."""
+        allowed = self.special_ids if allowed_special == "all" else list(allowed_special)
+        unknown = [t for t in allowed if t not in self.special_ids]
+        if unknown:
+            known = ", ".join(sorted(self.special_ids)) or "none"
+            raise SpecError(
+                f"allowed_special: {unknown[0]!r} is not a special token of this tokenizer (it has: {known}). "
+                "Add it to tokenizer.special_tokens and train the tokenizer again, or leave it out."
+            )
+        if not allowed:
+            return self.encode(text)
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(allowed, key=len, reverse=True)))
+        ids: list[int] = []
+        start = 0
+        for match in pattern.finditer(text):
+            if match.start() > start:
+                ids += self.encode(text[start : match.start()])
+            ids.append(self.special_ids[match.group()])
+            start = match.end()
+        if start < len(text):
+            ids += self.encode(text[start:])
+        return ids
+
+    def roles(self) -> dict[str, Any]:
+        """What a checkpoint records of this tokenizer's token roles, and every export carries: the ids of bos, eos
+        and pad (None where there is none) and of the special tokens."""
+        return {
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+            "special_ids": dict(self.special_ids),
+        }
+
 
 class TokenizerPlugin(Plugin):
     kind = "tokenizer"
     trains: ClassVar[bool] = True  # False for tokenizers that need no training (byte-level)
-    # File names under which a Hugging Face model folder carries this tokenizer's file (sentencepiece:
-    # "tokenizer.model"). Import takes the tokenizer from the first one present; export writes the first.
+    # File names under which a Hugging Face model folder carries this tokenizer (sentencepiece: "tokenizer.model";
+    # bpe: "tokenizer.json", "vocab.json"). Any one present says the folder holds it, and import reads it with
+    # `from_hf_folder`; export copies the tokenizer file under the first name.
     hf_files: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
@@ -194,6 +241,15 @@ class TokenizerPlugin(Plugin):
     @abstractmethod
     def load(self, options: PluginOptions, path: Path) -> Tokenizer:
         """Load the tokenizer file `path` written by `train`."""
+
+    def from_hf_folder(self, folder: Path) -> tuple[dict[str, Any], bytes]:
+        """This tokenizer from a Hugging Face model folder that holds one of `hf_files`: its options (what the folder's
+        other files say, e.g. tokenizer_config.json's bos/eos tokens) and the contents of its one file, which `load`
+        then reads. Default: the first of `hf_files` present, as it is, with default options."""
+        for name in self.hf_files:
+            if (Path(folder) / name).is_file():
+                return {}, (Path(folder) / name).read_bytes()
+        raise PluginError(f"{folder}: holds none of {', '.join(self.hf_files)}")
 
     def hf_tokenizer_files(self, options: PluginOptions, path: Path, model_max_length: int) -> dict[str, bytes]:
         """Files (name -> contents) that `aic export --format hf` writes beside the `hf_files` copy of `path`, so
@@ -277,6 +333,7 @@ class TrainJob:
     # micro-batches (training.train_batch picks which). After `train` returns, `model` holds the final weights
     # on every rank (a trainer that shards them gathers them back), for the eval and generate stages.
     dist: Dist = field(default_factory=_new_dist)
+    tokens: dict[str, Any] | None = None  # the tokenizer's roles (Tokenizer.roles), recorded in every checkpoint
     _writer: Any = field(default=None, repr=False)  # a train.checkpoint.CheckpointWriter, made at the first save
 
     def save_checkpoint(
@@ -305,6 +362,7 @@ class TrainJob:
                 self.adapter,
                 keep_last=self.spec.train.keep_last,
                 keep=[self.resume_from] if self.resume_from else [],
+                tokens=self.tokens,
             )
         if self.dist.active:
             rngs = self.dist.gather((trainer_state or {}).get("rng"))

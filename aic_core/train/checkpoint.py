@@ -508,8 +508,10 @@ class CheckpointWriter:
         adapter: Any = None,
         keep_last: int | None = None,
         keep: Iterable[Path] = (),
+        tokens: dict[str, Any] | None = None,
     ) -> None:
         self.run_dir, self.resolved_spec, self.model, self.adapter = run_dir, resolved_spec, model, adapter
+        self.tokens = tokens  # the tokenizer's roles: ids of bos, eos, pad and the special tokens
         self.tokenizer_path, self.tokenizer_hash = tokenizer_path, tokenizer_hash
         self.keep_last, self.keep = keep_last, list(keep)
         self._base_sha256: str | None = None
@@ -528,6 +530,7 @@ class CheckpointWriter:
         state = {
             "spec": self.resolved_spec,
             "tokenizer_hash": self.tokenizer_hash,
+            **({"tokens": self.tokens} if self.tokens is not None else {}),
             "model_config": self.model.config.to_dict(),
             "metrics": metrics or {},
         }

@@ -8,6 +8,12 @@ also gets tokenizer.json and tokenizer_config.json, for `transformers.AutoTokeni
 
 Ids: unk=0, bos=1, eos=2 (SentencePiece's defaults), then the special tokens, then the 256 byte
 pieces (with byte_fallback), then the learned pieces. `encode` adds no bos/eos.
+
+Special tokens (`tokenizer.special_tokens`) are SentencePiece control symbols: `encode` never produces them from
+text (a typed "<|user|>" is its characters), `encode_with_special` does, and `decode` writes them, bos and eos
+too, as their text (as transformers and tiktoken do; SentencePiece itself drops control pieces). Tokenizers
+trained by earlier versions of aic hold them as user-defined symbols, which text does produce; they load and
+encode as they did.
 """
 
 from __future__ import annotations
@@ -73,6 +79,12 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_id = processor.bos_id() if processor.bos_id() >= 0 else None
         self.eos_id = processor.eos_id() if processor.eos_id() >= 0 else None
         self.unk_id = processor.unk_id()
+        size = self.vocab_size
+        self._controls = {i: processor.id_to_piece(i) for i in range(size) if processor.is_control(i)}
+        # The specials, bos, eos and unk ("<unk>": decoded " ⁇ " as SentencePiece does), as transformers counts them.
+        self.special_ids = {piece: i for i, piece in self._controls.items()} | {
+            processor.id_to_piece(self.unk_id): self.unk_id
+        }
         # A literal "▁" in the text would decode as a space; with byte pieces it is encoded as its
         # three UTF-8 bytes instead, which decode back to "▁".
         byte_ids = [processor.piece_to_id(f"<0x{b:02X}>") for b in SPACE.encode("utf-8")]
@@ -100,7 +112,14 @@ class SentencePieceTokenizer(Tokenizer):
                     f"whose ids are 0..{n - 1}. The ids come from a model or tokenizer other than this one; "
                     "decode them with the tokenizer they were made with."
                 )
-        return self.processor.decode(ids)
+        if not self._controls or not any(i in self._controls for i in ids):
+            return self.processor.decode(ids)
+        parts, start = [], 0
+        for pos, i in enumerate(ids):
+            if i in self._controls:
+                parts += [self.processor.decode(ids[start:pos]), self._controls[i]]
+                start = pos + 1
+        return "".join([*parts, self.processor.decode(ids[start:])])
 
     def piece(self, token_id: int) -> str:
         return self.processor.id_to_piece(token_id)
@@ -150,7 +169,9 @@ class SentencePiece(TokenizerPlugin):
         )
         special_tokens: list[str] = Field(
             default_factory=list,
-            description="Strings that always encode as one piece of their own (user-defined symbols), e.g. '<|sep|>'.",
+            description="Tokens with one id each that text never produces: e.g. '<|user|>', '<|end|>' for chat "
+            "templates. A document or prompt that holds the same characters encodes them as text; a chat template's "
+            "rendering asks for the tokens (Tokenizer.encode_with_special).",
         )
         input_sentence_size: int = Field(
             2_000_000,
@@ -250,8 +271,8 @@ class SentencePiece(TokenizerPlugin):
             shuffle_input_sentence=True,
             num_threads=num_threads,
         )
-        if options.special_tokens:
-            trainer_options["user_defined_symbols"] = list(options.special_tokens)
+        if options.special_tokens:  # control symbols: never produced from text, only by id
+            trainer_options["control_symbols"] = list(options.special_tokens)
 
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
@@ -460,8 +481,9 @@ class _CorpusReader:
 # tokenizer_config.json names PreTrainedTokenizerFast, which takes tokenizer.json as it is on transformers 4.x
 # and 5.x and has no slow twin (use_fast=False loads the same). Not LlamaTokenizer(Fast): 5.x rebuilds that
 # one with its own "▁" handling (and BPE only), and 4.x converts it from the slow SentencePiece tokenizer,
-# which needs protobuf, whenever add_prefix_space is set. A "<s>" in a text stays three characters
-# (split_special_tokens), as in SentencePiece.
+# which needs protobuf, whenever add_prefix_space is set. Special tokens follow transformers' convention: its
+# tokenizer(text) matches "<s>" or "<|user|>" in a text (as a chat template's rendering needs), which is aic's
+# encode_with_special; tokenizer(text, split_special_tokens=True) reads them as text, which is aic's encode.
 
 PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED = 1, 2, 3, 4  # SentencePiece's piece types
 UNIGRAM, BPE = 1, 2  # TrainerSpec.model_type
@@ -480,17 +502,20 @@ def hf_tokenizer_files(path: Path, model_max_length: int) -> dict[str, bytes]:
     names = [piece.replace(SPACE, " ") if kind == PIECE_NORMAL else piece for piece, _, kind in pieces]
     processor = _load(path).processor
     roles = (("unk", processor.unk_id()), ("bos", processor.bos_id()), ("eos", processor.eos_id()))
-    user_defined = {  # tokenizer.special_tokens: one piece wherever they occur (llama.cpp reads them from here)
+    # unk, bos, eos and tokenizer.special_tokens (control pieces: special, never produced from text by aic), and the
+    # user-defined pieces of tokenizers made by earlier aic versions (not special: text produces them). llama.cpp
+    # reads them here.
+    added = {
         str(i): {
             "content": names[i],
             "lstrip": False,
             "normalized": False,
             "rstrip": False,
             "single_word": False,
-            "special": False,
+            "special": kind != PIECE_USER_DEFINED,
         }
         for i, (_, _, kind) in enumerate(pieces)
-        if kind == PIECE_USER_DEFINED
+        if kind in (PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED)
     }
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -498,11 +523,10 @@ def hf_tokenizer_files(path: Path, model_max_length: int) -> dict[str, bytes]:
         "add_eos_token": False,
         "add_prefix_space": False,  # llama.cpp's convert_hf_to_gguf.py writes it as tokenizer.ggml.add_space_prefix
         "legacy": False,
-        "split_special_tokens": True,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
         **{f"{role}_token": names[i] for role, i in roles if i >= 0},
-        **({"added_tokens_decoder": user_defined} if user_defined else {}),
+        "added_tokens_decoder": added,
     }
     files = {"tokenizer_config.json": (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()}
     try:

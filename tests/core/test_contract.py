@@ -40,7 +40,8 @@ from aic_plugins.tokenizers.sentencepiece import SentencePiece
 EXAMPLE_OPTIONS = {
     ("model", "gpt2"): {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 16},
     ("model", "llama"): {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32, "mlp_hidden": 64, "block_size": 16},
-    ("tokenizer", "sentencepiece"): {"vocab_size": 400},
+    ("tokenizer", "sentencepiece"): {"vocab_size": 400, "special_tokens": ["<|user|>", "<|end|>"]},
+    ("tokenizer", "bpe"): {"vocab_size": 400, "special_tokens": ["<|user|>"], "bos_token": "<|bos|>"},
 }
 BUILTINS = Registry(strict=False, pinned=[])  # the distribution `aic` only
 BUILTIN_PLUGINS = sorted((r.kind, r.name) for r in BUILTINS.records if r.status == "ok")

@@ -202,7 +202,8 @@ def test_import_refuses_an_unsupported_architecture(runs, tmp_path, capsys):
 def test_import_of_a_folder_without_a_tokenizer(runs, tmp_path, corpus, capsys):
     hf = tmp_path / "hf"
     export_hf(runs["gpt2"], hf)
-    (hf / "tokenizer.model").unlink()
+    for name in ("tokenizer.model", "tokenizer.json"):  # the sentencepiece file, and the tokenizer.json made of it
+        (hf / name).unlink()
     out = tmp_path / "imported"
     assert main(["import", "hf", str(hf), str(out)]) == 0
     assert "tokenizer: none" in capsys.readouterr().out

@@ -30,7 +30,7 @@ ADVERSARIAL = [
 
 class TestBPEContract(TokenizerContract):
     plugin = BPE
-    options = {"vocab_size": 400}
+    options = {"vocab_size": 400, "special_tokens": ["<|user|>", "<|end|>"]}
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import sentencepiece as spm
 from pydantic import ValidationError
 
 from aic_core.errors import DataError, SpecError
-from aic_plugins.tokenizers.sentencepiece import SentencePiece
+from aic_plugins.tokenizers.sentencepiece import EXACT_TEXT, SentencePiece
 
 REPO = Path(__file__).resolve().parents[2]
 NOVEL = REPO / "examples" / "data" / "persuasion.txt"
@@ -150,7 +150,9 @@ def test_reserved_ids_and_no_bos_eos_in_encode(trained):
     assert (tok.bos_id, tok.eos_id) == (1, 2)
     ids = tok.encode("Anne")
     assert ids and tok.bos_id not in ids and tok.eos_id not in ids
-    assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == "Anne"
+    # bos and eos decode as their text, as in transformers and tiktoken (SentencePiece drops them).
+    assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == "<s>Anne</s>"
+    assert ref.decode([tok.bos_id, *ids, tok.eos_id]) == "Anne"
 
 
 @pytest.mark.parametrize("bad", [VOCAB, VOCAB + 10, -1])
@@ -160,22 +162,47 @@ def test_decode_refuses_ids_out_of_range(trained, bad):
         tok.decode([5, bad, 7])
 
 
-def test_special_tokens_are_single_pieces(corpus, tmp_path):
+def test_special_tokens_have_one_id_that_text_never_produces(corpus, tmp_path):
     specials = ["<|sep|>", "<|user|>", "[MASK]"]
     opts = options(special_tokens=specials)
     path = tmp_path / "t.model"
     tok = PLUGIN.train(opts, [corpus], path)
     ref = reference(path)
     assert ref.get_piece_size() == VOCAB
+    assert [ref.piece_to_id(t) for t in specials] == [3, 4, 5]  # after unk/bos/eos, in the listed order
     for token in specials:
         token_id = ref.piece_to_id(token)
-        assert not (ref.is_unknown(token_id) or ref.is_control(token_id) or ref.is_byte(token_id))
-        assert ref.id_to_piece(token_id) == token
-        assert tok.encode(token) == [token_id]
+        assert ref.is_control(token_id) and ref.id_to_piece(token_id) == token
+        assert tok.special_ids[token] == token_id
         text = f"Anne{token}Elliot {token} walked"
-        ids = tok.encode(text)
-        assert ids.count(token_id) == 2 and ids == ref.encode(text)
+        ids = tok.encode(text)  # typed in a document or a prompt: its characters, never the token
+        assert token_id not in ids and ids == ref.encode(text)
         assert tok.decode(ids) == text
+        asked = tok.encode_with_special(text)  # what a chat template's rendering asks for
+        assert asked.count(token_id) == 2
+        assert asked == tok.encode("Anne") + [token_id] + tok.encode("Elliot ") + [token_id] + tok.encode(" walked")
+        assert tok.decode(asked) == text
+        assert tok.encode_with_special(text, allowed_special=[]) == ids
+    assert tok.special_ids == {"<unk>": 0, "<s>": 1, "</s>": 2, "<|sep|>": 3, "<|user|>": 4, "[MASK]": 5}
+    only = tok.encode_with_special("<|sep|><|user|>", allowed_special=["<|user|>"])
+    assert only == tok.encode("<|sep|>") + [4]
+    with pytest.raises(SpecError, match=r"allowed_special: '<\|bot\|>' is not a special token"):
+        tok.encode_with_special("x", allowed_special=["<|bot|>"])
+
+
+def test_user_defined_symbols_of_older_tokenizers_still_encode_from_text(corpus, tmp_path):
+    """Tokenizers trained before special tokens became control symbols hold them as user-defined symbols: they load
+    and encode as they did (text produces them)."""
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus.read_text(encoding="utf-8").split("\n\n")),
+        model_prefix=str(tmp_path / "old"),
+        vocab_size=VOCAB,
+        user_defined_symbols=["<|sep|>"],
+        **{k: v for k, v in EXACT_TEXT.items() if k != "max_sentence_length"},
+    )
+    tok = PLUGIN.load(options(), tmp_path / "old.model")
+    assert tok.encode("a<|sep|>b") == reference(tmp_path / "old.model").encode("a<|sep|>b")
+    assert 3 in tok.encode("a<|sep|>b") and "<|sep|>" not in tok.special_ids
 
 
 def test_training_is_deterministic(corpus, tmp_path):
