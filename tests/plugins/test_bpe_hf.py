@@ -301,3 +301,93 @@ def test_a_folder_with_two_files_of_one_tokenizer_takes_the_original(tmp_path, c
     assert {"tokenizer.model", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
     found = hf_tokenizer(tmp_path / "hf", get_registry())
     assert found.plugin.name == "sentencepiece" and found.files == ["tokenizer.model"]
+
+
+# --- a Llama/Mistral-style tokenizer.json (SentencePiece-style BPE: ▁ for spaces, byte fallback) ------------
+
+
+def llama_style_tokenizer(corpus):
+    """A tokenizer.json laid out as Llama 2's and Mistral's: <unk> <s> </s>, the 256 byte pieces, then BPE merges on
+    text whose spaces are ▁ with one prepended, byte fallback, and a post-processor that adds <s>."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors, trainers
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    base = Tokenizer(models.BPE())
+    base.normalizer = normalizer
+    base.train([str(corpus)], trainers.BpeTrainer(vocab_size=600, show_progress=False))
+    learned = json.loads(base.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for token, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizer
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory, corpus):
+    folder = tmp_path_factory.mktemp("llama-hf")
+    tok = llama_style_tokenizer(corpus)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+            }
+        )
+    )
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def test_a_llama_style_tokenizer_json_gives_transformers_ids(llama_folder, tmp_path):
+    hf = transformers.AutoTokenizer.from_pretrained(str(llama_folder))
+    assert main(["import", "hf", str(llama_folder), str(tmp_path / "imported")]) == 0
+    tok = load_checkpoint_model(tmp_path / "imported").tokenizer
+    assert (tok.bos_id, tok.eos_id) == (hf.bos_token_id, hf.eos_token_id) == (1, 2)
+    assert tok.special_ids == {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for text in paragraphs(EXAMPLE_CORPUS.read_text(encoding="utf-8"))[:300] + ADVERSARIAL:
+        ids = hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert tok.encode(text) == ids, text[:60]
+        assert tok.decode(ids) == hf.decode(ids)
+    assert hf("Anne")["input_ids"][0] == 1 and tok.encode("Anne")[0] != 1  # aic's encode adds no bos
+
+
+def test_a_llama_style_folder_generates_transformers_greedy_ids(llama_folder, capsys, monkeypatch):
+    from aic_core.generate import decode
+
+    hf = transformers.AutoTokenizer.from_pretrained(str(llama_folder))
+    prompt = "Captain Wentworth"
+    prompt_ids = hf(prompt, add_special_tokens=False)["input_ids"]
+    expected = greedy_transformers(llama_folder, prompt_ids, 16, eos=2)
+    pushed: list[int] = []
+    push = decode._TextStream.push
+    monkeypatch.setattr(decode._TextStream, "push", lambda self, t, last: pushed.append(t) or push(self, t, last))
+    args = ["generate", str(llama_folder), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "16"]
+    assert main([*args, "--device", "cpu"]) == 0
+    assert pushed == expected[: len(pushed)] and (len(pushed) == 16 or pushed[-1] == 2)
