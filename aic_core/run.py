@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
+from aic_core.data.sample import sample_corpus
 from aic_core.data.tokens import (
     ReadOptions,
     check_cache_dir,
@@ -75,13 +77,27 @@ TOKENIZER_FILE = "tokenizer.model"
 LOCK_FILE = ".aic.lock"
 
 
-def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+def _diff(a: Any, b: Any, path: str = "", spec: Any = None) -> list[str]:
+    """What changed from `b` (a checkpoint's resolved spec, or part of it) to `a` (this run's), as "path: old -> new".
+    `spec` is the spec object `a` was dumped from, when known: then a key `b` lacks is no change if `a` holds that
+    field's default, for it is an option a newer aic added, which the checkpoint's aic did not write."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b)):
-            out += _diff(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            if key not in b and _holds_default(spec, key):
+                continue
+            sub = getattr(spec, key, None) if isinstance(spec, BaseModel) else None
+            out += _diff(a.get(key), b.get(key), f"{path}.{key}" if path else key, sub)
         return out
     return [] if a == b else [f"{path}: {b!r} -> {a!r}"]
+
+
+def _holds_default(spec: Any, key: str) -> bool:
+    """Whether the spec object's field `key` has a default and holds it."""
+    field = type(spec).model_fields.get(key) if isinstance(spec, BaseModel) else None
+    if field is None or field.is_required():
+        return False
+    return getattr(spec, key) == field.get_default(call_default_factory=True)
 
 
 # What a resumed run may change without breaking exactness: bookkeeping, not the math of the steps done.
@@ -96,26 +112,44 @@ RESUME_FREE = {
 }
 
 
-def _model_changes(spec_dict: dict[str, Any], old: dict[str, Any]) -> tuple[str, list[str]] | None:
-    """The first of the model, tokenizer and adapter sections that differs from a checkpoint's, with its changes."""
+# What shapes how a run's tokenizer file is trained, not the file a run with checkpoints reuses or the model: free
+# to differ from a checkpoint's (whose aic may not have had it).
+MODEL_FREE = {"tokenizer.sample_bytes"}
+
+
+def _model_changes(
+    spec_dict: dict[str, Any], old: dict[str, Any], spec: RunSpec | None = None
+) -> tuple[str, list[str]] | None:
+    """The first of the model, tokenizer and adapter sections that differs from a checkpoint's, with its changes.
+    With `spec` (the object `spec_dict` was dumped from), an option the checkpoint lacks that holds its default is
+    no change."""
     for section in ("model", "tokenizer", "adapter"):
-        if changes := _diff(spec_dict.get(section), old.get(section), section):
+        changes = _diff(spec_dict.get(section), old.get(section), section, getattr(spec, section, None))
+        if changes := [c for c in changes if c.split(":")[0] not in MODEL_FREE]:
             return section, changes
     return None
 
 
-def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint, echo: Callable[[str], None]) -> None:
+def _check_resume(
+    spec_dict: dict[str, Any], ckpt: Checkpoint, echo: Callable[[str], None], spec: RunSpec | None = None
+) -> None:
     """--resume continues the run the checkpoint belongs to: the model, tokenizer, data, seed and every training
-    setting that shapes the steps must be as they were; only train.steps may grow (and bookkeeping change)."""
+    setting that shapes the steps must be as they were; only train.steps may grow (and bookkeeping change). With
+    `spec` (the object `spec_dict` was dumped from), an option the checkpoint lacks that holds its default is no
+    change."""
     old = ckpt.state["spec"]
-    if changed := _model_changes(spec_dict, old):
+    if changed := _model_changes(spec_dict, old, spec):
         section, changes = changed
         raise CheckpointError(
             f"--resume: the spec's {section} section differs from checkpoint {ckpt.path} ({'; '.join(changes[:6])}). "
             "A run resumes with the model it was trained with: undo the change, "
             "or start a new run (a new name or output_dir)."
         )
-    changes = [c for key in ("seed", "data", "train") for c in _diff(spec_dict.get(key), old.get(key), key)]
+    changes = [
+        c
+        for key in ("seed", "data", "train")
+        for c in _diff(spec_dict.get(key), old.get(key), key, getattr(spec, key, None))
+    ]
     changes = [
         c
         for c in changes
@@ -154,9 +188,11 @@ def _check_resume(spec_dict: dict[str, Any], ckpt: Checkpoint, echo: Callable[[s
         )
 
 
-def _check_same_model(spec_dict: dict[str, Any], ckpt: Checkpoint, stages: list[str]) -> None:
+def _check_same_model(
+    spec_dict: dict[str, Any], ckpt: Checkpoint, stages: list[str], spec: RunSpec | None = None
+) -> None:
     """Stages that use a trained checkpoint (eval, generate) need the spec to describe its model."""
-    if changed := _model_changes(spec_dict, ckpt.state["spec"]):
+    if changed := _model_changes(spec_dict, ckpt.state["spec"], spec):
         section, changes = changed
         raise CheckpointError(
             f"--stage {','.join(stages)}: the spec's {section} section differs from the model in {ckpt.path} "
@@ -463,7 +499,7 @@ def _prepare(ctx: RunContext, ckpt_dir: Path | None) -> None:
                 f"Pass --resume to continue that run, or give this run a new name or output_dir."
             )
         if ctx.resume:
-            _check_resume(ctx.resolved, ckpt, echo)
+            _check_resume(ctx.resolved, ckpt, echo, spec)
             _check_stop_at(ctx.stop_at, spec, ckpt)
             if ckpt.step >= spec.train.steps:
                 echo(
@@ -471,7 +507,7 @@ def _prepare(ctx: RunContext, ckpt_dir: Path | None) -> None:
                     f"nothing left to train (raise train.steps to train further)"
                 )
     elif ckpt is not None and ({"eval", "generate"} & set(stages)):
-        _check_same_model(ctx.resolved, ckpt, stages)
+        _check_same_model(ctx.resolved, ckpt, stages, spec)
     if ckpt is not None and ctx.resume and tok_path.is_file() and ckpt.state["tokenizer_hash"] != file_sha256(tok_path):
         raise CheckpointError(
             f"--resume: {tok_path} is not the tokenizer checkpoint {ckpt.path.name} was trained with. "
@@ -577,15 +613,24 @@ def _tokenizer_stage(ctx: RunContext) -> None:
         plugin = registry.get("tokenizer", spec.tokenizer.type)
         _remove_tokenizer_litter(tok_path.parent)
         if plugin.trains:
+            limit = spec.tokenizer.sample_bytes
             try:
-                with tokenizer_corpus(spec.data.train, ReadOptions.of(spec.data), tok_path.parent) as (files, corpus):
+                with (
+                    tokenizer_corpus(spec.data.train, ReadOptions.of(spec.data), tok_path.parent) as (files, corpus),
+                    sample_corpus(files, limit, tok_path.parent) as (files, sampled),
+                ):
                     trained = plugin.train(spec.tokenizer, files, tok_path)
             except OSError as exc:
                 raise _tokenizer_write_error(exc, spec, tok_path) from None
             sample = getattr(trained, "training_sample", None)  # what the plugin sampled from the corpus, if it says
+            parts = [corpus]
+            if sampled:  # more than tokenizer.sample_bytes: trained on a sample of that size
+                parts.append(f"{sampled} (tokenizer.sample_bytes {limit:,})")
+            if sample:
+                parts.append(sample)
             echo(
                 f"tokenizer: trained {spec.tokenizer.type} in {time.perf_counter() - t0:.1f}s on "
-                f"{corpus}{f'; {sample}' if sample else ''} -> {tok_path}"
+                f"{'; '.join(parts)} -> {tok_path}"
             )
         else:  # nothing to learn from the corpus; the plugin still writes its file
             plugin.train(spec.tokenizer, [], tok_path)
@@ -593,8 +638,9 @@ def _tokenizer_stage(ctx: RunContext) -> None:
 
 
 def _remove_tokenizer_litter(run_dir: Path) -> None:
-    """What a killed tokenizer stage left in the run directory: a plugin's `.tokenizer.model.*.tmp` folders and
-    tokenizer_corpus's `.tokenizer-text-*` text. This process holds the run's lock, so no live run is writing them."""
+    """What a killed tokenizer stage left in the run directory: a plugin's `.tokenizer.model.*.tmp` folders, and
+    the `.tokenizer-text-*` folders of tokenizer_corpus's text and sample_corpus's sample. This process holds the
+    run's lock, so no live run is writing them."""
     for path in [*run_dir.glob(f".{TOKENIZER_FILE}.*.tmp"), *run_dir.glob(".tokenizer-text-*")]:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

@@ -36,7 +36,13 @@ class PluginSection(Section):
 
 
 class TokenizerSection(PluginSection):
-    pass
+    sample_bytes: int | None = Field(
+        200_000_000,
+        ge=1_000_000,
+        description="At most this many bytes of data.train train the tokenizer, drawn evenly from all files as "
+        "whole lines (deterministic: the same files give the same sample), which bounds the tokenizer's memory and "
+        "time; null: all of it. The model still trains on all of data.train.",
+    )
 
 
 class PositionalSection(PluginSection):

@@ -27,8 +27,9 @@ from aic_core.plugins.kinds import BASES, KINDS, Plugin
 ENTRY_POINT_GROUP = "aic"
 BUILTIN_DISTRIBUTION = "aic"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")
-# Keys a plugin section holds besides the plugin's options (aic_core.spec.ModelSection): options may not reuse them.
-SECTION_KEYS = {"model": ("positional", "init_from")}
+# Keys a plugin section holds besides the plugin's options (aic_core.spec.ModelSection, TokenizerSection):
+# options may not reuse them.
+SECTION_KEYS = {"model": ("positional", "init_from"), "tokenizer": ("sample_bytes",)}
 
 
 @dataclass
