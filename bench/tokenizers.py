@@ -1,12 +1,14 @@
 """Training a tokenizer on a large corpus: wall time and peak memory of `aic run SPEC --stage tokenizer`, and what the
 tokenizer is worth (bytes per token on held-out text, encoding speed through the data stage).
 
-The corpus repeats the six Austen novels in ../shared/data/austen (this benchmark needs that folder): the first 90%
-of each novel (cut at a line end), copies numbered ("Copy N."), written into 12 text files until the corpus reaches
---sizes MB. It is repetitive, so a tokenizer learns no more from 1 GB than from one copy: the figures measure what
-training costs at a size, not what more text teaches. The last 10% of each novel is held out: bytes per token are
-measured on it. Encoding speed is the data stage's encoder (aic_core.data.tokens.encode_files, --workers processes)
-on --encode-mb MB of the corpus, into a token cache that is deleted afterwards.
+The corpus is built from the six Austen novels in ../shared/data/austen (this benchmark needs that folder), from the
+first 90% of each novel, into 12 text files until it reaches --sizes MB, read through a glob as a user's shards are.
+By default (--corpus shuffled) it is paragraphs of 2 to 8 sentences drawn at random (seeded) from all the novels:
+no paragraph repeats, as in a real corpus, while the words and sentences are Austen's (SentencePiece counts each
+distinct paragraph once, so whole repeated copies, --corpus repeated, cost it almost nothing). The last 10% of each
+novel is held out: bytes per token are measured on it. Encoding speed is the data stage's encoder
+(aic_core.data.tokens.encode_files, --workers processes) on --encode-mb MB of the corpus, into a token cache that is
+deleted afterwards.
 
 Each training is a fresh `aic run` process; its peak RSS is os.wait4's ru_maxrss of that process (this parent stays
 small: it imports neither torch nor a tokenizer). Training uses --threads threads: SentencePiece's num_threads option;
@@ -56,20 +58,33 @@ def novels() -> list[tuple[str, str, str]]:
     return out
 
 
-def build(folder: Path, size_mb: int) -> list[Path]:
-    """The corpus of size_mb MB in FILES text files under folder/corpus-<size>MB (reused when complete)."""
-    where = folder / f"corpus-{size_mb}MB"
+def build(folder: Path, size_mb: int, kind: str = "shuffled") -> list[Path]:
+    """The corpus of size_mb MB in FILES text files under folder/corpus-<kind>-<size>MB (reused when complete).
+
+    "shuffled" (the default): paragraphs of 2 to 8 sentences drawn at random (seeded) from the novels' first 90%, so
+    that, as in a real corpus, no two paragraphs repeat (SentencePiece counts each distinct paragraph once, so a
+    repeated corpus costs it little); the words and sentences are Austen's. "repeated": the novels' first 90% copied
+    whole again and again, numbered ("Copy N.")."""
+    import random
+
+    where = folder / f"corpus-{kind}-{size_mb}MB"
     files = [where / f"{i:02d}.txt" for i in range(FILES)]
     if (where / "done").exists():
         return files
     shutil.rmtree(where, ignore_errors=True)
     where.mkdir(parents=True)
-    parts = [train.encode("utf-8") for _, train, _ in novels()]
+    parts = [train for _, train, _ in novels()]
+    sentences = [s for part in parts for s in re.split(r"(?<=[.!?])\s+", part.replace("\n", " ")) if s.strip()]
+    rng = random.Random(1234)
     per_file, copy = size_mb * 1_000_000 // FILES, 0
     for path in files:
         with open(path, "wb") as out:
             while (room := per_file - out.tell()) > 0:
-                part = f"Copy {copy}.\n\n".encode() + parts[copy % len(parts)] + b"\n"
+                if kind == "shuffled":
+                    block = "".join(" ".join(rng.choices(sentences, k=rng.randint(2, 8))) + "\n\n" for _ in range(2000))
+                else:
+                    block = f"Copy {copy}.\n\n" + parts[copy % len(parts)] + "\n"
+                part = block.encode("utf-8")
                 out.write(part if len(part) <= room else part[: part.rfind(b"\n", 0, room) + 1] or part[:0])
                 copy += 1
                 if len(part) > room:
@@ -119,7 +134,7 @@ def train(folder: Path, files: list[Path], plugin: str, vocab: int, threads: int
     spec = {
         "name": tag,
         "output_dir": str(case / "run"),
-        "data": {"train": [str(f) for f in files]},
+        "data": {"train": [str(files[0].parent / "*.txt")]},  # a glob, as a user's shards would be
         "tokenizer": tokenizer,
         "model": {"type": "gpt2", "n_layer": 1, "n_head": 1, "n_embd": 16, "block_size": 16},
         "train": {"steps": 1, "batch_size": 1},
@@ -236,6 +251,12 @@ def main() -> None:
         default=["default"],
         help="tokenizer.sample_bytes values: bytes, 'all' (null) or 'default' (the spec's, 200 MB; the default)",
     )
+    parser.add_argument(
+        "--corpus",
+        choices=["shuffled", "repeated"],
+        default="shuffled",
+        help="shuffled: paragraphs of random sentences, none repeated (default); repeated: whole copies",
+    )
     parser.add_argument("--threads", type=int, default=2, help="training threads (default 2)")
     parser.add_argument("--workers", type=int, default=2, help="encoding worker processes (default 2)")
     parser.add_argument("--encode-mb", type=int, default=24, help="MB of the corpus encoded for the speed (default 24)")
@@ -261,7 +282,13 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     plugins = args.plugins.split(",")
     print(
-        f"corpus: the first 90% of the six Austen novels, repeated (numbered copies) into {FILES} text files per size, "
+        f"corpus ({args.corpus}): from the first 90% of the six Austen novels, "
+        + (
+            "paragraphs of 2-8 random sentences (seeded; no paragraph repeats)"
+            if args.corpus == "shuffled"
+            else "repeated (numbered copies)"
+        )
+        + f", in {FILES} text files per size (read as a glob), "
         f"under {folder}; held out for bytes/token: the last 10% of each novel. {os.cpu_count()} CPUs, "
         f"{args.threads} training threads, {args.workers} encoding workers on {args.encode_mb} MB of the corpus. "
         f"Load average {os.getloadavg()[0]:.2f}.",
@@ -276,7 +303,7 @@ def main() -> None:
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|", flush=True)
     checks = []
     for size in sizes:
-        files = build(folder, size)
+        files = build(folder, size, args.corpus)
         encode = encode_text(folder, files, args.encode_mb)
         for plugin in plugins:
             for vocab in args.vocab:

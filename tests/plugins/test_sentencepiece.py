@@ -205,6 +205,18 @@ def test_user_defined_symbols_of_older_tokenizers_still_encode_from_text(corpus,
     assert 3 in tok.encode("a<|sep|>b") and "<|sep|>" not in tok.special_ids
 
 
+def test_training_uses_one_thread_unless_asked(corpus, tmp_path, monkeypatch):
+    """SentencePiece's output depends on its thread count (bench/RESULTS.md, "Tokenizers"): one spec must give one
+    tokenizer on any machine, so the default is one thread, whatever the CPUs."""
+    seen = []
+    train = spm.SentencePieceTrainer.train
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", lambda **kw: seen.append(kw["num_threads"]) or train(**kw))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    PLUGIN.train(options(), [corpus], tmp_path / "a.model")
+    PLUGIN.train(options(num_threads=2), [corpus], tmp_path / "b.model")
+    assert seen == [1, 2]
+
+
 def test_training_is_deterministic(corpus, tmp_path):
     PLUGIN.train(options(), [corpus], tmp_path / "a.model")
     PLUGIN.train(options(), [corpus], tmp_path / "b.model")
