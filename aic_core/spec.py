@@ -43,6 +43,14 @@ class TokenizerSection(PluginSection):
         "whole lines (deterministic: the same files give the same sample), which bounds the tokenizer's memory and "
         "time; null: all of it. The model still trains on all of data.train.",
     )
+    chat_template: str | None = Field(
+        None,
+        min_length=1,
+        description="A Jinja chat template in Hugging Face's dialect (messages, add_generation_prompt, bos_token, "
+        "eos_token), stored with the tokenizer in the run and every checkpoint and exported into "
+        "tokenizer_config.json. null: the built-in one, <|role|>content<|end|> per turn, where the tokenizer's "
+        "special_tokens hold <|system|>, <|user|>, <|assistant|> and <|end|>.",
+    )
 
 
 class PositionalSection(PluginSection):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from aic_core.data.chat import default_template
 from aic_core.errors import CheckpointError, PluginError
 from aic_core.files import file_sha256
 from aic_core.model.loading import (
@@ -229,6 +230,12 @@ def export_hf(source: Path, out: Path, registry: Registry | None = None) -> Conv
                 warnings.simplefilter("always")
                 files = tokenizer[0].hf_tokenizer_files(spec.tokenizer, src.tokenizer_path, model.config.block_size)
             notes += [str(w.message) for w in caught]
+            template = spec.tokenizer.chat_template or default_template(tokenizer[1])
+            if template and "tokenizer_config.json" in files:  # the chat template travels with the tokenizer
+                tok_config = json.loads(files["tokenizer_config.json"])
+                files["tokenizer_config.json"] = (
+                    json.dumps({**tok_config, "chat_template": template}, indent=2, ensure_ascii=False) + "\n"
+                ).encode()
             for name, data in files.items():
                 (tmp / name).write_bytes(data)
             tok_names += sorted(files)

@@ -26,7 +26,7 @@ from aic_core.errors import CheckpointError, PluginError, SpecError
 from aic_core.files import file_sha256
 from aic_core.model.nn.transformer import Transformer, TransformerConfig
 from aic_core.plugins.kinds import ModelPlugin, Plugin, PluginOptions, Tokenizer, TokenizerPlugin
-from aic_core.plugins.registry import Registry, get_registry
+from aic_core.plugins.registry import SECTION_KEYS, Registry, get_registry
 from aic_core.spec import ModelSpec, RunSpec, load_spec_file, parse_spec, spec_from_resolved
 from aic_core.train.checkpoint import (
     ADAPTER_META,
@@ -151,7 +151,8 @@ class HFTokenizer:
     files: list[str]  # the folder's files it was found by
 
     def load(self) -> Tokenizer:
-        options = self.plugin.Options(**{k: v for k, v in self.section.items() if k != "type"})
+        core = ("type", *SECTION_KEYS["tokenizer"])  # the section's own keys, not the plugin's options
+        options = self.plugin.Options(**{k: v for k, v in self.section.items() if k not in core})
         return self.plugin.load(options, self.path)
 
 
@@ -176,6 +177,24 @@ def _tokenizer_file(folder: Path, names: list[str], data: bytes) -> Path:
     return path
 
 
+def hf_chat_template(folder: Path) -> str | None:
+    """An HF folder's chat template: chat_template.jinja (transformers 5 writes it there), else tokenizer_config.json's
+    "chat_template" (a string, or a list of named templates: the one named "default")."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8") or None
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
+    return template if isinstance(template, str) and template else None
+
+
 def hf_tokenizer(folder: Path, registry: Registry) -> HFTokenizer | None:
     """The tokenizer an HF folder carries, found by the tokenizer plugins' `hf_files` and read by their
     `from_hf_folder`; None when it holds none.
@@ -191,6 +210,8 @@ def hf_tokenizer(folder: Path, registry: Registry) -> HFTokenizer | None:
         if names:
             options, data = plugin.from_hf_folder(folder)
             section = {"type": plugin.name, **options}
+            if template := hf_chat_template(folder):
+                section["chat_template"] = template
             found.append(HFTokenizer(plugin, section, _tokenizer_file(folder, names, data), names))
     if len(found) <= 1:
         return found[0] if found else None

@@ -29,7 +29,7 @@ BUILTIN_DISTRIBUTION = "aic"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")
 # Keys a plugin section holds besides the plugin's options (aic_core.spec.ModelSection, TokenizerSection):
 # options may not reuse them.
-SECTION_KEYS = {"model": ("positional", "init_from"), "tokenizer": ("sample_bytes",)}
+SECTION_KEYS = {"model": ("positional", "init_from"), "tokenizer": ("sample_bytes", "chat_template")}
 
 
 @dataclass
