@@ -100,9 +100,31 @@ def _cmd_new_plugin(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from aic_core.generate import stream
+
+    loaded, sampler, max_new, options = _generation_setup(args)
+    g = loaded.spec.generate
+    prompts = args.prompt or g.prompts or [""]
+    # stream() refuses a bad request when called (a prompt too long...): every prompt, before any is printed.
+    stream(loaded.model, loaded.tokenizer, prompts, max_new, sampler, **options)
+    for i, prompt in enumerate(prompts):
+        if len(prompts) > 1:
+            print(f"=== sample {i + 1} ===")
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        for deltas in stream(loaded.model, loaded.tokenizer, [prompt], max_new, sampler, **options):
+            if deltas[0]:
+                sys.stdout.write(deltas[0])
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def _generation_setup(args: argparse.Namespace):
+    """The model on its device, the sampler, max_new_tokens and stream()'s options, from the flags and the spec's
+    generate section: what `aic generate` and `aic chat` share."""
     from pydantic import ValidationError
 
-    from aic_core.generate import stream
     from aic_core.model.loading import load_checkpoint_model
     from aic_core.spec import SamplerSpec
 
@@ -140,7 +162,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise AicError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} (got {err.get('input')!r}).") from None
-    prompts = args.prompt or g.prompts or [""]
     seed = args.seed if args.seed is not None else (loaded.spec.seed if g.seed is None else g.seed)
     max_new = args.max_new_tokens if args.max_new_tokens is not None else g.max_new_tokens
     stop = args.stop if args.stop is not None else g.stop
@@ -154,19 +175,136 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             "Pass --decode-step eager (or auto), or --device cuda on a machine with a GPU."
         )
     options = dict(stop=stop, seed=seed, use_cache=not args.no_cache, decode_step=decode_step)
-    # stream() refuses a bad request when called (a prompt too long...): every prompt, before any is printed.
-    stream(loaded.model, loaded.tokenizer, prompts, max_new, sampler, **options)
-    for i, prompt in enumerate(prompts):
-        if len(prompts) > 1:
-            print(f"=== sample {i + 1} ===")
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
-        for deltas in stream(loaded.model, loaded.tokenizer, [prompt], max_new, sampler, **options):
+    return loaded, sampler, max_new, options
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from aic_core.data.chat import chat_template
+    from aic_core.generate import stream
+
+    loaded, sampler, max_new, options = _generation_setup(args)
+    template = chat_template(
+        loaded.spec.tokenizer.chat_template, loaded.tokenizer, f"{args.run}: tokenizer.chat_template"
+    )
+    end = template.end_of_turn()
+    context = loaded.model.config.block_size if loaded.model.positional.max_positions is not None else None
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+
+    def reply(message: str, out) -> str:
+        history.append({"role": "user", "content": message})
+        ids = template.encode([*system, *history], add_generation_prompt=True)
+        while context is not None and len(ids) + max_new > context and len(history) > 1:
+            del history[:2]  # the oldest user turn and its reply
+            ids = template.encode([*system, *history], add_generation_prompt=True)
+        text = ""
+        for deltas in stream(loaded.model, loaded.tokenizer, [ids], max_new, sampler, stop_ids=[end], **options):
             if deltas[0]:
-                sys.stdout.write(deltas[0])
-                sys.stdout.flush()
-        sys.stdout.write("\n")
-    return 0
+                text += deltas[0]
+                out.write(deltas[0])
+                out.flush()
+        out.write("\n")
+        history.append({"role": "assistant", "content": text})
+        return text
+
+    if args.message is not None:
+        reply(args.message, sys.stdout)
+        return 0
+    print("chat: /reset clears the history, /system TEXT sets the system message, /quit ends", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() == "/quit":
+            return 0
+        if line.strip() == "/reset":
+            history.clear()
+            continue
+        if line.startswith("/system"):
+            text = line[len("/system") :].strip()
+            system[:] = [{"role": "system", "content": text}] if text else []
+            history.clear()
+            continue
+        if line.strip():
+            reply(line, sys.stdout)
+
+
+def _generation_flags(p: argparse.ArgumentParser) -> None:
+    """The flags `aic generate` and `aic chat` share: sampling, length, device, precision, adapter."""
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help="tokens to generate per prompt, at least 1 (default: generate.max_new_tokens, 200)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        help="softmax temperature; 0 is greedy (default: generate.sampler.temperature, 0.8)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        metavar="K",
+        help="sample from the K most likely tokens (default: generate.sampler.top_k, off)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        metavar="P",
+        help="nucleus sampling: the smallest set of tokens with probability >= P (default: "
+        "generate.sampler.top_p, off)",
+    )
+    p.add_argument(
+        "--min-p",
+        type=float,
+        metavar="P",
+        help="drop tokens less likely than P times the most likely one (default: generate.sampler.min_p, off)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="R",
+        help="penalise tokens already in the text by R (>1 discourages repeats) (default: "
+        "generate.sampler.repetition_penalty, 1.0)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="stop a sample when its text contains TEXT; repeat for several (default: generate.stop, none)",
+    )
+    p.add_argument("--seed", type=int, help="sampling seed (default: generate.seed, else the spec's seed)")
+    p.add_argument(
+        "--no-cache", action="store_true", help="recompute the whole sequence each step instead of using the KV cache"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help=f"{DEVICE_NAMES} (default: auto)",
+    )
+    p.add_argument(
+        "--decode-step",
+        choices=["auto", "eager", "graph", "compile"],
+        help="how each decode step runs: auto is a CUDA graph on a GPU and eager on the CPU; "
+        "compile adds torch.compile, the fastest steps after a compile of 7-13 s, for long generations (default: "
+        "generate.decode_step, auto)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="precision of the weights and the KV cache: auto is bfloat16 on a CUDA GPU that supports it, "
+        "else float32 (default: auto)",
+    )
+    p.add_argument(
+        "--adapter",
+        metavar="CKPT",
+        help="put this adapter (a checkpoint of an adapter run) onto the model first (default: none)",
+    )
 
 
 def _generate_dtype(name: str, device):
@@ -362,79 +500,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="a prompt; repeat for several (default: the spec's generate.prompts, else the empty prompt)",
     )
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        metavar="N",
-        help="tokens to generate per prompt, at least 1 (default: generate.max_new_tokens, 200)",
-    )
-    p.add_argument(
-        "--temperature",
-        type=float,
-        metavar="T",
-        help="softmax temperature; 0 is greedy (default: generate.sampler.temperature, 0.8)",
-    )
-    p.add_argument(
-        "--top-k",
-        type=int,
-        metavar="K",
-        help="sample from the K most likely tokens (default: generate.sampler.top_k, off)",
-    )
-    p.add_argument(
-        "--top-p",
-        type=float,
-        metavar="P",
-        help="nucleus sampling: the smallest set of tokens with probability >= P (default: "
-        "generate.sampler.top_p, off)",
-    )
-    p.add_argument(
-        "--min-p",
-        type=float,
-        metavar="P",
-        help="drop tokens less likely than P times the most likely one (default: generate.sampler.min_p, off)",
-    )
-    p.add_argument(
-        "--repetition-penalty",
-        type=float,
-        metavar="R",
-        help="penalise tokens already in the text by R (>1 discourages repeats) (default: "
-        "generate.sampler.repetition_penalty, 1.0)",
-    )
-    p.add_argument(
-        "--stop",
-        action="append",
-        metavar="TEXT",
-        help="stop a sample when its text contains TEXT; repeat for several (default: generate.stop, none)",
-    )
-    p.add_argument("--seed", type=int, help="sampling seed (default: generate.seed, else the spec's seed)")
-    p.add_argument(
-        "--no-cache", action="store_true", help="recompute the whole sequence each step instead of using the KV cache"
-    )
-    p.add_argument(
-        "--device",
-        default="auto",
-        help=f"{DEVICE_NAMES} (default: auto)",
-    )
-    p.add_argument(
-        "--decode-step",
-        choices=["auto", "eager", "graph", "compile"],
-        help="how each decode step runs: auto is a CUDA graph on a GPU and eager on the CPU; "
-        "compile adds torch.compile, the fastest steps after a compile of 7-13 s, for long generations (default: "
-        "generate.decode_step, auto)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="precision of the weights and the KV cache: auto is bfloat16 on a CUDA GPU that supports it, "
-        "else float32 (default: auto)",
-    )
-    p.add_argument(
-        "--adapter",
-        metavar="CKPT",
-        help="put this adapter (a checkpoint of an adapter run) onto the model first (default: none)",
-    )
+    _generation_flags(p)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "chat",
+        parents=[common],
+        help="chat with a model through its chat template, streaming the replies",
+        description="An interactive chat in the terminal: /reset clears the history, /system TEXT sets the system "
+        "message, /quit ends. With --message: one reply, printed, then exit. The history is cut from the oldest "
+        "turn when it would not leave room for a reply in the model's context.",
+    )
+    p.add_argument(
+        "run",
+        help="a run directory (its latest checkpoint), a checkpoints/step-N folder, "
+        "an `aic import` folder or a Hugging Face model folder",
+    )
+    p.add_argument("--message", metavar="TEXT", help="send this one message, print the reply and exit")
+    p.add_argument("--system", metavar="TEXT", help="a system message at the start of the conversation")
+    _generation_flags(p)
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser(
         "import", parents=[common], help="convert a model from another format into an aic checkpoint folder"

@@ -551,7 +551,7 @@ def _train_stage(ctx: RunContext, resume_from: Path | None) -> bool:
 
     def splits(may_encode: bool = True):
         cache = token_cache_dir(spec.data.cache_dir)
-        read = ReadOptions.of(spec.data)
+        read = read_options(spec)
         d = spec.data
         return load_splits(
             d.train, d.val, d.val_fraction, tokenizer, ctx.tokenizer_hash, cache, seq_len, read, echo, may_encode
@@ -600,6 +600,19 @@ def _train_stage(ctx: RunContext, resume_from: Path | None) -> bool:
     return True
 
 
+def read_options(spec: RunSpec) -> ReadOptions:
+    """How the data section's inputs are read, with what chat data needs from the other sections: the tokenizer's
+    chat template and what the loss covers."""
+    import dataclasses
+
+    read = ReadOptions.of(spec.data)
+    if not read.chat:
+        return read
+    return dataclasses.replace(
+        read, chat_template=spec.tokenizer.chat_template, loss_on=spec.train.loss_on or "assistant"
+    )
+
+
 def _tokenizer_stage(ctx: RunContext) -> None:
     spec, registry, tok_path, echo = ctx.spec, ctx.registry, ctx.tokenizer_path, ctx.echo
     if ctx.checkpoint is not None and tok_path.is_file():
@@ -616,7 +629,7 @@ def _tokenizer_stage(ctx: RunContext) -> None:
             limit = spec.tokenizer.sample_bytes
             try:
                 with (
-                    tokenizer_corpus(spec.data.train, ReadOptions.of(spec.data), tok_path.parent) as (files, corpus),
+                    tokenizer_corpus(spec.data.train, read_options(spec), tok_path.parent) as (files, corpus),
                     sample_corpus(files, limit, tok_path.parent) as (files, sampled),
                 ):
                     trained = plugin.train(spec.tokenizer, files, tok_path)
@@ -691,7 +704,7 @@ def _eval_stage(ctx: RunContext) -> None:
             tok_hash,
             token_cache_dir(spec.data.cache_dir),
             seq_len,
-            ReadOptions.of(spec.data),
+            read_options(spec),
         )
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
         metrics = evaluate(loaded.model, val, spec, seq_len, device, autocast)

@@ -91,10 +91,28 @@ class DataSpec(Section):
     val_fraction: float = Field(
         0.05, gt=0, lt=0.5, description="Fraction of the training tokens held out when `val` is empty."
     )
-    format: Literal["auto", "text", "jsonl", "parquet"] = Field(
+    format: Literal["auto", "text", "jsonl", "parquet", "chat"] = Field(
         "auto",
         description="How files are read: 'text' (UTF-8), 'jsonl' (one JSON object a line), 'parquet' (needs pip "
-        "install \"aic[parquet]\"); 'auto' goes by suffix: .jsonl/.ndjson, .parquet/.pq, anything else text.",
+        "install \"aic[parquet]\"); 'auto' goes by suffix: .jsonl/.ndjson, .parquet/.pq, anything else text. "
+        "'chat': rows of conversations (JSONL, or Parquet by suffix) in the OpenAI form (messages: role, content), "
+        "ShareGPT's (conversations: from, value) or Alpaca's (instruction, input, output), rendered by the "
+        "tokenizer's chat template; the loss covers what train.loss_on says.",
+    )
+    messages_field: str | None = Field(
+        None,
+        min_length=1,
+        description="Chat data: the field holding a row's turns (default: 'messages', else 'conversations').",
+    )
+    role_map: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=dict,
+        description="Chat data: speaker names -> roles, beside the built-in human/gpt/bot/model (e.g. "
+        '{"asker": "user"}).',
+    )
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="Chat data: a conversation longer than train.seq_len + 1 tokens is cut there, or left out; the "
+        "log says how many.",
     )
     text_field: str = Field(
         "text", min_length=1, description="The JSONL field, or Parquet column, that holds each document's text."
@@ -127,6 +145,12 @@ class TrainSpec(Section):
     batch_size: int = Field(8, gt=0, description="Sequences per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     seq_len: int | None = Field(None, gt=1, description="Training context length (default: the model's block_size).")
+    loss_on: Literal["assistant", "last_assistant", "all"] | None = Field(
+        None,
+        description="Which tokens the loss covers: 'assistant' (every assistant turn through its end-of-turn token; "
+        "the default for chat data), 'last_assistant', or 'all' (the default for text). Validation loss and bits "
+        "per byte cover the same tokens.",
+    )
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     min_lr: float | None = Field(None, ge=0, description="Final learning rate of the cosine decay (default lr/10).")
     warmup_steps: int = Field(0, ge=0)
@@ -443,8 +467,26 @@ def parse_spec(
             registry.get(kind, section.type).check(section, spec)
     if check and not model_only:
         _check_positional(spec, registry, source)
+        _check_chat(spec, source)
         check_log_to(spec)
     return spec
+
+
+def _check_chat(spec: RunSpec, source: str) -> None:
+    """Chat data and the loss on assistant turns go together."""
+    chat = spec.data.format == "chat"
+    if spec.train.loss_on in ("assistant", "last_assistant") and not chat:
+        raise SpecError(
+            f"{source}: train.loss_on: {spec.train.loss_on!r} needs chat data, where turns have roles; data.format is "
+            f'{spec.data.format!r}, plain text, which has no assistant turns. Set data.format to "chat" (rows of '
+            "conversations), or remove train.loss_on (the loss then covers every token)."
+        )
+    if not chat and (spec.data.messages_field or spec.data.role_map):
+        key = "messages_field" if spec.data.messages_field else "role_map"
+        raise SpecError(
+            f"{source}: data.{key} is for chat data; data.format is {spec.data.format!r}. Set data.format to "
+            f'"chat" or remove data.{key}.'
+        )
 
 
 def _fill_from_init(

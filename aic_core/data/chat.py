@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aic_core.errors import DataError
-from aic_core.plugins.kinds import Tokenizer
+
+if TYPE_CHECKING:  # annotations only: the kinds import the training loop, which reads chat data
+    from aic_core.plugins.kinds import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 # The built-in template: ChatML-like, on four special tokens (tokenizer.special_tokens must list them). Each turn is
@@ -251,3 +253,156 @@ def _check_order(messages: list[dict[str, str]]) -> None:
             )
     if body[-1]["role"] != "assistant":
         raise ValueError("the conversation ends with a user turn: the last turn must be the assistant's")
+
+
+# --- chat data: encoding (in the data stage's workers) and batches ------------------------------------
+
+ID_BITS = 30
+IDS = (1 << ID_BITS) - 1
+START = 1 << ID_BITS  # the first token of a conversation
+LEARN = 1 << (ID_BITS + 1)  # a token the loss covers
+
+
+def pack(enc: Encoded) -> list[int]:
+    """A conversation's ids as the token cache stores chat data: uint32, the id in the low 30 bits, LEARN where the
+    loss covers the token, START on its first token."""
+    return [i | (LEARN if m else 0) | (START if k == 0 else 0) for k, (i, m) in enumerate(zip(enc.ids, enc.mask))]
+
+
+def _chat_rows(kind: str, payload: Any) -> Any:
+    """(line or row within the task, the row, what is wrong or None) of a JSONL block or Parquet rows."""
+    import json
+
+    if kind == "parquet-rows":
+        yield from ((k, row, None) for k, row in enumerate(payload))
+        return
+    if kind != "jsonl":
+        raise DataError("data.format is 'chat', but a text file was given: chat data is JSONL or Parquet rows")
+    for k, raw in enumerate(payload.split(b"\n")):
+        if not raw.strip():
+            continue
+        try:
+            yield k, json.loads(raw.decode("utf-8")), None
+        except UnicodeDecodeError as exc:
+            yield k, None, f"not UTF-8 ({exc.reason} at byte {exc.start} of the line)"
+        except ValueError as exc:
+            yield k, None, f"not JSON ({getattr(exc, 'msg', exc)} at column {getattr(exc, 'colno', '?')})"
+
+
+def chat_texts(task: Any, read: Any) -> Any:
+    """For the tokenizer's training text: each conversation's contents, a blank line apart, as the data stage's
+    `rows` gives documents (text, bytes, ends a document, line or row, problem)."""
+    kind, _, _, payload = task
+    for k, row, problem in _chat_rows(kind, payload):
+        if problem is None:
+            try:
+                messages = messages_of(row, read.messages_field, dict(read.role_map))
+            except ValueError as exc:
+                problem = str(exc)
+        if problem is not None:
+            yield "", 0, False, k, problem
+            continue
+        text = "\n\n".join(m["content"] for m in messages)
+        yield text, len(text.encode("utf-8")), True, k, None
+
+
+def encode_chat_task(encoder: Any, task: Any) -> tuple[bytes, int, int, list[tuple[int, int, str]], int]:
+    """The data stage's Encoder.run for chat data: each row rendered by the chat template, its ids packed with the
+    loss mask (`pack`); the bytes counted are those of the text the loss covers (for bits per byte)."""
+    import numpy as np
+
+    kind, index, first, payload = task
+    tokenizer, (source, loss_on, field, role_map) = encoder.tokenizer, encoder.settings.chat
+    if getattr(encoder, "chat", None) is None:
+        encoder.chat = chat_template(source, tokenizer)
+    template, specials = encoder.chat, set(tokenizer.special_ids.values())
+    values: list[int] = []
+    n_docs = n_bytes = n_bad = 0
+    bad: list[tuple[int, int, str]] = []
+    for k, row, problem in _chat_rows(kind, payload):
+        if problem is None:
+            try:
+                messages = messages_of(row, field, dict(role_map), tuple(tokenizer.special_ids))
+                enc = template.encode_with_mask(messages, loss_on)
+            except (ValueError, DataError) as exc:
+                problem = str(exc)
+        if problem is not None:
+            n_bad += 1
+            if len(bad) < 5:
+                bad.append((index, first + k, problem))
+            continue
+        values += pack(enc)
+        n_docs += 1
+        learned = [i for i, m in zip(enc.ids[1:], enc.mask[1:]) if m and i not in specials]
+        n_bytes += len(tokenizer.decode(learned).encode("utf-8"))
+    return np.array(values, dtype=np.uint32).tobytes(), n_docs, n_bytes, bad, n_bad
+
+
+def targets(next_ids: Any, learn: Any) -> Any:
+    """The loss's targets: the next token where the loss covers it, else -1 (ignored)."""
+    import numpy as np
+
+    return np.where(learn, next_ids, -1)
+
+
+class ChatData:
+    """Conversations from the token cache, one per batch row: a row starts at its conversation's first token (its
+    positions start at 0, whatever the positional encoding) and is padded after its end to the longest row of the
+    batch; the padding and the tokens the loss does not cover get target -1. Causal attention never looks ahead, so
+    no token sees another conversation or the padding. `len` is the number of targets the loss covers; `n_bytes` the
+    UTF-8 bytes of their text (bits per byte)."""
+
+    def __init__(self, raw: Any, tokenizer: Tokenizer, seq_len: int, overlong: str, n_bytes: int | None = None) -> None:
+        import numpy as np
+
+        self.raw = raw
+        starts = np.flatnonzero(raw & START)
+        lengths = np.diff(np.append(starts, len(raw)))
+        limit = seq_len + 1
+        over = lengths > limit
+        self.n_conversations, self.n_overlong = len(starts), int(over.sum())
+        keep = ~over if overlong == "drop" else np.ones(len(starts), dtype=bool)
+        self.starts, self.lengths = starts[keep], np.minimum(lengths[keep], limit)
+        self.dropped = overlong == "drop"
+        learn = (raw & LEARN) != 0
+        if self.n_overlong:  # conversations cut or left out: count what is kept
+            self.n_targets = sum(int(learn[s + 1 : s + n].sum()) for s, n in zip(self.starts, self.lengths))
+        else:  # a conversation's first token is no target
+            self.n_targets = int(learn.sum() - learn[self.starts].sum())
+        if n_bytes is None or self.n_overlong:
+            specials = np.array(sorted(tokenizer.special_ids.values()) or [-1])
+            n_bytes = 0
+            for s, n in zip(self.starts, self.lengths):
+                seg = raw[s + 1 : s + n]
+                ids = seg[(seg & LEARN) != 0] & IDS
+                ids = ids[~np.isin(ids, specials)]
+                n_bytes += len(tokenizer.decode(ids.tolist()).encode("utf-8"))
+        self.n_bytes = n_bytes
+
+    def __len__(self) -> int:
+        return self.n_targets
+
+    def subset(self, lo: int, hi: int, tokenizer: Tokenizer, seq_len: int) -> ChatData:
+        """Conversations lo..hi (in cache order) as their own ChatData."""
+        a = int(self.starts[lo])
+        b = int(self.starts[hi]) if hi < len(self.starts) else len(self.raw)
+        return ChatData(self.raw[a:b], tokenizer, seq_len, "drop" if self.dropped else "truncate")
+
+    def batch(self, seed: int, stream: int, index: int, batch_size: int, seq_len: int, device: Any = "cpu") -> Any:
+        import numpy as np
+        import torch
+
+        rng = np.random.default_rng([seed, stream, index])
+        pick = rng.integers(0, len(self.starts), size=batch_size)
+        width = int(min(self.lengths[pick].max(), seq_len + 1))
+        w = np.zeros((batch_size, width), dtype=np.int64)
+        m = np.zeros((batch_size, width), dtype=bool)
+        for r, c in enumerate(pick):
+            s, n = int(self.starts[c]), int(min(self.lengths[c], width))
+            seg = np.asarray(self.raw[s : s + n], dtype=np.int64)
+            w[r, :n], m[r, :n] = seg & IDS, (seg & LEARN) != 0
+        x = torch.from_numpy(w[:, :-1].copy())
+        y = torch.from_numpy(targets(w[:, 1:], m[:, 1:]))
+        if torch.device(device).type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x, y

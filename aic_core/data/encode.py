@@ -39,7 +39,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from aic_core.data.inputs import DataFile, ReadOptions, text_column, where_not_utf8
+from aic_core.data.inputs import DataFile, ReadOptions, pyarrow_parquet, text_column, where_not_utf8
 from aic_core.errors import DataError
 from aic_core.files import format_bytes
 
@@ -61,6 +61,9 @@ class Settings:
     dtype: str  # uint16 | uint32
     eos_id: int | None
     chunk_chars: int
+    # Chat data: (template source, loss_on, messages_field, role_map pairs); ids are then packed with their loss mask
+    # and conversation starts (aic_core.data.chat.pack).
+    chat: tuple | None = None
 
 
 @dataclass
@@ -141,7 +144,7 @@ def tasks(files: list[DataFile], records: list[FileRecord], options: ReadOptions
                     reader = _HashingReader(fh)
                     while reader.read(1 << 20):
                         pass
-                yield from _parquet_tasks(i, f, options.text_field)
+                yield from (_parquet_row_tasks(i, f) if options.chat else _parquet_tasks(i, f, options.text_field))
             else:
                 with open(f.path, "rb") as fh:
                     reader = _HashingReader(fh)
@@ -257,6 +260,28 @@ def _parquet_tasks(index: int, f: DataFile, column: str) -> Iterator[tuple[Task,
         first += len(values)
 
 
+def _parquet_row_tasks(index: int, f: DataFile) -> Iterator[tuple[Task, int]]:
+    """Chat data in Parquet: record batches of whole rows (every column), as lists of dicts."""
+    pfile = pyarrow_parquet(f).ParquetFile(f.path)
+    meta = pfile.metadata
+    rows = max(
+        1,
+        min(
+            1 << 14,
+            TASK_BYTES
+            * meta.num_rows
+            // max(
+                1, meta.serialized_size + sum(meta.row_group(r).total_byte_size for r in range(meta.num_row_groups))
+            ),
+        ),
+    )
+    first = 0
+    for batch in pfile.iter_batches(batch_size=rows, use_threads=False):
+        values = batch.to_pylist()
+        yield ("parquet-rows", index, first, values), batch.nbytes
+        first += len(values)
+
+
 # --- the workers: task -> ids -----------------------------------------------------------------------
 
 
@@ -338,6 +363,10 @@ class Encoder:
         self.eos = [settings.eos_id] if settings.eos_id is not None else []
 
     def run(self, task: Task) -> tuple[bytes, int, int, list[tuple[int, int, str]], int]:
+        if self.settings.chat is not None:
+            from aic_core.data.chat import encode_chat_task
+
+            return encode_chat_task(self, task)
         _, index, first, _ = task
         ids: list[int] = []
         n_docs = n_bytes = n_bad = 0
@@ -416,8 +445,9 @@ def encode_into(
 ) -> Summary:
     """Encode the files into `out` (ids as raw uint16/uint32, documents ended by eos) and say what was done. Bad rows
     are refused at the first one (data.bad_rows "refuse") or left out and counted ("skip")."""
-    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
-    settings = Settings(options.text_field, dtype, tokenizer.eos_id, CHUNK_CHARS)
+    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 and not options.chat else "uint32"
+    chat = (options.chat_template, options.loss_on, options.messages_field, options.role_map) if options.chat else None
+    settings = Settings(options.text_field, dtype, tokenizer.eos_id, CHUNK_CHARS, chat)
     stream = tasks(files, records, options)
     pooled = workers > 1 and sum(r.size for r in records) > max(POOL_MIN_BYTES, TASK_BYTES)
     if pooled and not _picklable(tokenizer):

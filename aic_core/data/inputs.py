@@ -32,10 +32,24 @@ class ReadOptions:
     separator: str | None = None  # between documents in a text file; None: a text file is one document
     bad_rows: str = "refuse"  # refuse | skip
     workers: int | None = None  # encoding processes; None: the CPUs this process may use
+    # Chat data (format "chat"): the turns' field and role map, and, set by the run from the tokenizer and train
+    # sections, the chat template's source and what the loss covers.
+    messages_field: str | None = None
+    role_map: tuple[tuple[str, str], ...] = ()
+    chat_template: str | None = None
+    loss_on: str = "assistant"
+    overlong: str = "truncate"  # truncate | drop: a conversation longer than the context (applied when loaded)
 
     @classmethod
     def of(cls, data: Any) -> ReadOptions:
-        return cls(**{name: getattr(data, name) for name in cls.__dataclass_fields__ if hasattr(data, name)})
+        values = {name: getattr(data, name) for name in cls.__dataclass_fields__ if hasattr(data, name)}
+        if isinstance(values.get("role_map"), dict):
+            values["role_map"] = tuple(sorted(values["role_map"].items()))
+        return cls(**values)
+
+    @property
+    def chat(self) -> bool:
+        return self.format == "chat"
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,8 @@ def _exists(path: Path, where: str) -> bool:
 
 
 def _format_of(path: Path, configured: str) -> str:
+    if configured == "chat":  # conversations: Parquet by suffix, else JSONL
+        return "parquet" if path.suffix.lower() in SUFFIXES["parquet"] else "jsonl"
     if configured != "auto":
         return configured
     suffix = path.suffix.lower()
@@ -119,6 +135,8 @@ def _format_of(path: Path, configured: str) -> str:
 
 
 def _data_suffixes(configured: str) -> tuple[str, ...]:
+    if configured == "chat":
+        return SUFFIXES["jsonl"] + SUFFIXES["parquet"]
     return SUFFIXES[configured] if configured != "auto" else sum(SUFFIXES.values(), ())
 
 
@@ -196,7 +214,7 @@ def check_data_file(f: DataFile, options: ReadOptions = ReadOptions()) -> Path:
     if not head.strip() and st.st_size <= len(head):
         what = "empty (0 bytes)" if not head else "empty (only whitespace)"
         raise DataError(f"{f.where} is {what}. Give it some text or remove it from the list.")
-    if f.format == "parquet":
+    if f.format == "parquet" and not options.chat:
         text_column(f, options.text_field)
     return path
 

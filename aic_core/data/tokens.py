@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from aic_core.data import encode as data_encode
+from aic_core.data.chat import ChatData, chat_texts
 from aic_core.data.encode import (
     EncodeProgress,
     FileRecord,
@@ -121,6 +122,8 @@ def cache_key(files: list[DataFile], records: list[FileRecord], read: ReadOption
             [str(Path(r.path).resolve()), f.format, r.size, r.mtime_ns, r.ctime_ns] for f, r in zip(files, records)
         ],
     }
+    if read.chat:  # what decides a conversation's ids and mask (absent for other data: their keys stay as they were)
+        key["chat"] = [read.chat_template, read.loss_on, read.messages_field, list(read.role_map)]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
 
@@ -158,7 +161,7 @@ def encode_files(
     workers = read.workers or available_cpus()
     started_ns = time.time_ns()
     summary = _write_cache(bin_path, meta_path, inputs, records, tokenizer, read, workers, field, started_ns)
-    _report_bad_rows(field, inputs, _meta(summary, tokenizer, records, started_ns), read)
+    _report_bad_rows(field, inputs, _meta(summary, tokenizer, records, started_ns, read.chat), read)
     if echo:
         rate = summary.input_bytes / max(summary.seconds, 1e-9)
         echo(
@@ -167,17 +170,21 @@ def encode_files(
             f"({rate / 1e6:.1f} MB/s, {summary.n_tokens / max(summary.seconds, 1e-9):,.0f} tokens/s, "
             f"{summary.workers} worker{'s' if summary.workers != 1 else ''})"
         )
-    return TokenData(np.memmap(bin_path, dtype=_dtype(tokenizer), mode="r", shape=(summary.n_tokens,)), summary.n_bytes)
+    dtype = _dtype(tokenizer, read.chat)
+    return TokenData(np.memmap(bin_path, dtype=dtype, mode="r", shape=(summary.n_tokens,)), summary.n_bytes)
 
 
-def _dtype(tokenizer: Tokenizer) -> np.dtype:
-    return np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
+def _dtype(tokenizer: Tokenizer, chat: bool = False) -> np.dtype:
+    """uint16 where the ids fit, else uint32; chat data always uint32 (ids packed with their mask bits)."""
+    return np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 and not chat else np.uint32)
 
 
-def _meta(summary: Summary, tokenizer: Tokenizer, records: list[FileRecord], started_ns: int) -> dict:
+def _meta(
+    summary: Summary, tokenizer: Tokenizer, records: list[FileRecord], started_ns: int, chat: bool = False
+) -> dict:
     return {
         "version": CACHE_VERSION,
-        "dtype": _dtype(tokenizer).name,
+        "dtype": _dtype(tokenizer, chat).name,
         "n_tokens": summary.n_tokens,
         "n_bytes": summary.n_bytes,
         "n_docs": summary.n_docs,
@@ -298,7 +305,7 @@ def _write_cache(
             )
         os.replace(tmp, bin_path)
         with open(tmp_meta, "w") as f:
-            f.write(json.dumps(_meta(summary, tokenizer, records, started_ns)))
+            f.write(json.dumps(_meta(summary, tokenizer, records, started_ns, read.chat)))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_meta, meta_path)
@@ -353,7 +360,7 @@ def tokenizer_corpus(entries: list[str], read: ReadOptions, folder: Path) -> Ite
     inputs = expand(entries, "data.train", read)
     for f in inputs:
         check_data_file(f, read)
-    direct = [f for f in inputs if f.format == "text" and not read.separator]
+    direct = [f for f in inputs if f.format == "text" and not read.separator and not read.chat]
     size = sum(f.path.stat().st_size for f in inputs)
     described = f"{len(inputs):,} file{'s' if len(inputs) != 1 else ''} of data.train ({size / 1e6:,.1f} MB)"
     if len(direct) == len(inputs):
@@ -370,7 +377,8 @@ def tokenizer_corpus(entries: list[str], read: ReadOptions, folder: Path) -> Ite
             paths.append(Path(tmp) / f"{i:05d}.txt")
             with open(paths[-1], "w", encoding="utf-8", newline="") as out:
                 for task, _ in tasks([f], [FileRecord.of(f.path)], read):
-                    for text, _, ends, k, problem in rows(task, read.text_field):
+                    found = chat_texts(task, read) if read.chat else rows(task, read.text_field)
+                    for text, _, ends, k, problem in found:
                         if k == -1:
                             raise DataError(
                                 f"{f.where} is not UTF-8 text: {where_not_utf8(f.path)}. Convert it to UTF-8 (e.g. "
@@ -418,6 +426,10 @@ def load_splits(
     """Training and validation tokens: the val files, or the last `val_fraction` of the training tokens
     (at least `seq_len + 2`, the least a split can be: a window of seq_len + 1 tokens and a start to draw)."""
     read = read or ReadOptions()
+    if read.chat:
+        return chat_splits(
+            train_files, val_files, val_fraction, tokenizer, tokenizer_hash, cache_dir, seq_len, read, echo, may_encode
+        )
     need = seq_len + 2
     train = encode_files(train_files, "data.train", tokenizer, tokenizer_hash, cache_dir, read, echo, may_encode)
     if val_files:
@@ -454,6 +466,56 @@ def load_splits(
                 f"{_names(files)} {'holds' if len(files) == 1 else 'hold'} {data.n_bytes:,} bytes, "
                 f"{len(data):,} tokens, but a window is train.seq_len + 1 = {seq_len + 1} tokens and {field} needs at "
                 f"least {need}. Add more text to {field}, or lower train.seq_len (default: model.block_size)."
+            )
+    return train, val
+
+
+def chat_splits(
+    train_files: list[str],
+    val_files: list[str],
+    val_fraction: float,
+    tokenizer: Tokenizer,
+    tokenizer_hash: str,
+    cache_dir: Path,
+    seq_len: int,
+    read: ReadOptions,
+    echo: Callable[[str], None] | None = None,
+    may_encode: bool = True,
+) -> tuple[ChatData, ChatData]:
+    """Training and validation conversations (chat data): data.val's, or the last val_fraction of data.train's (at
+    least one)."""
+    args = (tokenizer, tokenizer_hash, cache_dir, read, echo, may_encode)
+    train_raw = encode_files(train_files, "data.train", *args)
+    train = ChatData(train_raw.ids, tokenizer, seq_len, read.overlong, train_raw.n_bytes)
+    if val_files:
+        val_raw = encode_files(val_files, "data.val", *args)
+        val = ChatData(val_raw.ids, tokenizer, seq_len, read.overlong, val_raw.n_bytes)
+    else:
+        n = len(train.starts)
+        if n < 2:
+            raise DataError(
+                f"data.train: {n} conversation{'s' if n != 1 else ''} (after data.overlong), too few to hold out a "
+                "validation split: add conversations, or give data.val."
+            )
+        n_val = max(1, int(n * val_fraction))
+        val = train.subset(n - n_val, n, tokenizer, seq_len)
+        train = train.subset(0, n - n_val, tokenizer, seq_len)
+    for data, field in ((train, "data.train"), (val, "data.val")):
+        if not len(data.starts) or not len(data):
+            raise DataError(
+                f"{field}: no conversation with a token to train on (after data.overlong "
+                f"'{read.overlong}' and train.loss_on '{read.loss_on}'). Check the rows and data.overlong."
+            )
+        if echo:
+            over = (
+                f"; {data.n_overlong:,} longer than train.seq_len + 1 = {seq_len + 1} tokens "
+                f"{'left out' if data.dropped else 'cut there'} (data.overlong)"
+                if data.n_overlong
+                else ""
+            )
+            echo(
+                f"{field}: {len(data.starts):,} conversations, {len(data):,} of their tokens trained on "
+                f"(train.loss_on '{read.loss_on}'){over}"
             )
     return train, val
 

@@ -45,17 +45,19 @@ CACHE_MULTIPLE = 64  # the cache length is rounded up to this: aligned attention
 def generate(
     model: Transformer,
     tokenizer: Tokenizer,
-    prompts: list[str],
+    prompts: list[str | list[int]],
     max_new_tokens: int,
     sampler: SamplerSpec,
     stop: Sequence[str] = (),
     seed: int = 0,
     use_cache: bool = True,
     decode_step: str = "auto",
+    stop_ids: Sequence[int] = (),
 ) -> list[str]:
     """The generated text of each prompt (without the prompt). See `stream`."""
     texts = [""] * len(prompts)
-    for deltas in stream(model, tokenizer, prompts, max_new_tokens, sampler, stop, seed, use_cache, decode_step):
+    args = (stop, seed, use_cache, decode_step, stop_ids)
+    for deltas in stream(model, tokenizer, prompts, max_new_tokens, sampler, *args):
         texts = [t + d for t, d in zip(texts, deltas)]
     return texts
 
@@ -63,19 +65,21 @@ def generate(
 def stream(
     model: Transformer,
     tokenizer: Tokenizer,
-    prompts: list[str],
+    prompts: list[str | list[int]],
     max_new_tokens: int,
     sampler: SamplerSpec,
     stop: Sequence[str] = (),
     seed: int = 0,
     use_cache: bool = True,
     decode_step: str = "auto",
+    stop_ids: Sequence[int] = (),
 ) -> Iterator[list[str]]:
-    """Yield, for each decoding step, one text delta per prompt ("" when it has nothing new).
+    """Yield, for each decoding step, one text delta per prompt ("" when it has nothing new). A prompt is a text, or
+    the ids of one (a conversation rendered by its chat template, special tokens and all).
 
-    A sequence ends at eos (not emitted), when its generated text contains a stop string (the text is
-    cut before it), or after max_new_tokens. The model is expected in eval mode. Bad requests raise
-    GenerationError here, before any work, not at the first step.
+    A sequence ends at eos or one of `stop_ids` (an end-of-turn token; neither emitted), when its generated text
+    contains a stop string (the text is cut before it), or after max_new_tokens. The model is expected in eval mode.
+    Bad requests raise GenerationError here, before any work, not at the first step.
 
     use_cache=False recomputes the whole sequence at every step (the reference). With the cache, the
     prompt is one forward pass and every later token one static decode step run as `decode_step` says
@@ -84,8 +88,9 @@ def stream(
     """
     prompt_ids = _encode_prompts(model, tokenizer, prompts, max_new_tokens)
     step_modes = _step_modes(decode_step, use_cache, model.wte.weight.device)
+    stops = [s for s in stop if s]
     return _decode(
-        model, tokenizer, prompt_ids, max_new_tokens, sampler, [s for s in stop if s], seed, use_cache, step_modes
+        model, tokenizer, prompt_ids, max_new_tokens, sampler, stops, seed, use_cache, step_modes, tuple(stop_ids)
     )
 
 
@@ -125,7 +130,7 @@ def _encode_prompts(
     context, max_positions = model.config.block_size, model.positional.max_positions
     out = []
     for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(prompt)
+        ids = [int(i) for i in prompt] if isinstance(prompt, list) else tokenizer.encode(prompt)
         if not ids:
             if start is None:
                 raise GenerationError(
@@ -166,6 +171,7 @@ def _decode(
     seed: int,
     use_cache: bool,
     step_modes: tuple[str, ...],
+    stop_ids: tuple[int, ...] = (),
 ) -> Iterator[list[str]]:
     device = model.wte.weight.device
     generator = torch.Generator(device).manual_seed(seed)
@@ -177,7 +183,7 @@ def _decode(
         steps = _RecomputeSteps(len(prompt_ids), max(map(len, prompt_ids)) + max_new_tokens, sampler, device)
     batch = steps.batch
     batch.fill(prompt_ids, model.positional.max_positions)
-    texts = [_TextStream(tokenizer, stop) for _ in prompt_ids]
+    texts = [_TextStream(tokenizer, stop, stop_ids) for _ in prompt_ids]
     # With blocks of several steps, the next block is queued before the host turns the last one into text,
     # so the device does not wait for the host. On the CPU the host is the device: one step at a time.
     block = _sync_every(device)
@@ -455,8 +461,9 @@ class _TextStream:
     the text.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
-        self.tokenizer, self.stop, self.eos = tokenizer, stop, tokenizer.eos_id
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], stop_ids: tuple[int, ...] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ends = {i for i in (tokenizer.eos_id, *stop_ids) if i is not None}
         self.reach = max((len(s) for s in stop), default=1) - 1  # how far back a stop string can start
         self.ids: list[int] = []
         self.prefix = self.read = 0
@@ -470,7 +477,7 @@ class _TextStream:
         """Take the next token (last: the final step); return the new text safe to emit, maybe ""."""
         if self.finished:
             return ""
-        if token == self.eos:
+        if token in self.ends:
             self.finished = True
         else:
             self.ids.append(token)

@@ -489,4 +489,4 @@ def test_spec_names_a_bad_data_entry(tmp_path, corpus, capsys):
     assert main(["validate", str(write_spec(tmp_path / "s.json", spec))]) == 2
     err = capsys.readouterr().err
     assert "data.train[1]: String should have at least 1 character" in err
-    assert "data.format: Input should be 'auto', 'text', 'jsonl' or 'parquet'" in err
+    assert "data.format: Input should be 'auto', 'text', 'jsonl', 'parquet' or 'chat'" in err
