@@ -720,30 +720,35 @@ def _eval_stage(ctx: RunContext) -> None:
 
 
 def _generate_stage(ctx: RunContext) -> None:
-    """Samples from the latest checkpoint for the spec's generate section (the model just trained, or from disk)."""
+    """Samples from the latest checkpoint for the spec's generate section (the model just trained, or from disk): its
+    prompts, and its conversations (generate.messages) through the chat template."""
     spec, run_dir, echo = ctx.spec, ctx.run_dir, ctx.echo
     loaded = ctx.model()
     g = spec.generate
-    if not g.prompts:
-        echo("generate: no prompts in the spec's generate section; skipped")
+    if not g.prompts and not g.messages:
+        echo("generate: no prompts or messages in the spec's generate section; skipped")
         return
     seed = spec.seed if g.seed is None else g.seed
-    texts = generate(
-        loaded.model,
-        loaded.tokenizer,
-        g.prompts,
-        g.max_new_tokens,
-        g.sampler,
-        stop=g.stop,
-        seed=seed,
-        use_cache=g.use_cache,
-        decode_step=g.decode_step,
-    )
-    parts = [
-        f"=== sample {i + 1} (step {loaded.checkpoint.step}) ===\n{p}{t}\n"
-        for i, (p, t) in enumerate(zip(g.prompts, texts))
-    ]
+    options = dict(stop=g.stop, seed=seed, use_cache=g.use_cache, decode_step=g.decode_step)
+    step = loaded.checkpoint.step
+    parts = []
+    if g.prompts:
+        texts = generate(loaded.model, loaded.tokenizer, g.prompts, g.max_new_tokens, g.sampler, **options)
+        parts += [f"=== sample {i + 1} (step {step}) ===\n{p}{t}\n" for i, (p, t) in enumerate(zip(g.prompts, texts))]
+    if g.messages:
+        from aic_core.data.chat import chat_template
+
+        template = chat_template(spec.tokenizer.chat_template, loaded.tokenizer, "generate.messages")
+        conversations = [[m.model_dump() for m in c] for c in g.messages]
+        ids = [template.encode(c, add_generation_prompt=True) for c in conversations]
+        stop_ids = [template.end_of_turn()]
+        replies = generate(
+            loaded.model, loaded.tokenizer, ids, g.max_new_tokens, g.sampler, stop_ids=stop_ids, **options
+        )
+        for i, (c, reply) in enumerate(zip(conversations, replies)):
+            turns = "".join(f"{m['role']}: {m['content']}\n" for m in c)
+            parts.append(f"=== conversation {i + 1} (step {step}) ===\n{turns}assistant: {reply}\n")
     write_atomic(run_dir / "samples.txt", "\n".join(parts))
     for part in parts:
         echo(part)
-    echo(f"generate: {len(texts)} samples -> {run_dir / 'samples.txt'}")
+    echo(f"generate: {len(parts)} samples -> {run_dir / 'samples.txt'}")

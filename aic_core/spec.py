@@ -201,8 +201,19 @@ class SamplerSpec(Section):
 DecodeStep = Literal["auto", "eager", "graph", "compile"]
 
 
+class ChatMessage(Section):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class GenerateSpec(Section):
     prompts: list[str] = Field(default_factory=list)
+    messages: list[list[ChatMessage]] = Field(
+        default_factory=list,
+        description="Conversations to reply to, through the tokenizer's chat template (each a list of "
+        '{"role": "system"|"user"|"assistant", "content": ...}, ending with a user turn); the replies stop at the '
+        "template's end-of-turn token and go to samples.txt after the prompts' samples.",
+    )
     max_new_tokens: int = Field(200, gt=0)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     stop: list[str] = Field(
@@ -481,6 +492,13 @@ def _check_chat(spec: RunSpec, source: str) -> None:
             f'{spec.data.format!r}, plain text, which has no assistant turns. Set data.format to "chat" (rows of '
             "conversations), or remove train.loss_on (the loss then covers every token)."
         )
+    for i, conversation in enumerate(spec.generate.messages):
+        if not conversation or conversation[-1].role != "user":
+            raise SpecError(
+                f"{source}: generate.messages[{i}]: a conversation to reply to ends with a user turn "
+                f"(it {'is empty' if not conversation else f'ends with a {conversation[-1].role!r} turn'}). "
+                'Add {"role": "user", "content": ...} at its end.'
+            )
     if not chat and (spec.data.messages_field or spec.data.role_map):
         key = "messages_field" if spec.data.messages_field else "role_map"
         raise SpecError(

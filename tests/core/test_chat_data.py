@@ -298,3 +298,33 @@ def test_aic_chat_refuses_a_model_without_a_template(tmp_path, capsys, corpus):
     assert main(["chat", str(tmp_path / "plain"), "--message", "hi"]) == 2
     err = capsys.readouterr().err
     assert "has no chat template" in err and "Traceback" not in err
+
+
+def test_the_generate_stage_replies_to_generate_messages(tmp_path, capsys):
+    spec = chat_spec(tmp_path, rows(120), train={"steps": 2, "warmup_steps": 0})
+    second = [{"role": "system", "content": "s"}, {"role": "user", "content": "3+4"}]
+    spec["generate"] = {
+        "prompts": ["12"],
+        "messages": [[{"role": "user", "content": "1+2"}], second],
+        "max_new_tokens": 6,
+        "sampler": {"temperature": 0},
+    }
+    assert main(["run", str(write_spec(tmp_path / "s.json", spec))]) == 0
+    samples = (tmp_path / "run" / "samples.txt").read_text()
+    assert (
+        "=== sample 1" in samples and "=== conversation 2" in samples and "system: s\nuser: 3+4\nassistant: " in samples
+    )
+    loaded = load_checkpoint_model(tmp_path / "run")
+    template = chat_template(None, loaded.tokenizer)
+    from aic_core.generate.decode import generate
+    from aic_core.spec import SamplerSpec
+
+    ids = template.encode([{"role": "user", "content": "1+2"}], add_generation_prompt=True)
+    reply = generate(
+        loaded.model, loaded.tokenizer, [ids], 6, SamplerSpec(temperature=0), stop_ids=[template.end_of_turn()]
+    )
+    assert f"user: 1+2\nassistant: {reply[0]}\n" in samples
+    spec["generate"]["messages"] = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
+    capsys.readouterr()
+    assert main(["validate", str(write_spec(tmp_path / "bad.json", spec))]) == 2
+    assert "generate.messages[0]: a conversation to reply to ends with a user turn" in capsys.readouterr().err
