@@ -478,14 +478,26 @@ def parse_spec(
             registry.get(kind, section.type).check(section, spec)
     if check and not model_only:
         _check_positional(spec, registry, source)
-        _check_chat(spec, source)
+        _check_chat(spec, registry, source)
         check_log_to(spec)
     return spec
 
 
-def _check_chat(spec: RunSpec, source: str) -> None:
-    """Chat data and the loss on assistant turns go together."""
+def _check_chat(spec: RunSpec, registry: Registry, source: str) -> None:
+    """Chat data and the loss on assistant turns go together; chat data needs a chat template."""
+    from aic_core.data.chat import DEFAULT_SPECIALS
+
     chat = spec.data.format == "chat"
+    if chat and spec.tokenizer.chat_template is None and not spec.model.init_from:
+        planned = registry.get("tokenizer", spec.tokenizer.type).planned_special_tokens(spec.tokenizer)
+        missing = [t for t in DEFAULT_SPECIALS if planned is not None and t not in planned]
+        if missing:
+            raise SpecError(
+                f'{source}: data.format is "chat", but the tokenizer will have no chat template: '
+                "tokenizer.chat_template is unset, and the built-in template needs the special tokens "
+                f"{', '.join(DEFAULT_SPECIALS)} ({', '.join(missing)} missing from tokenizer.special_tokens). Add them "
+                "to tokenizer.special_tokens, or set tokenizer.chat_template to a Jinja template."
+            )
     if spec.train.loss_on in ("assistant", "last_assistant") and not chat:
         raise SpecError(
             f"{source}: train.loss_on: {spec.train.loss_on!r} needs chat data, where turns have roles; data.format is "

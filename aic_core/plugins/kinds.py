@@ -242,6 +242,11 @@ class TokenizerPlugin(Plugin):
     def load(self, options: PluginOptions, path: Path) -> Tokenizer:
         """Load the tokenizer file `path` written by `train`."""
 
+    def planned_special_tokens(self, options: PluginOptions) -> list[str] | None:
+        """The special tokens a tokenizer trained with these options will have (their text), so that the core can
+        refuse, before any work, a spec whose chat template needs others. Default: None, the plugin does not say."""
+        return None
+
     def from_hf_folder(self, folder: Path) -> tuple[dict[str, Any], bytes]:
         """This tokenizer from a Hugging Face model folder that holds one of `hf_files`: its options (what the folder's
         other files say, e.g. tokenizer_config.json's bos/eos tokens) and the contents of its one file, which `load`

@@ -153,6 +153,9 @@ class BPE(TokenizerPlugin):
         roles = [t for t in (options.eos_token, options.bos_token, options.pad_token) if t is not None]
         return list(dict.fromkeys(roles)) + [t for t in options.special_tokens if t not in roles]
 
+    def planned_special_tokens(self, options: PluginOptions) -> list[str]:
+        return self.specials(options)
+
     def check(self, options: PluginOptions, spec: Any) -> None:
         roles = {"eos_token": options.eos_token, "bos_token": options.bos_token, "pad_token": options.pad_token}
         for token in options.special_tokens:

@@ -226,6 +226,9 @@ class SentencePiece(TokenizerPlugin):
         """unk/bos/eos + special tokens + byte pieces + newline: what any corpus needs at least."""
         return META_PIECES + len(options.special_tokens) + (BYTE_PIECES if options.byte_fallback else 0) + 1
 
+    def planned_special_tokens(self, options: PluginOptions) -> list[str]:
+        return ["<unk>", "<s>", "</s>", *options.special_tokens]
+
     def check(self, options: PluginOptions, spec: Any) -> None:
         self._check_vocab_size(options)
 

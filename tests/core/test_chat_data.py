@@ -233,7 +233,7 @@ def test_a_chat_run_trains_on_the_assistant_turns(tmp_path, capsys):
         ),
         ({"template": "{{ raise_exception('broken') }}"}, "failed to render: broken"),
         ({"template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}, "holds no end-of-turn token"),
-        ({"specials": []}, "has no chat template"),
+        ({"specials": []}, "the tokenizer will have no chat template"),
     ],
 )
 def test_bad_chat_input_is_one_paragraph_and_exit_2(tmp_path, capsys, change, says):
@@ -252,6 +252,8 @@ def test_bad_chat_input_is_one_paragraph_and_exit_2(tmp_path, capsys, change, sa
     err = capsys.readouterr().err
     assert code == 2 and says in err and "Traceback" not in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()
+    if "specials" in change or change.get("plain"):  # refused by the spec's checks: nothing at all written
+        assert not (tmp_path / "run").exists()
     if "bad" in change:
         assert "chat.jsonl:8" in err  # the file and line of the bad row
 
