@@ -85,6 +85,29 @@ def test_two_processes_train_exactly_as_one(tmp_path, corpus):
     assert result.stdout.count("train: done") == 1  # one voice: rank 0's
 
 
+def test_two_processes_train_chat_data_exactly_as_one(tmp_path, corpus):
+    """Chat data (conversations, loss on the assistant's tokens) under DDP: the losses of one process."""
+    from aic_core.data.chat import DEFAULT_SPECIALS
+    from tests.core.test_chat_data import rows, write_jsonl
+
+    write_jsonl(tmp_path / "chat.jsonl", rows(160))
+    specs = {}
+    for name in ("one", "two"):
+        spec = ddp_spec(corpus, tmp_path / name)
+        spec["data"] = {"train": [str(tmp_path / "chat.jsonl")], "format": "chat"}
+        spec["tokenizer"] = {"type": "bpe", "vocab_size": 400, "special_tokens": list(DEFAULT_SPECIALS)}
+        spec["generate"] = {"prompts": []}
+        specs[name] = write_spec(tmp_path / f"{name}.json", spec)
+    assert main(["run", str(specs["one"]), "--stage", "tokenizer,train"]) == 0
+    result = torchrun(specs["two"], "--stage", "tokenizer,train")
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, double = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert list(double) == list(single) == [1, 2, 3, 4, 5, 6]
+    assert double == pytest.approx(single, rel=1e-5)
+    val = [r["val_loss"] for r in records(tmp_path / "one") if "val_loss" in r]
+    assert [r["val_loss"] for r in records(tmp_path / "two") if "val_loss" in r] == pytest.approx(val, rel=1e-5)
+
+
 def test_two_processes_resume_exactly(tmp_path, corpus):
     spec = ddp_spec(corpus, tmp_path / "straight", model={"dropout": 0.1})
     straight = write_spec(tmp_path / "straight.json", spec)
