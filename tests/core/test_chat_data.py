@@ -330,3 +330,29 @@ def test_the_generate_stage_replies_to_generate_messages(tmp_path, capsys):
     capsys.readouterr()
     assert main(["validate", str(write_spec(tmp_path / "bad.json", spec))]) == 2
     assert "generate.messages[0]: a conversation to reply to ends with a user turn" in capsys.readouterr().err
+
+
+def test_lora_on_chat_data_from_a_base_run(tmp_path, capsys, corpus):
+    """The usual path: a base trained on text (its tokenizer has the chat tokens), then LoRA on conversations from it
+    (model.init_from); the base's weights stay as they were, and aic chat answers from the adapted run."""
+    base = tiny_spec(corpus, tmp_path / "base", train={"steps": 2, "warmup_steps": 0}, generate={"prompts": []})
+    base["tokenizer"] = {"type": "bpe", "vocab_size": 400, "special_tokens": SPECIALS}
+    assert main(["run", str(write_spec(tmp_path / "base.json", base))]) == 0
+    write_jsonl(tmp_path / "chat.jsonl", rows(80))
+    spec = {
+        "name": "lora-chat",
+        "output_dir": str(tmp_path / "ft"),
+        "data": {"train": [str(tmp_path / "chat.jsonl")], "format": "chat"},
+        "model": {"init_from": str(tmp_path / "base")},
+        "adapter": {"type": "lora", "r": 4},
+        "train": {"steps": 3, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0},
+        "eval": {"batches": 2},
+        "generate": {"messages": [[{"role": "user", "content": "1+1"}]], "max_new_tokens": 4},
+    }
+    assert main(["run", str(write_spec(tmp_path / "ft.json", spec))]) == 0
+    out = capsys.readouterr().out
+    assert "of their tokens trained on" in out and "lora" in out
+    before, after = load_checkpoint_model(tmp_path / "base"), load_checkpoint_model(tmp_path / "ft")
+    assert after.spec.adapter.type == "lora"
+    assert torch.equal(before.model.state_dict()["wte.weight"], after.model.state_dict()["wte.weight"])
+    assert "=== conversation 1" in (tmp_path / "ft" / "samples.txt").read_text()
