@@ -356,3 +356,22 @@ def test_lora_on_chat_data_from_a_base_run(tmp_path, capsys, corpus):
     assert after.spec.adapter.type == "lora"
     assert torch.equal(before.model.state_dict()["wte.weight"], after.model.state_dict()["wte.weight"])
     assert "=== conversation 1" in (tmp_path / "ft" / "samples.txt").read_text()
+
+
+def test_a_chat_run_resumes_exactly(tmp_path):
+    import json as _json
+
+    items = rows(100)
+    for name in ("straight", "resumed"):
+        (tmp_path / name).mkdir()
+        spec = chat_spec(tmp_path / name, items, train={"steps": 6, "checkpoint_every": 3, "warmup_steps": 0})
+        write_spec(tmp_path / f"{name}.json", spec)
+    assert main(["run", str(tmp_path / "straight.json"), "--stage", "tokenizer,train"]) == 0
+    assert main(["run", str(tmp_path / "resumed.json"), "--stage", "tokenizer,train", "--stop-at", "3"]) == 0
+    assert main(["run", str(tmp_path / "resumed.json"), "--stage", "tokenizer,train", "--resume"]) == 0
+
+    def losses(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(_json.loads, lines) if "loss" in r}
+
+    assert losses(tmp_path / "resumed" / "run") == losses(tmp_path / "straight" / "run")
