@@ -226,6 +226,18 @@ class Tokenizer(ABC):
         }
 
 
+def check_special_tokens(tokens: list[str]) -> list[str]:
+    """For a tokenizer plugin's `special_tokens` validator: none empty, none listed twice (ValueError otherwise)."""
+    seen: set[str] = set()
+    for token in tokens:
+        if not token:
+            raise ValueError("a special token cannot be the empty string")
+        if token in seen:
+            raise ValueError(f"special token {token!r} is listed twice")
+        seen.add(token)
+    return tokens
+
+
 class TokenizerPlugin(Plugin):
     kind = "tokenizer"
     trains: ClassVar[bool] = True  # False for tokenizers that need no training (byte-level)

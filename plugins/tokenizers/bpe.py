@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 
 from aic_core.errors import DataError, SpecError
 from aic_core.hookspecs import hookimpl
-from aic_core.kinds import PluginOptions, Tokenizer, TokenizerPlugin
+from aic_core.kinds import PluginOptions, Tokenizer, TokenizerPlugin, check_special_tokens
 
 EOS = "<|endoftext|>"
 ALPHABET = 256  # byte-level: every byte is a token
@@ -138,14 +138,7 @@ class BPE(TokenizerPlugin):
         @field_validator("special_tokens")
         @classmethod
         def _special_tokens(cls, tokens: list[str]) -> list[str]:
-            seen: set[str] = set()
-            for token in tokens:
-                if not token:
-                    raise ValueError("a special token cannot be the empty string")
-                if token in seen:
-                    raise ValueError(f"special token {token!r} is listed twice")
-                seen.add(token)
-            return tokens
+            return check_special_tokens(tokens)
 
     @staticmethod
     def specials(options: PluginOptions) -> list[str]:

@@ -35,7 +35,7 @@ from pydantic import Field, field_validator
 from aic_core.data.inputs import where_not_utf8
 from aic_core.errors import DataError, SpecError
 from aic_core.hookspecs import hookimpl
-from aic_core.kinds import PluginOptions, Tokenizer, TokenizerPlugin
+from aic_core.kinds import PluginOptions, Tokenizer, TokenizerPlugin, check_special_tokens
 
 RESERVED = ("<unk>", "<s>", "</s>", "<pad>")  # SentencePiece's own meta pieces
 META_PIECES = 3  # unk, bos, eos
@@ -200,10 +200,7 @@ class SentencePiece(TokenizerPlugin):
         @field_validator("special_tokens")
         @classmethod
         def _special_tokens(cls, tokens: list[str]) -> list[str]:
-            seen: set[str] = set()
-            for token in tokens:
-                if not token:
-                    raise ValueError("a special token cannot be the empty string")
+            for token in check_special_tokens(tokens):
                 if any(ch.isspace() for ch in token) or SPACE in token:
                     raise ValueError(
                         f"special token {token!r} contains whitespace; SentencePiece cannot keep it as one piece. "
@@ -214,9 +211,6 @@ class SentencePiece(TokenizerPlugin):
                         f"special token {token!r} is one of SentencePiece's own pieces ({', '.join(RESERVED)}, "
                         "<0x00>..<0xFF>); choose another name"
                     )
-                if token in seen:
-                    raise ValueError(f"special token {token!r} is listed twice")
-                seen.add(token)
             return tokens
 
     # --- checks -------------------------------------------------------------------------------
