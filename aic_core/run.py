@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shlex
 import shutil
@@ -693,8 +694,9 @@ def _eval_stage(ctx: RunContext) -> None:
     metrics = loaded.checkpoint.state.get("metrics") or {}
     same = all(trained.get(k) == ctx.resolved.get(k) for k in ("eval", "data", "seed"))
     # The trainer evaluated its last step as this spec would (same eval, data and seed); else evaluate here.
-    if "val_loss" not in metrics or not same:
-        seq_len = spec.train.seq_len or loaded.model.config.block_size
+    seq_len = spec.train.seq_len or loaded.model.config.block_size
+    val = None
+    if "val_loss" not in metrics or not same or spec.eval.exact_match:
         tok_hash = loaded.checkpoint.state["tokenizer_hash"]
         _, val = load_splits(
             spec.data.train,
@@ -706,17 +708,60 @@ def _eval_stage(ctx: RunContext) -> None:
             seq_len,
             read_options(spec),
         )
+    if "val_loss" not in metrics or not same:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
         metrics = evaluate(loaded.model, val, spec, seq_len, device, autocast)
         log = MetricsLog.for_run(run_dir, spec.train)
         log.write(stage="eval", step=loaded.checkpoint.step, **metrics)
         log.close()
     result = {"checkpoint": str(loaded.checkpoint.path), "step": loaded.checkpoint.step, **metrics}
+    if spec.eval.exact_match:
+        from aic_core.data.chat import chat_template
+
+        template = chat_template(spec.tokenizer.chat_template, loaded.tokenizer)
+        score, answers = exact_match(loaded.model, loaded.tokenizer, val, spec.eval.exact_match, template.end_of_turn())
+        result.update(exact_match=score, exact_match_n=len(answers))
+        write_atomic(run_dir / "answers.jsonl", "".join(json.dumps(a) + "\n" for a in answers))
+        echo(
+            f"eval: exact match {score:.1%} of {len(answers)} held-out conversations' last replies (greedy) "
+            f"-> {run_dir / 'answers.jsonl'}"
+        )
     write_json(run_dir / "eval.json", result)
     echo(
         f"eval: step {result['step']}: val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}  "
         f"val_bpb {metrics['val_bpb']:.4f}"
     )
+
+
+def exact_match(model: Any, tokenizer: Any, val: Any, n: int, end_id: int, batch: int = 32) -> tuple[float, list]:
+    """Greedy replies to the first `n` whole validation conversations (`ChatData.last_turns`), each compared with
+    the conversation's last assistant turn as text (stripped): the fraction equal, and each (prompt, expected, got)."""
+    from aic_core.generate import generate
+    from aic_core.spec import SamplerSpec
+
+    pairs = val.last_turns(n)
+    if not pairs:
+        return 0.0, []
+    greedy = SamplerSpec(temperature=0)
+    model.eval()
+    answers = []
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i : i + batch]
+        room = model.config.block_size - max(len(p) for p, _ in chunk)
+        longest = max(len(a) for _, a in chunk) + 8
+        max_new = max(1, min(longest, room)) if model.positional.max_positions is not None else longest
+        replies = generate(model, tokenizer, [p for p, _ in chunk], max_new, greedy, stop_ids=[end_id])
+        for (prompt, answer), reply in zip(chunk, replies):
+            expected = tokenizer.decode([t for t in answer if t != end_id]).strip()
+            answers.append(
+                {
+                    "prompt": tokenizer.decode(prompt),
+                    "expected": expected,
+                    "got": reply.strip(),
+                    "match": reply.strip() == expected,
+                }
+            )
+    return sum(a["match"] for a in answers) / len(answers), answers
 
 
 def _generate_stage(ctx: RunContext) -> None:

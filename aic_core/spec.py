@@ -114,6 +114,11 @@ class DataSpec(Section):
         description="Chat data: a conversation longer than train.seq_len + 1 tokens is cut there, or left out; the "
         "log says how many.",
     )
+    pack: bool = Field(
+        True,
+        description="Chat data: pack several conversations into each train.seq_len row (best fit), each attending "
+        "only to itself with positions from 0 (a block-diagonal mask); false: one conversation a row, padded.",
+    )
     text_field: str = Field(
         "text", min_length=1, description="The JSONL field, or Parquet column, that holds each document's text."
     )
@@ -188,6 +193,13 @@ class EvalSpec(Section):
     every: int = Field(0, ge=0, description="Evaluate on the validation data every N steps (0: only at the end).")
     batches: int = Field(20, gt=0, description="Validation batches per evaluation.")
     batch_size: int | None = Field(None, gt=0, description="Default: train.batch_size.")
+    exact_match: int = Field(
+        0,
+        ge=0,
+        description="Chat data: answer the last user turn of this many validation conversations greedily and report "
+        "the fraction whose reply equals the conversation's last assistant turn exactly (0: off); the answers go to "
+        "answers.jsonl in the run directory.",
+    )
 
 
 class SamplerSpec(Section):
@@ -504,6 +516,17 @@ def _check_chat(spec: RunSpec, registry: Registry, source: str) -> None:
             f'{spec.data.format!r}, plain text, which has no assistant turns. Set data.format to "chat" (rows of '
             "conversations), or remove train.loss_on (the loss then covers every token)."
         )
+    if spec.eval.exact_match and (not chat or spec.train.loss_on == "all"):
+        why = (
+            f"data.format is {spec.data.format!r}, plain text, which has no assistant turns"
+            if not chat
+            else 'train.loss_on is "all", so the assistant turns are not told apart'
+        )
+        raise SpecError(
+            f"{source}: eval.exact_match: {spec.eval.exact_match} compares greedy replies with the last assistant turn "
+            f"of validation conversations, but {why}. Remove eval.exact_match, or use chat data with train.loss_on "
+            '"assistant" or "last_assistant".'
+        )
     for i, conversation in enumerate(spec.generate.messages):
         if not conversation or conversation[-1].role != "user":
             raise SpecError(
@@ -511,8 +534,8 @@ def _check_chat(spec: RunSpec, registry: Registry, source: str) -> None:
                 f"(it {'is empty' if not conversation else f'ends with a {conversation[-1].role!r} turn'}). "
                 'Add {"role": "user", "content": ...} at its end.'
             )
-    if not chat and (spec.data.messages_field or spec.data.role_map):
-        key = "messages_field" if spec.data.messages_field else "role_map"
+    if not chat and (spec.data.messages_field or spec.data.role_map or not spec.data.pack):
+        key = "messages_field" if spec.data.messages_field else "role_map" if spec.data.role_map else "pack"
         raise SpecError(
             f"{source}: data.{key} is for chat data; data.format is {spec.data.format!r}. Set data.format to "
             f'"chat" or remove data.{key}.'

@@ -345,17 +345,55 @@ def targets(next_ids: Any, learn: Any) -> Any:
     return np.where(learn, next_ids, -1)
 
 
-class ChatData:
-    """Conversations from the token cache, one per batch row: a row starts at its conversation's first token (its
-    positions start at 0, whatever the positional encoding) and is padded after its end to the longest row of the
-    batch; the padding and the tokens the loss does not cover get target -1. Causal attention never looks ahead, so
-    no token sees another conversation or the padding. `len` is the number of targets the loss covers; `n_bytes` the
-    UTF-8 bytes of their text (bits per byte)."""
+def best_fit(lengths: Any, capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: the conversations (by index) of each row, every row's lengths summing to at
+    most `capacity`. Longest first, each into the fullest row it still fits (else a new row): rows come out nearly
+    full, with the few short conversations filling the gaps. Deterministic (ties go by index)."""
+    import bisect
 
-    def __init__(self, raw: Any, tokenizer: Tokenizer, seq_len: int, overlong: str, n_bytes: int | None = None) -> None:
+    import numpy as np
+
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    for c in order.tolist():
+        n = int(lengths[c])
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+            rows[r].append(c)
+        else:
+            room, r = capacity, len(rows)
+            rows.append([c])
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    return rows
+
+
+class ChatData:
+    """Conversations from the token cache, as batches of rows of at most seq_len + 1 tokens.
+
+    Packed (`pack`, the default): the conversations are packed once into rows (`best_fit`), several to a row, and
+    a batch is `(inputs, targets, documents)`: `documents` numbers each token's conversation, so the model attends
+    within a conversation only and restarts positions at each one (`Transformer.forward`), whatever the
+    positional encoding: every conversation computes what it would alone. Unpacked: one conversation a row, and a
+    batch is `(inputs, targets)`; a row starts at its conversation's first token, and causal attention never
+    looks ahead to the padding. Either way a batch is padded to its longest row; the padding, the tokens the loss
+    does not cover and a conversation's first token get target -1. `len` is the number of targets the loss
+    covers; `n_bytes` the UTF-8 bytes of their text (bits per byte)."""
+
+    def __init__(
+        self,
+        raw: Any,
+        tokenizer: Tokenizer,
+        seq_len: int,
+        overlong: str,
+        n_bytes: int | None = None,
+        pack: bool = True,
+    ) -> None:
         import numpy as np
 
-        self.raw = raw
+        self.raw, self.pack, self.limit = raw, pack, seq_len + 1
         starts = np.flatnonzero(raw & START)
         lengths = np.diff(np.append(starts, len(raw)))
         limit = seq_len + 1
@@ -363,6 +401,7 @@ class ChatData:
         self.n_conversations, self.n_overlong = len(starts), int(over.sum())
         keep = ~over if overlong == "drop" else np.ones(len(starts), dtype=bool)
         self.starts, self.lengths = starts[keep], np.minimum(lengths[keep], limit)
+        self.whole = lengths[keep] <= limit  # not cut by data.overlong
         self.dropped = overlong == "drop"
         learn = (raw & LEARN) != 0
         if self.n_overlong:  # conversations cut or left out: count what is kept
@@ -378,31 +417,77 @@ class ChatData:
                 ids = ids[~np.isin(ids, specials)]
                 n_bytes += len(tokenizer.decode(ids.tolist()).encode("utf-8"))
         self.n_bytes = n_bytes
+        # The rows: each a list of conversations (one each, unpacked), as offsets into `row_convs`.
+        rows = best_fit(self.lengths, limit) if pack else [[c] for c in range(len(self.starts))]
+        self.row_convs = np.array([c for row in rows for c in row], dtype=np.int64)
+        self.row_offsets = np.cumsum([0] + [len(row) for row in rows])
+        self.row_tokens = np.array([int(self.lengths[row].sum()) for row in rows], dtype=np.int64)
 
     def __len__(self) -> int:
         return self.n_targets
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.row_tokens)
+
+    @property
+    def fill(self) -> float:
+        """The fraction of the rows' seq_len + 1 tokens that hold conversation tokens (packing's efficiency)."""
+        return float(self.row_tokens.sum()) / max(1, self.n_rows * self.limit)
+
+    def last_turns(self, n: int) -> list[tuple[list[int], list[int]]]:
+        """(prompt, answer) ids of the first `n` conversations that are whole (not cut by data.overlong) and end with a
+        turn the loss covers: the answer is that last run of trained tokens (the last assistant turn and its
+        end-of-turn token), the prompt everything before it (through the template's generation prompt)."""
+        import numpy as np
+
+        out: list[tuple[list[int], list[int]]] = []
+        for s, length, whole in zip(self.starts, self.lengths, self.whole):
+            if len(out) == n:
+                break
+            if not whole:
+                continue
+            seg = np.asarray(self.raw[s : s + length], dtype=np.int64)
+            learn = np.flatnonzero((seg & LEARN) != 0)
+            if not len(learn):
+                continue
+            last = int(learn[-1])
+            first = last
+            while first > 0 and seg[first - 1] & LEARN:
+                first -= 1
+            ids = (seg & IDS).tolist()
+            out.append((ids[:first], ids[first : last + 1]))
+        return out
 
     def subset(self, lo: int, hi: int, tokenizer: Tokenizer, seq_len: int) -> ChatData:
         """Conversations lo..hi (in cache order) as their own ChatData."""
         a = int(self.starts[lo])
         b = int(self.starts[hi]) if hi < len(self.starts) else len(self.raw)
-        return ChatData(self.raw[a:b], tokenizer, seq_len, "drop" if self.dropped else "truncate")
+        return ChatData(self.raw[a:b], tokenizer, seq_len, "drop" if self.dropped else "truncate", pack=self.pack)
 
     def batch(self, seed: int, stream: int, index: int, batch_size: int, seq_len: int, device: Any = "cpu") -> Any:
         import numpy as np
         import torch
 
         rng = np.random.default_rng([seed, stream, index])
-        pick = rng.integers(0, len(self.starts), size=batch_size)
-        width = int(min(self.lengths[pick].max(), seq_len + 1))
+        pick = rng.integers(0, self.n_rows, size=batch_size)
+        width = int(min(self.row_tokens[pick].max(), seq_len + 1))
         w = np.zeros((batch_size, width), dtype=np.int64)
         m = np.zeros((batch_size, width), dtype=bool)
-        for r, c in enumerate(pick):
-            s, n = int(self.starts[c]), int(min(self.lengths[c], width))
-            seg = np.asarray(self.raw[s : s + n], dtype=np.int64)
-            w[r, :n], m[r, :n] = seg & IDS, (seg & LEARN) != 0
+        d = np.zeros((batch_size, width), dtype=np.int64)
+        for r, row in enumerate(pick):
+            at = 0
+            convs = self.row_convs[self.row_offsets[row] : self.row_offsets[row + 1]]
+            for k, c in enumerate(convs):
+                s, n = int(self.starts[c]), int(min(self.lengths[c], width - at))
+                seg = np.asarray(self.raw[s : s + n], dtype=np.int64)
+                w[r, at : at + n], m[r, at : at + n], d[r, at : at + n] = seg & IDS, (seg & LEARN) != 0, k
+                at += n
+            d[r, at:] = len(convs)  # the padding: a document of its own
+        same = d[:, 1:] == d[:, :-1]  # a target in the token's own conversation
         x = torch.from_numpy(w[:, :-1].copy())
-        y = torch.from_numpy(targets(w[:, 1:], m[:, 1:]))
+        y = torch.from_numpy(targets(w[:, 1:], m[:, 1:] & same))
+        batch = (x, y, torch.from_numpy(d[:, :-1].copy())) if self.pack else (x, y)
         if torch.device(device).type == "cuda":
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x, y
+            return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+        return batch

@@ -39,6 +39,7 @@ class ReadOptions:
     chat_template: str | None = None
     loss_on: str = "assistant"
     overlong: str = "truncate"  # truncate | drop: a conversation longer than the context (applied when loaded)
+    pack: bool = True  # several conversations a row, with a block-diagonal mask (applied when loaded)
 
     @classmethod
     def of(cls, data: Any) -> ReadOptions:

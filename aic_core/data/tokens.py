@@ -486,10 +486,10 @@ def chat_splits(
     least one)."""
     args = (tokenizer, tokenizer_hash, cache_dir, read, echo, may_encode)
     train_raw = encode_files(train_files, "data.train", *args)
-    train = ChatData(train_raw.ids, tokenizer, seq_len, read.overlong, train_raw.n_bytes)
+    train = ChatData(train_raw.ids, tokenizer, seq_len, read.overlong, train_raw.n_bytes, read.pack)
     if val_files:
         val_raw = encode_files(val_files, "data.val", *args)
-        val = ChatData(val_raw.ids, tokenizer, seq_len, read.overlong, val_raw.n_bytes)
+        val = ChatData(val_raw.ids, tokenizer, seq_len, read.overlong, val_raw.n_bytes, read.pack)
     else:
         n = len(train.starts)
         if n < 2:
@@ -513,8 +513,14 @@ def chat_splits(
                 if data.n_overlong
                 else ""
             )
+            rows = (
+                f", packed {data.n_rows:,} row{'s' if data.n_rows != 1 else ''} of up to {seq_len + 1} tokens "
+                f"({data.fill:.0%} full)"
+                if data.pack
+                else ", one a row (data.pack false)"
+            )
             echo(
-                f"{field}: {len(data.starts):,} conversations, {len(data):,} of their tokens trained on "
+                f"{field}: {len(data.starts):,} conversations{rows}, {len(data):,} of their tokens trained on "
                 f"(train.loss_on '{read.loss_on}'){over}"
             )
     return train, val

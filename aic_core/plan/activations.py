@@ -11,7 +11,8 @@ output, the T x T probabilities H*T*a, + with dropout the mask and the dropped p
 input is a copy), MLP (GELU: fc output and GELU output, F*a each; SwiGLU: fc output 2F*a, SiLU output and product
 F*a each), dropout masks when dropout > 0 (1 byte an element on CUDA, a float on the CPU). Outside the blocks:
 token ids and targets (8 + 8), the final norm and the LM head's input, what the positional encoding keeps for every
-layer (`PositionalPlugin.plan_cache_bytes`: RoPE's cos/sin tables), an attention bias's (1, H, T, T), all once.
+layer (`PositionalPlugin.plan_cache_bytes`: RoPE's cos/sin tables), an attention bias's (1, H, T, T), all once;
+with rows that pack documents (chat data) a mask per row, (B, 1, T, T) bool or (B, H, T, T) with a bias, and positions (B, T).
 With activation checkpointing (per block) only each block's input (r*C) is kept; during the backward pass one
 block's activations are recomputed at a time.
 
@@ -209,13 +210,14 @@ def activations(s: ModelShape, m: Mode, B: int, T: int) -> Activations:
     c = s.config
     N, C = B * T, c.n_embd
     dropout = c.dropout
-    kernel = attention_kernel(m.device, m.a, s.has_bias, dropout, c.kv_heads != c.n_head, c.head_dim)
+    masked = s.has_bias or s.documents  # SDPA gets a mask or bias
+    kernel = attention_kernel(m.device, m.a, masked, dropout, c.kv_heads != c.n_head, c.head_dim)
     grad = s.wte_trainable or s.wpe_trainable
     outside = 8 * N  # targets, saved by nll_loss
     if s.wte_trainable:
         outside += 8 * N  # token ids, saved by the embedding
     if s.wpe_trainable:
-        outside += 8 * T  # positions: one row broadcast over the batch
+        outside += 8 * (B * T if s.documents else T)  # positions: each row's, or one broadcast over the batch
     if dropout > 0 and grad:
         outside += m.mask * C * N  # embedding dropout mask
     # A run of equal blocks gives at most two different counts: its first block's input may not need a gradient
@@ -231,8 +233,9 @@ def activations(s: ModelShape, m: Mode, B: int, T: int) -> Activations:
                 per_block.append((_block_bytes(block, s, m, T, kernel, dropout, first[2]), count - 1))
         grad = per_block[-1][0][2]
     outside += s.cache_bytes(B, T)  # what the positional encoding keeps for every layer (RoPE: cos and sin)
-    if s.has_bias and kernel != "math":
-        outside += c.n_head * T * T * m.a  # one (1, H, T, T) bias, saved by the attention kernel
+    if masked and kernel != "math":  # the mask, saved by the attention kernel: with packed rows, one per row
+        rows = B if s.documents else 1
+        outside += rows * (c.n_head * T * T * m.a if s.has_bias else T * T)  # (rows, H, T, T) bias or bool mask
     saved, out = _norm_saved(s.norm_f, C, m, grad, s.norm_f_trainable)
     tail = N * (saved + _linear_inputs(s.head, out, False, m, grad or s.norm_f_trainable))
     head_copies = s.head.copies(grad or s.norm_f_trainable)

@@ -118,6 +118,7 @@ class ModelShape:
     linear_bias_elements: int
     rotates: bool  # the positional encoding rotates q and k into new tensors
     has_bias: bool  # it adds an attention bias
+    documents: bool  # rows pack several documents (chat data): a (B, 1, T, T) block-diagonal mask, positions per row
     cache_bytes: Callable[[int, int], int]  # (batch_size, seq_len) -> bytes it keeps for the backward pass
     norm_f: str
     norm_f_trainable: bool
@@ -346,6 +347,7 @@ def count_model(spec: Any, registry: Any, vocab_size: int | None = None) -> Mode
         linear_bias_elements=biases,
         rotates=rotates,
         has_bias=has_bias,
+        documents=getattr(spec.data, "format", None) == "chat" and getattr(spec.data, "pack", False),
         cache_bytes=lambda batch, seq_len: positional_plugin.plan_cache_bytes(options, c, batch, seq_len),
         norm_f=_norm_kind(model.norm_f),
         norm_f_trainable=module_trainable(model.norm_f),

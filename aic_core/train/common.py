@@ -148,9 +148,9 @@ def evaluate(
     batch_size = spec.eval.batch_size or spec.train.batch_size
     total = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(dist.rank, spec.eval.batches, dist.world_size):
-        x, y = val.batch(spec.seed, EVAL_STREAM, i, batch_size, seq_len, device)
+        batch = val.batch(spec.seed, EVAL_STREAM, i, batch_size, seq_len, device)
         with autocast or contextlib.nullcontext():
-            total += model(x, y).double()
+            total += model(*batch).double()
     model.train(was_training)
     loss = dist.mean(total).item() * dist.world_size / spec.eval.batches
     tokens_per_byte = len(val) / max(val.n_bytes, 1)

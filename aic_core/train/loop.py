@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 class MicroBatches:
     """This rank's micro-batches of one optimizer step, `len(batches)` of them (train.grad_accum / world size),
-    each an (inputs, targets) pair on the device, made as it is taken (`aic_core.train.common.train_batch`)."""
+    each a tuple on the device, made as it is taken (`aic_core.train.common.train_batch`): (inputs, targets), or
+    (inputs, targets, documents) for packed chat data. A trainer passes it whole: `model(*batch)`."""
 
     def __init__(self, job: TrainJob, step: int, seq_len: int, device: torch.device) -> None:
         self.job, self.step, self.seq_len, self.device = job, step, seq_len, device
@@ -41,7 +42,7 @@ class MicroBatches:
     def __len__(self) -> int:
         return self.count
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         job, dist = self.job, self.job.dist
         for micro in range(self.count):
             yield train_batch(

@@ -454,8 +454,8 @@ class _DeepSpeedSteps(TrainSteps):
         engine = self.engine
         loss_sum = torch.zeros((), device=self.device)
         lr = self.scheduler.get_last_lr()[0]  # the schedule steps on the step's last micro-batch only
-        for x, y in batches:
-            loss = engine(x, y)
+        for batch in batches:  # (inputs, targets) or (inputs, targets, documents)
+            loss = engine(*batch)
             engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps and averages over ranks
             loss_sum += loss.detach().float()
             engine.step()  # steps the optimizer and the schedule on the step's last micro-batch only

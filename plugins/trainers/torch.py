@@ -102,12 +102,12 @@ class _TorchSteps(TrainSteps):
 
     def step(self, step: int, batches: MicroBatches) -> tuple[torch.Tensor, float]:
         loss_sum = torch.zeros((), device=self.device)
-        for micro, (x, y) in enumerate(batches):
+        for micro, batch in enumerate(batches):  # (inputs, targets) or (inputs, targets, documents)
             # Gradients are averaged over ranks once a step, on the last micro-batch, not on each one.
             sync = self.ddp is None or micro == len(batches) - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with self.autocast:
-                    loss = self.forward(x, y)
+                    loss = self.forward(*batch)
                 (loss / len(batches)).backward()
             loss_sum += loss.detach()
         return loss_sum, optimizer_step(self.model, self.optimizer, self.scheduler, self.t.grad_clip)

@@ -105,7 +105,7 @@ def test_parquet_folders_and_globs(tok, tmp_path):
     assert data.ids[:half].tobytes() == data.ids[half:].tobytes()  # the Parquet rows encode as the JSONL ones
 
 
-def _model(vocab: int):
+def _model(vocab: int, positional: str = "learned"):
     from aic_core.model.nn.positional import Positional  # noqa: F401
     from aic_core.plugins.registry import get_registry
     from aic_core.spec import parse_spec
@@ -113,7 +113,15 @@ def _model(vocab: int):
     registry = get_registry()
     raw = {
         "name": "t",
-        "model": {"type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "dropout": 0.0},
+        "model": {
+            "type": "gpt2",
+            "n_layer": 2,
+            "n_head": 2,
+            "n_embd": 32,
+            "block_size": 64,
+            "dropout": 0.0,
+            "positional": {"type": positional},
+        },
     }
     raw["tokenizer"] = {"type": "bpe"}
     spec = parse_spec(raw, registry, model_only=True)
@@ -127,7 +135,7 @@ def test_a_batch_loss_is_the_sum_of_its_conversations_alone_and_masked_targets_c
     tokenizer, tok_hash = tok
     write_jsonl(tmp_path / "c.jsonl", rows(40))
     data = encode_files([str(tmp_path / "c.jsonl")], "data.train", tokenizer, tok_hash, tmp_path / "cache", read())
-    chat = ChatData(data.ids, tokenizer, 63, "truncate", data.n_bytes)
+    chat = ChatData(data.ids, tokenizer, 63, "truncate", data.n_bytes, pack=False)
     model = _model(tokenizer.vocab_size)
     x, y = chat.batch(seed=3, stream=0, index=5, batch_size=8, seq_len=63)
     counted = (y != IGNORE).sum()
@@ -156,11 +164,65 @@ def test_a_batch_loss_is_the_sum_of_its_conversations_alone_and_masked_targets_c
     assert torch.equal(torch.from_numpy(targets(true_next, learn)), y)
 
 
+@pytest.mark.parametrize("positional", ["learned", "rope", "alibi"])
+def test_a_packed_batch_is_the_sum_of_its_conversations_alone(tok, tmp_path, positional):
+    """Several conversations a row: the loss summed over a packed batch, and its gradients, equal those of each
+    conversation run alone from position 0 (fp32, 1e-5), whatever the positional encoding."""
+    tokenizer, tok_hash = tok
+    write_jsonl(tmp_path / "c.jsonl", rows(60))
+    data = encode_files([str(tmp_path / "c.jsonl")], "data.train", tokenizer, tok_hash, tmp_path / "cache", read())
+    chat = ChatData(data.ids, tokenizer, 63, "truncate", data.n_bytes)
+    assert chat.n_rows < chat.n_conversations / 2  # rows hold several conversations
+    model = _model(tokenizer.vocab_size, positional)
+    x, y, docs = chat.batch(seed=3, stream=0, index=5, batch_size=4, seq_len=63)
+    assert int(docs.max()) >= 2
+    model.zero_grad()
+    packed = model(x, y, docs) * (y != IGNORE).sum()
+    packed.backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    alone = torch.zeros(())
+    n_alone = 0
+    for r in range(x.size(0)):
+        for d in docs[r].unique():
+            at = (docs[r] == d).nonzero()[:, 0]
+            xr, yr = x[r : r + 1, at], y[r : r + 1, at]
+            if (yr != IGNORE).any():  # a conversation (the padding has no targets)
+                loss = model(xr, yr) * (yr != IGNORE).sum()
+                loss.backward()
+                alone = alone + loss.detach()
+                n_alone += 1
+    assert n_alone > x.size(0)
+    assert torch.allclose(packed.detach(), alone, rtol=1e-5, atol=1e-5)
+    for a, p in zip(packed_grads, model.parameters()):
+        assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_packing_fills_rows_and_keeps_every_conversation_once(tok, tmp_path):
+    from aic_core.data.chat import best_fit
+
+    lengths = np.array([64, 10, 50, 3, 30, 30, 4, 60, 1, 64])
+    rows_ = best_fit(lengths, 64)
+    assert sorted(c for row in rows_ for c in row) == list(range(len(lengths)))
+    assert all(lengths[row].sum() <= 64 for row in rows_)
+    assert len(rows_) == int(np.ceil(lengths.sum() / 64))  # as few rows as the tokens need, here
+    tokenizer, tok_hash = tok
+    write_jsonl(tmp_path / "c.jsonl", rows(60))
+    data = encode_files([str(tmp_path / "c.jsonl")], "data.train", tokenizer, tok_hash, tmp_path / "cache", read())
+    chat = ChatData(data.ids, tokenizer, 63, "truncate", data.n_bytes)
+    assert chat.fill > 0.85  # the last row is the only one part empty
+    x, y, docs = chat.batch(seed=0, stream=0, index=0, batch_size=8, seq_len=63)
+    starts = torch.ones_like(docs, dtype=torch.bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    assert (y[starts.roll(-1, dims=1) & (torch.arange(x.size(1)) < x.size(1) - 1)] == IGNORE).all()  # no target
+    # crosses into the next conversation
+
+
 def test_the_targets_are_the_assistant_turns_only(tok, tmp_path):
     tokenizer, tok_hash = tok
     write_jsonl(tmp_path / "c.jsonl", rows(12))
     data = encode_files([str(tmp_path / "c.jsonl")], "data.train", tokenizer, tok_hash, tmp_path / "cache", read())
-    chat = ChatData(data.ids, tokenizer, 63, "truncate", data.n_bytes)
+    chat = ChatData(data.ids, tokenizer, 63, "truncate", data.n_bytes, pack=False)
     x, y = chat.batch(seed=0, stream=0, index=0, batch_size=16, seq_len=63)
     end, user = tokenizer.special_ids["<|end|>"], tokenizer.special_ids["<|user|>"]
     learned = y[y != IGNORE]
@@ -375,3 +437,56 @@ def test_a_chat_run_resumes_exactly(tmp_path):
         return {r["step"]: r["loss"] for r in map(_json.loads, lines) if "loss" in r}
 
     assert losses(tmp_path / "resumed" / "run") == losses(tmp_path / "straight" / "run")
+
+
+def test_last_turns_are_the_template_prompt_and_the_last_reply(tok, tmp_path):
+    from aic_core.data.chat import messages_of
+
+    tokenizer, tok_hash = tok
+    items = rows(30)
+    write_jsonl(tmp_path / "c.jsonl", items)
+    data = encode_files([str(tmp_path / "c.jsonl")], "data.train", tokenizer, tok_hash, tmp_path / "cache", read())
+    chat = ChatData(data.ids, tokenizer, 63, "truncate", data.n_bytes)
+    template = chat_template(None, tokenizer)
+    end = template.end_of_turn()
+    pairs = chat.last_turns(20)
+    assert len(pairs) == 20
+    for (prompt, answer), row in zip(pairs, items):
+        messages = messages_of(row)
+        assert prompt == template.encode(messages[:-1], add_generation_prompt=True)
+        assert answer[-1] == end and tokenizer.decode(answer[:-1]) == messages[-1]["content"]
+
+
+def test_eval_exact_match_reports_greedy_replies(tmp_path, capsys):
+    spec = chat_spec(tmp_path, rows(120))
+    spec["eval"] = {**spec.get("eval", {}), "exact_match": 6}
+    assert main(["run", str(write_spec(tmp_path / "s.json", spec))]) == 0
+    assert "eval: exact match" in capsys.readouterr().out
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    answers = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
+    assert result["exact_match_n"] == len(answers) == 6
+    assert result["exact_match"] == sum(a["got"] == a["expected"] for a in answers) / 6
+    loaded = load_checkpoint_model(tmp_path / "run")
+    from aic_core.generate import generate
+    from aic_core.spec import SamplerSpec
+
+    template = chat_template(None, loaded.tokenizer)
+    got = generate(
+        loaded.model.eval(),
+        loaded.tokenizer,
+        [loaded.tokenizer.encode_with_special(answers[0]["prompt"])],
+        20,
+        SamplerSpec(temperature=0),
+        stop_ids=[template.end_of_turn()],
+        use_cache=False,
+    )
+    assert got[0].strip() == answers[0]["got"][: len(got[0].strip())]
+
+
+def test_exact_match_needs_chat_data(tmp_path, capsys):
+    spec = chat_spec(tmp_path, rows(20))
+    spec["eval"] = {"exact_match": 5}
+    spec["train"] = {**spec["train"], "loss_on": "all"}
+    assert main(["run", str(write_spec(tmp_path / "s.json", spec))]) == 2
+    assert "eval.exact_match: 5" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -125,7 +125,7 @@ def test_weights_gradients_and_optimizer_bytes_follow_the_formulas():
 # --- activations, measured on the CPU -----------------------------------------------------------------
 
 
-def saved_tensor_bytes(model: torch.nn.Module, batch: int, seq_len: int) -> int:
+def saved_tensor_bytes(model: torch.nn.Module, batch: int, seq_len: int, documents: bool = False) -> int:
     """The bytes of every storage autograd saves for the backward pass in one training forward (parameters and
     their views excluded), counted once each: exact, on any device."""
     params = {t.untyped_storage().data_ptr() for t in model.parameters()}
@@ -140,8 +140,10 @@ def saved_tensor_bytes(model: torch.nn.Module, batch: int, seq_len: int) -> int:
     torch.manual_seed(0)
     x = torch.randint(0, VOCAB, (batch, seq_len))
     y = torch.randint(0, VOCAB, (batch, seq_len))
+    # packed rows (chat data): three documents a row, at different places in each row
+    docs = (torch.arange(seq_len) * 3 // seq_len + torch.arange(batch)[:, None] % 2) if documents else None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x, y)
+        model(x, y, docs)
     return sum(storages.values())
 
 
@@ -168,6 +170,22 @@ def test_activations_match_the_saved_tensors_of_a_cpu_training_step(model, adapt
     built.train()
     measured = saved_tensor_bytes(built, p.batch_size, p.seq_len)
     planned = p.activations + p.loss_saved  # + what the chunked head and loss keep (their gradients)
+    assert abs(planned - measured) <= 0.10 * measured, (planned, measured)
+
+
+@pytest.mark.parametrize("positional", ["learned", "rope", "alibi"])
+def test_packed_rows_count_their_mask(positional):
+    """Chat data packed into rows: the block-diagonal mask (a bias with ALiBi) is one per row, and positions too."""
+    spec = make_spec({**TINY_GPT2, "positional": {"type": positional}}, batch_size=4)
+    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"format": "chat"})})
+    p = memory.plan(spec, get_registry(), device="cpu")
+    plain = memory.plan(make_spec({**TINY_GPT2, "positional": {"type": positional}}, batch_size=4), get_registry())
+    torch.manual_seed(0)
+    built = build_model(spec, get_registry(), VOCAB)
+    built.train()
+    measured = saved_tensor_bytes(built, p.batch_size, p.seq_len, documents=True)
+    planned = p.activations + p.loss_saved
+    assert p.activations > plain.activations
     assert abs(planned - measured) <= 0.10 * measured, (planned, measured)
 
 

@@ -166,6 +166,7 @@ class Transformer(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
@@ -174,14 +175,22 @@ class Transformer(nn.Module):
         """idx (B, T) token ids. Returns the mean cross-entropy if `targets` (B, T) is given (-1 is
         ignored), else logits (B, T, vocab_size) (B, 1, vocab_size with `last_only`).
 
+        documents (B, T): for rows that pack several documents (chat data), each token's document number,
+        nondecreasing along a row. A token attends only to earlier tokens of its own document (a block-diagonal
+        causal mask), and positions restart at 0 where each document starts, so every document computes what it
+        would alone. A batch is (inputs, targets) or (inputs, targets, documents): trainers call `model(*batch)`.
         positions (B, T): absolute positions (default: consecutive, after what the cache holds).
         attention_mask (B, T): 1 for real tokens, 0 for left padding.
         """
         B, T = idx.shape
+        if documents is not None and (cache is not None or attention_mask is not None):
+            raise ValueError("documents (packed rows) cannot be combined with a KV cache or an attention_mask")
         start = cache.length if cache is not None else 0
         # Every row has the same positions and nothing is padded (training, evaluation): the mask
         # and any positional bias are built for one row and broadcast over the batch.
-        shared = positions is None and attention_mask is None and cache is None
+        shared = positions is None and attention_mask is None and cache is None and documents is None
+        if documents is not None and positions is None:
+            positions = document_positions(documents)
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
         valid = attention_mask.bool() if attention_mask is not None else None
@@ -197,7 +206,7 @@ class Transformer(nn.Module):
         if shared:
             mask, causal = self._mask(positions[:1], k_positions[:1], None, False, start)
         else:
-            mask, causal = self._mask(positions, k_positions, k_valid, padded, start)
+            mask, causal = self._mask(positions, k_positions, k_valid, padded, start, documents)
 
         x = self.drop(self.positional.embed(self.wte(idx), positions))
         # The mask (and any ALiBi bias in it) is built once above and passed to every block as an
@@ -236,13 +245,15 @@ class Transformer(nn.Module):
         k_valid: torch.Tensor | None,
         padded: bool,
         start: int,
+        documents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, bool]:
         """The attention mask shared by all layers: (B, 1|H, Tq, Tk) bool or additive float, or None
         with `causal` telling SDPA to apply the causal mask itself (the fast path). B is 1 when the
-        positions are passed for one row only, and SDPA broadcasts it."""
+        positions are passed for one row only, and SDPA broadcasts it. With `documents` (B, T), a key
+        is allowed only if it is in the query's document (block-diagonal)."""
         bias = self.positional.attn_bias(q_positions, k_positions)  # (B, H, Tq, Tk) or None
         T, Tk = q_positions.shape[1], k_positions.shape[1]
-        if bias is None and not padded and (start == 0 or T == 1):
+        if bias is None and not padded and documents is None and (start == 0 or T == 1):
             return None, start == 0 and T > 1
         device = q_positions.device
         q_slot = torch.arange(start, start + T, device=device)[:, None]  # (Tq, 1)
@@ -251,6 +262,8 @@ class Transformer(nn.Module):
         if k_valid is not None:
             # A padding query still sees itself, so no row is all -inf (which would give NaN).
             allowed = (allowed & k_valid[:, None, :]) | (k_slot == q_slot)[None]
+        if documents is not None:
+            allowed = allowed & (documents[:, :, None] == documents[:, None, :])  # (B, Tq, Tk)
         allowed = allowed[:, None]  # (B, 1, Tq, Tk)
         if bias is None:
             return allowed, False
@@ -263,6 +276,18 @@ class Transformer(nn.Module):
         if torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)
         return self.wte.weight.dtype
+
+
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """documents (B, T), nondecreasing along each row -> each token's position in its document (B, T): 0 where a
+    document starts. Computed on the device without a host sync (the start of a token's document is the running
+    maximum of the indices where a document starts)."""
+    T = documents.shape[1]
+    index = torch.arange(T, device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = torch.where(starts, index, 0).cummax(dim=1).values
+    return index - first
 
 
 def _apply_order(module: nn.Module) -> Iterator[nn.Module]:

@@ -65,8 +65,8 @@ class NameSteps(kinds.TrainSteps):
     def step(self, step: int, batches: kinds.MicroBatches) -> tuple[torch.Tensor, float]:
         """One optimizer step over the step's micro-batches: their summed loss and the lr the step used."""
         loss_sum = torch.zeros((), device=self.device)
-        for x, y in batches:
-            loss = self.model(x, y)
+        for batch in batches:  # (inputs, targets), or (inputs, targets, documents) for packed chat data
+            loss = self.model(*batch)
             (loss / len(batches)).backward()
             loss_sum += loss.detach()
         return loss_sum, optimizer_step(self.model, self.optimizer, self.scheduler, self.grad_clip)
