@@ -12,7 +12,8 @@ input is a copy), MLP (GELU: fc output and GELU output, F*a each; SwiGLU: fc out
 F*a each), dropout masks when dropout > 0 (1 byte an element on CUDA, a float on the CPU). Outside the blocks:
 token ids and targets (8 + 8), the final norm and the LM head's input, what the positional encoding keeps for every
 layer (`PositionalPlugin.plan_cache_bytes`: RoPE's cos/sin tables), an attention bias's (1, H, T, T), all once;
-with rows that pack documents (chat data) a mask per row, (B, 1, T, T) bool or (B, H, T, T) with a bias, and positions (B, T).
+with rows that pack documents (chat data) a mask per row, (B, 1, T, T) bool or (B, H, T, T) with a bias,
+and positions (B, T).
 With activation checkpointing (per block) only each block's input (r*C) is kept; during the backward pass one
 block's activations are recomputed at a time.
 
