@@ -387,3 +387,27 @@ def test_an_enum_member_pickled_by_name_resumes_and_nothing_else_does(tmp_path):
     torch.save({"f": _ByName(ZeroStageEnum, "__class__")}, bad)  # an attribute, not a member: refused
     with pytest.raises(SpecError, match="aic does not unpickle"):
         _load_without_pickle(str(bad))
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_packed_chat_data_under_zero_2_trains_as_the_torch_trainer(tmp_path, corpus):
+    """Chat data (packed rows, batches with documents) through DeepSpeed's engine: the losses of the torch trainer."""
+    from aic_core.data.chat import DEFAULT_SPECIALS
+    from tests.core.test_chat_data import rows, write_jsonl
+    from tests.core.test_multiprocess import losses
+
+    write_jsonl(tmp_path / "chat.jsonl", rows(160))
+
+    def chat(spec: dict) -> dict:
+        spec["data"] = {"train": [str(tmp_path / "chat.jsonl")], "format": "chat"}
+        spec["tokenizer"] = {"type": "bpe", "vocab_size": 400, "special_tokens": list(DEFAULT_SPECIALS)}
+        return spec
+
+    ref_dir = tmp_path / "torch"
+    assert main(["run", str(write_spec(tmp_path / "t.json", chat(torch_spec(corpus, ref_dir)))), "--stage",
+                 "tokenizer,train"]) == 0  # fmt: skip
+    run_dir = tmp_path / "zero2"
+    run_two(tmp_path, chat(ds_spec(corpus, run_dir, 2)))
+    want, got = losses(ref_dir), losses(run_dir)
+    assert list(got) == [1, 2, 3, 4] and got == pytest.approx(want, rel=RTOL)
