@@ -490,3 +490,32 @@ def test_exact_match_needs_chat_data(tmp_path, capsys):
     assert main(["run", str(write_spec(tmp_path / "s.json", spec))]) == 2
     assert "eval.exact_match: 5" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_full_fine_tuning_on_chat_data_from_an_exported_hf_folder(tmp_path, capsys, corpus):
+    """A base exported to a Hugging Face folder (its tokenizer and template in tokenizer.json/tokenizer_config.json),
+    then full fine-tuning on conversations from that folder (model.init_from): the folder's tokenizer renders the
+    conversations, the weights start as the base's and move."""
+    base = tiny_spec(corpus, tmp_path / "base", train={"steps": 2, "warmup_steps": 0}, generate={"prompts": []})
+    base["tokenizer"] = {"type": "bpe", "vocab_size": 400, "special_tokens": SPECIALS}
+    assert main(["run", str(write_spec(tmp_path / "base.json", base))]) == 0
+    assert main(["export", str(tmp_path / "base"), "--format", "hf", str(tmp_path / "hf")]) == 0
+    write_jsonl(tmp_path / "chat.jsonl", rows(80))
+    spec = {
+        "name": "hf-chat",
+        "output_dir": str(tmp_path / "ft"),
+        "data": {"train": [str(tmp_path / "chat.jsonl")], "format": "chat"},
+        "model": {"init_from": str(tmp_path / "hf")},
+        "train": {"steps": 3, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0},
+        "eval": {"batches": 2},
+        "generate": {"messages": [[{"role": "user", "content": "1+1"}]], "max_new_tokens": 4},
+    }
+    assert main(["run", str(write_spec(tmp_path / "ft.json", spec))]) == 0
+    assert "of their tokens trained on" in capsys.readouterr().out
+    before, after = load_checkpoint_model(tmp_path / "base"), load_checkpoint_model(tmp_path / "ft")
+    assert after.tokenizer.special_ids == before.tokenizer.special_ids
+    from aic_core.data.chat import DEFAULT_TEMPLATE
+
+    assert after.spec.tokenizer.chat_template in (None, DEFAULT_TEMPLATE)  # the folder's template is the default
+    assert not torch.equal(before.model.state_dict()["wte.weight"], after.model.state_dict()["wte.weight"])
+    assert "=== conversation 1" in (tmp_path / "ft" / "samples.txt").read_text()
