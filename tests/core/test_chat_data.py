@@ -394,12 +394,17 @@ def test_the_generate_stage_replies_to_generate_messages(tmp_path, capsys):
     assert "generate.messages[0]: a conversation to reply to ends with a user turn" in capsys.readouterr().err
 
 
-def test_lora_on_chat_data_from_a_base_run(tmp_path, capsys, corpus):
-    """The usual path: a base trained on text (its tokenizer has the chat tokens), then LoRA on conversations from it
-    (model.init_from); the base's weights stay as they were, and aic chat answers from the adapted run."""
+def train_base(tmp_path, corpus) -> None:
+    """A base trained on text, its tokenizer holding the chat tokens, in tmp_path / "base"."""
     base = tiny_spec(corpus, tmp_path / "base", train={"steps": 2, "warmup_steps": 0}, generate={"prompts": []})
     base["tokenizer"] = {"type": "bpe", "vocab_size": 400, "special_tokens": SPECIALS}
     assert main(["run", str(write_spec(tmp_path / "base.json", base))]) == 0
+
+
+def test_lora_on_chat_data_from_a_base_run(tmp_path, capsys, corpus):
+    """The usual path: a base trained on text (its tokenizer has the chat tokens), then LoRA on conversations from it
+    (model.init_from); the base's weights stay as they were, and aic chat answers from the adapted run."""
+    train_base(tmp_path, corpus)
     write_jsonl(tmp_path / "chat.jsonl", rows(80))
     spec = {
         "name": "lora-chat",
@@ -496,9 +501,7 @@ def test_full_fine_tuning_on_chat_data_from_an_exported_hf_folder(tmp_path, caps
     """A base exported to a Hugging Face folder (its tokenizer and template in tokenizer.json/tokenizer_config.json),
     then full fine-tuning on conversations from that folder (model.init_from): the folder's tokenizer renders the
     conversations, the weights start as the base's and move."""
-    base = tiny_spec(corpus, tmp_path / "base", train={"steps": 2, "warmup_steps": 0}, generate={"prompts": []})
-    base["tokenizer"] = {"type": "bpe", "vocab_size": 400, "special_tokens": SPECIALS}
-    assert main(["run", str(write_spec(tmp_path / "base.json", base))]) == 0
+    train_base(tmp_path, corpus)
     assert main(["export", str(tmp_path / "base"), "--format", "hf", str(tmp_path / "hf")]) == 0
     write_jsonl(tmp_path / "chat.jsonl", rows(80))
     spec = {
